@@ -1,0 +1,5 @@
+"""Functional API: every torchext op as a plain function (also reachable as torch.ops.torchext.<name>)."""
+
+from torchext.ops.ngpt import hypersphere_update, l2_normalize, qk_norm_rope, renormalize_, scaled_swiglu
+
+__all__ = ["hypersphere_update", "l2_normalize", "qk_norm_rope", "renormalize_", "scaled_swiglu"]

@@ -1,0 +1,54 @@
+"""Input checks and helpers shared by every family's ops.
+
+Each check raises with a message that names the op, the argument, what was expected and what came.
+"""
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+# float64 is accepted everywhere (kernels then compute in fp64) so gradcheck can test the kernels themselves.
+FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+
+
+def check_tensor(op: str, name: str, x: Tensor, dtypes: Sequence[torch.dtype] = FLOAT_DTYPES,
+                 ndim: int | None = None) -> None:
+    if not isinstance(x, Tensor):
+        raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(x).__name__}")
+    if x.dtype not in dtypes:
+        raise TypeError(f"{op}: {name} must have dtype in {[str(d) for d in dtypes]}, got {x.dtype}")
+    if ndim is not None and x.dim() != ndim:
+        raise ValueError(f"{op}: {name} must be {ndim}-D, got shape {tuple(x.shape)}")
+
+
+def check_same_device(op: str, **tensors: Tensor) -> None:
+    devices = {name: t.device for name, t in tensors.items()}
+    if len(set(devices.values())) > 1:
+        raise ValueError(f"{op}: all tensors must be on one device, got {devices}")
+
+
+def check_shape(op: str, name: str, x: Tensor, shape: Sequence[int]) -> None:
+    if tuple(x.shape) != tuple(shape):
+        raise ValueError(f"{op}: {name} must have shape {tuple(shape)}, got {tuple(x.shape)}")
+
+
+def check_unit_last_stride(op: str, name: str, x: Tensor) -> None:
+    """The kernels read rows with unit stride: slices of a wider row are fine, transposes are not."""
+    if x.dim() > 0 and x.shape[-1] > 1 and x.stride(-1) != 1:
+        raise ValueError(f"{op}: {name} must have unit stride in its last dim (got strides {x.stride()}); "
+                         f"call .contiguous() first")
+
+
+def as_rows(op: str, name: str, x: Tensor) -> Tensor:
+    """x [..., n] -> a [rows, n] view with unit column stride and one row stride, without copying.
+
+    Works for contiguous tensors and for slices of wider rows (e.g. one half of a fused projection);
+    anything else raises, because a silent copy would hide a slow path.
+    """
+    check_unit_last_stride(op, name, x)
+    try:
+        return x.view(-1, x.shape[-1]) if x.dim() != 2 else x
+    except RuntimeError:
+        raise ValueError(f"{op}: {name} with shape {tuple(x.shape)} and strides {x.stride()} cannot be seen "
+                         f"as rows of one stride; call .contiguous() first") from None

@@ -1,0 +1,52 @@
+"""Launch-shape helpers shared by every family's Triton launchers."""
+
+import torch
+import triton
+import triton.language as tl
+
+from torchext._backend import INTERPRET
+
+# A whole row lives in registers in the row-wise kernels; past this they would spill.
+MAX_ROW_ELEMENTS = 65536
+
+# Elements of one program's tile. The interpreter runs programs one after another at ~1 ms each
+# whatever their size, so there tiles are large and grids small.
+_TILE_ELEMENTS = 65536 if INTERPRET else 4096
+
+
+def _tile(n_rows: int, block_n: int) -> tuple[int, int, int]:
+    block_m = min(max(_TILE_ELEMENTS // block_n, 1), 64, triton.next_power_of_2(max(n_rows, 1)))
+    num_warps = min(max(block_m * block_n // 1024, 4), 16)
+    return block_m, block_n, num_warps
+
+
+def row_tile(n_rows: int, n_cols: int) -> tuple[int, int, int]:
+    """(BLOCK_M, BLOCK_N, num_warps) for kernels that hold BLOCK_M whole rows in registers (row norms)."""
+    if n_cols > MAX_ROW_ELEMENTS:
+        raise ValueError(f"rows of {n_cols} elements exceed the fused kernels' limit of {MAX_ROW_ELEMENTS}")
+    return _tile(n_rows, triton.next_power_of_2(max(n_cols, 1)))
+
+
+def elementwise_tile(n_rows: int, n_cols: int) -> tuple[int, int, int]:
+    """(BLOCK_M, BLOCK_N, num_warps) for kernels that work on [BLOCK_M, BLOCK_N] pieces of a matrix."""
+    return _tile(n_rows, min(triton.next_power_of_2(max(n_cols, 1)), 4096 if INTERPRET else 1024))
+
+
+def reduction_programs(n_row_blocks: int, device: torch.device) -> int:
+    """How many programs share the rows of a kernel that also sums over rows (a column reduction).
+
+    Each program writes one partial row that torch then sums, so there are few: four per SM on a GPU,
+    four on the interpreter.
+    """
+    per_device = 4 * torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
+    return max(1, min(n_row_blocks, per_device))
+
+
+def accumulator_dtype(dtype: torch.dtype) -> torch.dtype:
+    """fp32 for 16- and 32-bit inputs; fp64 inputs (gradcheck) keep fp64 end to end."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def compute_dtype(dtype: torch.dtype):
+    """The Triton dtype kernels upcast every load to (the COMPUTE constexpr): see accumulator_dtype."""
+    return tl.float64 if dtype == torch.float64 else tl.float32
