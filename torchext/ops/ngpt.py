@@ -18,6 +18,10 @@ if HAS_TRITON:
 
 DEFAULT_EPS = ref.DEFAULT_EPS
 
+# What kind of kernel backs each op on CUDA (read by `python -m torchext info`).
+KERNELS = {"l2_normalize": "triton", "hypersphere_update": "triton", "qk_norm_rope": "triton",
+           "scaled_swiglu": "triton", "renormalize_": "cuda"}
+
 
 def _check_eps(op: str, eps: float) -> None:
     if not eps > 0:

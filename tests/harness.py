@@ -1,0 +1,81 @@
+"""Shared test helpers: the tolerance table, kernel-vs-reference checks, gradcheck, opcheck, compile, bad inputs.
+
+Every family's tests call these, so each op gets the same standard set of checks.
+"""
+
+import re
+from collections.abc import Callable, Sequence
+
+import pytest
+import torch
+from torch import Tensor
+
+# One table: kernel output (fp32 math, rounded to the output dtype) vs the fp32 reference rounded the
+# same way. bf16/fp16 allow about one rounding step of the output format; fp32 is torch's default.
+TOLERANCES = {
+    torch.float32: dict(atol=1e-5, rtol=1.3e-6),
+    torch.bfloat16: dict(atol=1e-2, rtol=1.6e-2),
+    torch.float16: dict(atol=1e-3, rtol=1e-3),
+    torch.float64: dict(atol=1e-10, rtol=1e-8),
+}
+# Gradients reduced over every row (d_alpha, d_s_qk, ...) sum rows in another order than torch does:
+# allow fp32 rounding growing with the number of rows (errors add like a random walk).
+REDUCTION_RTOL = 2e-6
+
+
+def assert_close(actual: Tensor, expected: Tensor, name: str, rows_summed: int = 1) -> None:
+    tol = dict(TOLERANCES[expected.dtype])
+    if rows_summed > 1:
+        tol["rtol"] = max(tol["rtol"], REDUCTION_RTOL * rows_summed ** 0.5)
+        tol["atol"] = tol["atol"] * rows_summed ** 0.5
+    assert not actual.isnan().any(), f"{name}: NaN in the output (an element left unwritten?)"
+    torch.testing.assert_close(actual, expected, **tol, msg=lambda m: f"{name}: {m}")
+
+
+def _as_tuple(x):
+    return x if isinstance(x, tuple) else (x,)
+
+
+def check_against_reference(fn: Callable, reference: Callable, inputs: Sequence[Tensor],
+                            reduced: Sequence[int] = (), rows: int = 1) -> None:
+    """fn(*inputs) vs reference(*inputs): every output, and the gradient of every input that requires grad.
+
+    Gradients of the reference come from autograd through it (the ground truth). ``reduced`` lists the
+    input positions whose gradient is a sum over ``rows`` rows (looser fp32 bound, see REDUCTION_RTOL).
+    """
+    leaves = [[x.detach().clone().requires_grad_(x.requires_grad) for x in inputs] for _ in range(2)]
+    outs = [_as_tuple(f(*xs)) for f, xs in zip((fn, reference), leaves)]
+    for i, (out, ref) in enumerate(zip(*outs)):
+        assert out.shape == ref.shape and out.dtype == ref.dtype, f"output {i}: {out.shape}/{out.dtype} vs " \
+                                                                  f"{ref.shape}/{ref.dtype}"
+        assert_close(out, ref, f"output {i}")
+    wants_grad = [i for i, x in enumerate(inputs) if x.requires_grad]
+    if not wants_grad:
+        return
+    grad_outputs = [torch.randn_like(o) for o in outs[1]]
+    grads = [torch.autograd.grad(out, [xs[i] for i in wants_grad], grad_outputs)
+             for out, xs in zip(outs, leaves)]
+    for i, g, g_ref in zip(wants_grad, *grads):
+        assert_close(g, g_ref, f"grad of input {i}", rows_summed=rows if i in reduced else 1)
+
+
+def check_gradcheck(fn: Callable, inputs: Sequence[Tensor]) -> None:
+    """fp64 torch.autograd.gradcheck of fn on tiny inputs (the kernels compute in fp64 for fp64 inputs)."""
+    inputs = [x.detach().double().requires_grad_(x.requires_grad) for x in inputs]
+    assert torch.autograd.gradcheck(fn, inputs, eps=1e-6, atol=1e-5, rtol=1e-3)
+
+
+def check_opcheck(op, args: Sequence) -> None:
+    """torch.library.opcheck: schema, fake tensor, autograd registration, AOT dispatch."""
+    torch.library.opcheck(op, tuple(args))
+
+
+def check_compile(fn: Callable, inputs: Sequence[Tensor]) -> None:
+    """torch.compile(fullgraph=True) gives the same forward and gradients as eager."""
+    compiled = torch.compile(fn, fullgraph=True)
+    check_against_reference(compiled, fn, inputs)
+
+
+def check_raises(fn: Callable, error: type[Exception], match: str) -> None:
+    with pytest.raises(error, match=re.escape(match) if not match.startswith("re:") else match[3:]):
+        fn()

@@ -1,0 +1,45 @@
+"""`python -m torchext info`: versions, the device, and which backend each op of each family uses."""
+
+import argparse
+import platform
+
+import torch
+
+import torchext
+from torchext import _backend
+from torchext.ops import FAMILIES
+
+
+def _backend_for(kind: str, device: torch.device) -> str:
+    probe = torch.empty(0, device=device)
+    if kind == "triton" and _backend.use_triton(probe):
+        return "Triton (interpreter)" if _backend.INTERPRET else "Triton (compiled)"
+    if kind == "cuda" and _backend.use_cuda_ext(probe):
+        return "CUDA C++ (torchext._C)"
+    return "reference (PyTorch)"
+
+
+def info() -> None:
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    triton_version = __import__("triton").__version__ if _backend.HAS_TRITON else "not installed"
+    print(f"torchext {torchext.__version__}  python {platform.python_version()}  torch {torch.__version__}  "
+          f"triton {triton_version}")
+    print(f"device: {torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu (no CUDA device)'}")
+    ext = _backend.CUDA_EXT
+    print(f"CUDA extension torchext._C: {'built, CUDA runtime ' + str(ext.cuda_runtime_version()) if ext else 'absent'}")
+    print(f"Triton interpreter (TRITON_INTERPRET=1): {'on' if _backend.INTERPRET else 'off'}")
+    print(f"\n{'family':<16}{'op':<22}backend on {device.type}")
+    for family, module in FAMILIES.items():
+        for op, kind in module.KERNELS.items():
+            print(f"{family:<16}{op:<22}{_backend_for(kind, device)}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(prog="python -m torchext")
+    parser.add_argument("command", choices=["info"], help="info: versions, device and backends")
+    parser.parse_args()
+    info()
+
+
+if __name__ == "__main__":
+    main()
