@@ -16,7 +16,7 @@ _TILE_ELEMENTS = 65536 if INTERPRET else 4096
 
 def _tile(n_rows: int, block_n: int) -> tuple[int, int, int]:
     block_m = min(max(_TILE_ELEMENTS // block_n, 1), 64, triton.next_power_of_2(max(n_rows, 1)))
-    num_warps = min(max(block_m * block_n // 1024, 4), 16)
+    num_warps = min(max(block_m * block_n // 256, 4), 16)  # ~8 fp32 values of each live tile per thread
     return block_m, block_n, num_warps
 
 
