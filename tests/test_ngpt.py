@@ -346,3 +346,7 @@ def test_ngpt_compiles_fullgraph():
     tokens = torch.randint(0, 64, (2, 8))
     compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
     torch.testing.assert_close(compiled(tokens)[0], model(tokens)[0])
+
+
+def test_scalars_are_rejected():
+    check_raises(lambda: ops.l2_normalize(torch.tensor(2.0)), ValueError, "x must have at least 1 dim(s)")

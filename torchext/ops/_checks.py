@@ -13,13 +13,15 @@ FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
 
 def check_tensor(op: str, name: str, x: Tensor, dtypes: Sequence[torch.dtype] = FLOAT_DTYPES,
-                 ndim: int | None = None) -> None:
+                 ndim: int | None = None, min_ndim: int = 1) -> None:
     if not isinstance(x, Tensor):
         raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(x).__name__}")
     if x.dtype not in dtypes:
         raise TypeError(f"{op}: {name} must have dtype in {[str(d) for d in dtypes]}, got {x.dtype}")
     if ndim is not None and x.dim() != ndim:
         raise ValueError(f"{op}: {name} must be {ndim}-D, got shape {tuple(x.shape)}")
+    if x.dim() < min_ndim:
+        raise ValueError(f"{op}: {name} must have at least {min_ndim} dim(s), got shape {tuple(x.shape)}")
 
 
 def check_same_device(op: str, **tensors: Tensor) -> None:

@@ -88,7 +88,7 @@ def l2_normalize(x: Tensor, dim: int = -1, eps: float = DEFAULT_EPS) -> Tensor:
     Returns:
         A tensor of x's shape and dtype.
     """
-    if dim % max(x.dim(), 1) != max(x.dim(), 1) - 1:
+    if x.dim() > 1 and dim % x.dim() != x.dim() - 1:
         return torch.ops.torchext.l2_normalize(x.movedim(dim, -1).contiguous(), eps).movedim(-1, dim)
     return torch.ops.torchext.l2_normalize(x, eps)
 
