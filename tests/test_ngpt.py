@@ -6,6 +6,8 @@ import math
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from harness import (check_against_reference, check_compile, check_gradcheck, check_opcheck, check_raises)
 
 import torchext
@@ -73,6 +75,16 @@ def test_hypersphere_update_matches_reference(shape, dtype, device):
     alpha = alpha.detach().requires_grad_()
     check_against_reference(ops.hypersphere_update, ref.hypersphere_update, [h, b, alpha], reduced=[2],
                             rows=math.prod(shape[:-1]))
+
+
+@settings(max_examples=12, deadline=None)
+@given(rows=st.integers(1, 70), cols=st.integers(1, 130), bf16=st.booleans())
+def test_hypersphere_update_any_shape(rows, cols, bf16):
+    """Random shapes: masking must hold at every row/column remainder, not just the ones picked above."""
+    dtype = torch.bfloat16 if bf16 else torch.float32
+    h, b = unit(rows, cols, dtype=dtype), randn(rows, cols, dtype=dtype)
+    alpha = (torch.randn(cols) * 0.1).requires_grad_()
+    check_against_reference(ops.hypersphere_update, ref.hypersphere_update, [h, b, alpha], reduced=[2], rows=rows)
 
 
 def test_hypersphere_update_mixed_dtypes_and_strided_branch(device):
