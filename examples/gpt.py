@@ -7,7 +7,6 @@ bench/ times its training step against nGPT's.
 
 from dataclasses import dataclass
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 

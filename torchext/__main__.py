@@ -26,7 +26,8 @@ def info() -> None:
           f"triton {triton_version}")
     print(f"device: {torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu (no CUDA device)'}")
     ext = _backend.CUDA_EXT
-    print(f"CUDA extension torchext._C: {'built, CUDA runtime ' + str(ext.cuda_runtime_version()) if ext else 'absent'}")
+    ext_state = f"built, CUDA runtime {ext.cuda_runtime_version()}" if ext else "absent (pure-Python install)"
+    print(f"CUDA extension torchext._C: {ext_state}")
     print(f"Triton interpreter (TRITON_INTERPRET=1): {'on' if _backend.INTERPRET else 'off'}")
     print(f"\n{'family':<16}{'op':<22}backend on {device.type}")
     for family, module in FAMILIES.items():

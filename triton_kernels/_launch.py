@@ -32,14 +32,16 @@ def elementwise_tile(n_rows: int, n_cols: int) -> tuple[int, int, int]:
     return _tile(n_rows, min(triton.next_power_of_2(max(n_cols, 1)), 4096 if INTERPRET else 1024))
 
 
-def reduction_programs(n_row_blocks: int, device: torch.device) -> int:
-    """How many programs share the rows of a kernel that also sums over rows (a column reduction).
+def reduction_grid(n_rows: int, block_m: int, device: torch.device) -> tuple[int, int]:
+    """(programs, row blocks per program) for a kernel that also sums over rows (a column reduction).
 
-    Each program writes one partial row that torch then sums, so there are few: four per SM on a GPU,
-    four on the interpreter.
+    Each program walks consecutive row blocks and writes one partial row that torch then sums, so there
+    are few programs: four per SM on a GPU, four on the interpreter.
     """
+    n_blocks = triton.cdiv(n_rows, block_m)
     per_device = 4 * torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
-    return max(1, min(n_row_blocks, per_device))
+    n_programs = max(1, min(n_blocks, per_device))
+    return n_programs, triton.cdiv(n_blocks, n_programs)
 
 
 def accumulator_dtype(dtype: torch.dtype) -> torch.dtype:

@@ -14,7 +14,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ._launch import accumulator_dtype, compute_dtype, elementwise_tile, reduction_programs, row_tile
+from ._launch import accumulator_dtype, compute_dtype, elementwise_tile, reduction_grid, row_tile
 
 
 # ---- shared pieces: y = x / max(||x||, eps) on [BLOCK_M, BLOCK_N] fp32 tiles ----------------------------------
@@ -78,7 +78,8 @@ def l2_normalize_fwd(x: Tensor, eps: float) -> Tensor:
     y = torch.empty((n_rows, n_cols), dtype=x.dtype, device=x.device)
     block_m, block_n, num_warps = row_tile(n_rows, n_cols)
     _l2_normalize_fwd_kernel[(triton.cdiv(n_rows, block_m),)](
-        x, y, n_rows, n_cols, x.stride(0), eps, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps, COMPUTE=compute_dtype(x.dtype))
+        x, y, n_rows, n_cols, x.stride(0), eps, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps,
+        COMPUTE=compute_dtype(x.dtype))
     return y
 
 
@@ -88,7 +89,8 @@ def l2_normalize_bwd(dy: Tensor, x: Tensor, eps: float) -> Tensor:
     dx = torch.empty((n_rows, n_cols), dtype=x.dtype, device=x.device)
     block_m, block_n, num_warps = row_tile(n_rows, n_cols)
     _l2_normalize_bwd_kernel[(triton.cdiv(n_rows, block_m),)](
-        dy, x, dx, n_rows, n_cols, x.stride(0), eps, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps, COMPUTE=compute_dtype(x.dtype))
+        dy, x, dx, n_rows, n_cols, x.stride(0), eps, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps,
+        COMPUTE=compute_dtype(x.dtype))
     return dx
 
 
@@ -151,12 +153,12 @@ def hypersphere_update_bwd(dout: Tensor, h: Tensor, h_branch: Tensor, alpha: Ten
     dh = torch.empty((n_rows, n_cols), dtype=h.dtype, device=h.device)
     db = torch.empty((n_rows, n_cols), dtype=h_branch.dtype, device=h.device)
     block_m, block_n, num_warps = row_tile(n_rows, n_cols)
-    n_blocks = triton.cdiv(n_rows, block_m)
-    n_programs = reduction_programs(n_blocks, h.device)
+    n_programs, blocks_per_program = reduction_grid(n_rows, block_m, h.device)
     dabs_partial = torch.empty((n_programs, n_cols), dtype=accumulator_dtype(h.dtype), device=h.device)
     _hypersphere_update_bwd_kernel[(n_programs,)](
         dout, h, h_branch, alpha, dh, db, dabs_partial, n_rows, n_cols, h.stride(0), h_branch.stride(0),
-        triton.cdiv(n_blocks, n_programs), eps, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps, COMPUTE=compute_dtype(h.dtype))
+        blocks_per_program, eps, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps,
+        COMPUTE=compute_dtype(h.dtype))
     dalpha = dabs_partial.sum(0) * torch.sign(alpha.float())  # d|alpha|/dalpha = sign(alpha)
     return dh, db, dalpha.to(alpha.dtype)
 
@@ -185,7 +187,8 @@ def _qk_tile(x_ptr, cos_ptr, sin_ptr, bt_start, head, T, H, half, n_bt, stride_b
 
 @triton.jit
 def _qk_norm_rope_fwd_rows(x_ptr, out_ptr, cos_ptr, sin_ptr, scale_ptr, head, T, H, half, n_bt,
-                           stride_b, stride_t, stride_h, eps, BLOCK_M: tl.constexpr, BLOCK_HALF: tl.constexpr, COMPUTE: tl.constexpr):
+                           stride_b, stride_t, stride_h, eps,
+                           BLOCK_M: tl.constexpr, BLOCK_HALF: tl.constexpr, COMPUTE: tl.constexpr):
     bt_start = tl.program_id(0).to(tl.int64) * BLOCK_M
     r1, r2, c, s, b, t, cols, mask = _qk_tile(x_ptr, cos_ptr, sin_ptr, bt_start, head, T, H, half, n_bt,
                                               stride_b, stride_t, stride_h, BLOCK_M, BLOCK_HALF, COMPUTE)
@@ -200,7 +203,8 @@ def _qk_norm_rope_fwd_rows(x_ptr, out_ptr, cos_ptr, sin_ptr, scale_ptr, head, T,
 @triton.jit
 def _qk_norm_rope_fwd_kernel(q_ptr, k_ptr, cos_ptr, sin_ptr, s_ptr, q_out_ptr, k_out_ptr, T, Hq, Hk, half, n_bt,
                              q_stride_b, q_stride_t, q_stride_h, k_stride_b, k_stride_t, k_stride_h,
-                             s_head_stride, eps, BLOCK_M: tl.constexpr, BLOCK_HALF: tl.constexpr, COMPUTE: tl.constexpr):
+                             s_head_stride, eps,
+                             BLOCK_M: tl.constexpr, BLOCK_HALF: tl.constexpr, COMPUTE: tl.constexpr):
     head = tl.program_id(1).to(tl.int64)
     if head < Hq:
         _qk_norm_rope_fwd_rows(q_ptr, q_out_ptr, cos_ptr, sin_ptr, s_ptr + head * s_head_stride, head, T, Hq, half,
@@ -288,13 +292,13 @@ def qk_norm_rope_bwd(dq_out: Tensor, dk_out: Tensor, q: Tensor, k: Tensor, cos: 
     B, T, Hq, Hk, D, s_head_stride, block_m, block_half, num_warps = _qk_shape(q, k, s_qk)
     dq = torch.empty((B, T, Hq, D), dtype=q.dtype, device=q.device)
     dk = torch.empty((B, T, Hk, D), dtype=k.dtype, device=k.device)
-    n_blocks = triton.cdiv(B * T, block_m)
-    n_programs = reduction_programs(n_blocks, q.device)
+    n_programs, blocks_per_program = reduction_grid(B * T, block_m, q.device)
     ds_partial = torch.empty((n_programs, Hq + Hk, D), dtype=accumulator_dtype(q.dtype), device=q.device)
     _qk_norm_rope_bwd_kernel[(n_programs, Hq + Hk)](
         dq_out, dk_out, q, k, cos, sin, s_qk, dq, dk, ds_partial, T, Hq, Hk, D // 2, B * T,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2), s_head_stride,
-        triton.cdiv(n_blocks, n_programs), eps, BLOCK_M=block_m, BLOCK_HALF=block_half, num_warps=num_warps, COMPUTE=compute_dtype(q.dtype))
+        blocks_per_program, eps, BLOCK_M=block_m, BLOCK_HALF=block_half, num_warps=num_warps,
+        COMPUTE=compute_dtype(q.dtype))
     ds_per_head = ds_partial.sum(0)  # [Hq + Hk, D]
     ds_qk = ds_per_head.sum(0) if s_qk.dim() == 1 else ds_per_head[:Hq] + ds_per_head[Hq:]
     return dq, dk, ds_qk.to(s_qk.dtype)
@@ -371,12 +375,11 @@ def scaled_swiglu_bwd(dout: Tensor, u: Tensor, v: Tensor, s_u: Tensor, s_v: Tens
     du = torch.empty((n_rows, n_cols), dtype=u.dtype, device=u.device)
     dv = torch.empty((n_rows, n_cols), dtype=v.dtype, device=v.device)
     block_m, block_n, num_warps = elementwise_tile(n_rows, n_cols)
-    n_blocks = triton.cdiv(n_rows, block_m)
-    n_programs = reduction_programs(n_blocks, u.device)
+    n_programs, blocks_per_program = reduction_grid(n_rows, block_m, u.device)
     ds_u_partial = torch.empty((n_programs, n_cols), dtype=accumulator_dtype(u.dtype), device=u.device)
     ds_v_partial = torch.empty((n_programs, n_cols), dtype=accumulator_dtype(u.dtype), device=u.device)
     _scaled_swiglu_bwd_kernel[(n_programs, triton.cdiv(n_cols, block_n))](
         dout, u, v, s_u, s_v, du, dv, ds_u_partial, ds_v_partial, n_rows, n_cols, u.stride(0), v.stride(0),
-        math.sqrt(d_model), triton.cdiv(n_blocks, n_programs), BLOCK_M=block_m, BLOCK_N=block_n,
+        math.sqrt(d_model), blocks_per_program, BLOCK_M=block_m, BLOCK_N=block_n,
         num_warps=num_warps, COMPUTE=compute_dtype(u.dtype))
     return du, dv, ds_u_partial.sum(0).to(s_u.dtype), ds_v_partial.sum(0).to(s_v.dtype)
