@@ -315,7 +315,8 @@ def _swiglu_tile(u_ptr, v_ptr, s_u_ptr, s_v_ptr, rows, cols, mask, n_cols, u_row
     s_u = tl.load(s_u_ptr + cols, mask=cols < n_cols, other=0.0).to(COMPUTE)
     s_v = tl.load(s_v_ptr + cols, mask=cols < n_cols, other=0.0).to(COMPUTE) * v_scale
     z = v * s_v
-    sig = 1.0 / (1.0 + tl.exp(-z))
+    e = tl.exp(-tl.abs(z))  # sigmoid from exp(-|z|): no overflow for large |z|
+    sig = tl.where(z >= 0, 1.0 / (1.0 + e), e / (1.0 + e))
     return u, v, s_u, s_v, z, sig
 
 
