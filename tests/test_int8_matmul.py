@@ -1,0 +1,206 @@
+"""LLM.int8() family: quantization semantics, the fused int8 GEMM against the reference, the decomposition's
+accuracy claim, static-mode batch invariance, input gradients, registration, and bad inputs.
+
+Gradcheck is not part of this family's set: the forward is piecewise constant in x (rounding), and the
+backward is the gradient of the linear map it approximates, checked here against the exact product instead.
+"""
+
+import pytest
+import torch
+from harness import assert_close, check_against_reference, check_opcheck, check_raises
+
+import torchext
+from torchext import ops
+from torchext.reference import int8_matmul as ref
+
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+
+
+def quantized_weight(N, K, device="cpu"):
+    w = torch.randn(N, K, device=device)
+    return (w, *ref.quantize_weight(w))
+
+
+def with_outliers(M, K, cols=(3, 11), magnitude=30.0, dtype=torch.float32, device="cpu"):
+    """Activations with one-sided outlier features (as the paper observes), 20-60 in size."""
+    x = torch.randn(M, K, device=device)
+    for i, c in enumerate(c for c in cols if c < K):
+        x[:, c] = magnitude + 10 * i + torch.rand(M, device=device) * 5
+    return x.to(dtype)
+
+
+def relative_error(y, exact):
+    return ((y.float() - exact).norm() / exact.norm()).item()
+
+
+# ---- quantization semantics (the reference is the CPU path; the CUDA kernel is checked against it on GPU) ----
+
+
+def test_quant_codes_are_vectorwise_absmax_within_one_lsb():
+    x = torch.randn(9, 40) * torch.rand(9, 1) * 10
+    codes, scale, _, n = ops.int8_vectorwise_quant(x, threshold=0.0)
+    torch.testing.assert_close(scale, x.abs().amax(1))
+    assert (codes.float() - x / scale[:, None] * 127).abs().max() <= 0.5 + 1e-4 and n.item() == 0
+
+
+def test_quant_zero_rows_nonfinite_rows_and_outlier_list():
+    x = torch.randn(5, 20)
+    x[1] = 0
+    x[2, 4] = float("nan")
+    x[3, 7] = 9.0
+    x[0, 15] = -8.0
+    codes, scale, cols, n = ops.int8_vectorwise_quant(x, threshold=6.0, capacity=4)
+    assert scale[1] == 0 and (codes[1] == 0).all(), "an all-zero row must not divide by zero"
+    assert scale[2].isnan() and (codes[2] == 0).all(), "a row holding NaN must give a NaN scale"
+    assert cols.tolist() == [7, 15, -1, -1] and n.item() == 2
+    assert codes[3, 7] == 127 and codes[0, 15] == -127  # outliers saturate; the GEMM removes their int8 term
+    _, _, cols, n = ops.int8_vectorwise_quant(x, threshold=6.0, capacity=1)
+    assert cols.tolist() == [7] and n.item() == 2, "the count stays true when the list is full"
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(1, 1), (3, 4096), (300, 1000), (8192, 4103)], ids=str)
+def test_quant_cuda_kernel_matches_reference(shape, dtype):
+    assert torchext._backend.CUDA_EXT is not None, "torchext._C was not built"
+    x = with_outliers(*shape, cols=(0, 17, 999), dtype=dtype, device="cuda")
+    x[min(2, shape[0] - 1), 0] = float("inf") if shape[0] > 2 else x[0, 0]
+    excluded = torch.zeros(shape[1], dtype=torch.bool, device="cuda")
+    excluded[shape[1] // 2] = True
+    for args in ((6.0, 64, None), (0.0, 64, None), (6.0, 2, None), (0.0, 0, excluded)):
+        got = ops.int8_vectorwise_quant(x, *args)
+        expected = ref.int8_vectorwise_quant(x, *args)
+        for name, g, e in zip(("codes", "scale", "cols", "count"), got, expected):
+            torch.testing.assert_close(g, e, equal_nan=True, rtol=0, atol=0, msg=lambda m: f"{name} {args}: {m}")
+
+
+# ---- int8_mm: the Triton kernel against the reference ----------------------------------------------------------
+# (M, K, N): decode-like M = 1, a non-power-of-two everything, rows just past a 64-row tile.
+MM_SHAPES = [(1, 70, 45), (17, 129, 33), (65, 64, 20)]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", MM_SHAPES, ids=str)
+@pytest.mark.parametrize("mode", ["dynamic", "static16", "no_outliers"])
+def test_int8_mm_matches_reference(shape, dtype, mode, device):
+    M, K, N = shape
+    x = with_outliers(M, K, dtype=dtype, device=device)
+    w, w_codes, w_scale = quantized_weight(N, K, device)
+    bias = torch.randn(N, device=device).to(dtype)
+    a_codes, a_scale, cols, n = ref.int8_vectorwise_quant(x, 6.0 if mode != "no_outliers" else 0.0, 32)
+    w_outliers = None
+    if mode == "static16":
+        w_outliers = torch.zeros(N, 32, device=device, dtype=dtype)
+        w_outliers[:, : n.item()] = w[:, cols[: n.item()].long()].to(dtype)
+    args = [a_codes, a_scale, w_codes, w_scale, bias, x, cols, n, w_outliers]
+    assert_close(ops.int8_mm(*args), ref.int8_mm(*args), "int8_mm")
+
+
+def test_int8_mm_transposed_weight_view(device):
+    """The input-gradient GEMM reads the stored codes transposed: strides must be honoured."""
+    a_codes = torch.randint(-127, 128, (5, 24), dtype=torch.int8, device=device)
+    w_t = torch.randint(-127, 128, (24, 40), dtype=torch.int8, device=device).t()  # [40, 24], strides (1, 40)
+    args = [a_codes, torch.rand(5, device=device), w_t, torch.rand(40, device=device), None,
+            torch.randn(5, 24, device=device), torch.zeros(0, dtype=torch.int32, device=device),
+            torch.zeros(1, dtype=torch.int32, device=device), None]
+    assert_close(ops.int8_mm(*args), ref.int8_mm(*args), "int8_mm")
+
+
+def test_int8_mm_opcheck(device):
+    x = with_outliers(6, 40, device=device)
+    _, w_codes, w_scale = quantized_weight(8, 40, device)
+    a_codes, a_scale, cols, n = ref.int8_vectorwise_quant(x, 6.0, 32)
+    check_opcheck(torch.ops.torchext.int8_mm.default, (a_codes, a_scale, w_codes, w_scale, None, x, cols, n, None))
+    check_opcheck(torch.ops.torchext.int8_vectorwise_quant.default, (x, 6.0, 8, None))
+
+
+# ---- int8_linear: the paper's claims at small scale -------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_decomposition_keeps_outlier_layers_accurate(dtype, device):
+    """One-sided outlier features of size 20-60: <= 1e-2 relative error with threshold 6, visibly worse at 0."""
+    x = with_outliers(48, 256, cols=(5, 77, 200), magnitude=20.0, device=device)
+    w, w_codes, w_scale = quantized_weight(64, 256, device)
+    exact = x @ w.T
+    with_decomposition = relative_error(ops.int8_linear(x.to(dtype), w_codes, w_scale, threshold=6.0), exact)
+    int8_only = relative_error(ops.int8_linear(x.to(dtype), w_codes, w_scale, threshold=0.0), exact)
+    assert with_decomposition <= 1e-2, with_decomposition
+    assert int8_only >= 2 * with_decomposition, (int8_only, with_decomposition)
+
+
+def test_linear_matches_reference_dynamic_and_static(device):
+    x = with_outliers(10, 96, device=device)
+    w, w_codes, w_scale = quantized_weight(24, 96, device)
+    static_cols = torch.tensor([3, 11, 50], dtype=torch.int32, device=device)
+    w_outliers = w[:, static_cols.long()].contiguous()
+    bias = torch.randn(24, device=device)
+    for kwargs in (dict(threshold=6.0), dict(threshold=0.0), dict(static_cols=static_cols, w_outliers=w_outliers)):
+        assert_close(ops.int8_linear(x, w_codes, w_scale, bias, **kwargs),
+                     ref.int8_linear(x, w_codes, w_scale, bias, **kwargs), f"int8_linear {list(kwargs)}")
+
+
+def test_static_mode_is_batch_invariant(device):
+    x = with_outliers(12, 64, device=device)
+    _, w_codes, w_scale = quantized_weight(16, 64, device)
+    static_cols = torch.tensor([3, 11], dtype=torch.int32, device=device)
+    alone = ops.int8_linear(x[:1], w_codes, w_scale, static_cols=static_cols)
+    others = torch.cat([x[:1], with_outliers(7, 64, cols=(30,), magnitude=50.0, device=device)])
+    in_batch = ops.int8_linear(others, w_codes, w_scale, static_cols=static_cols)
+    assert torch.equal(alone[0], in_batch[0])
+
+
+@pytest.mark.parametrize("int8_backward", [True, False])
+def test_input_gradient_is_close_to_the_exact_one(int8_backward, device):
+    x = with_outliers(20, 80, device=device).requires_grad_()
+    w, w_codes, w_scale = quantized_weight(30, 80, device)
+    bias = torch.randn(30, device=device, requires_grad=True)
+    y = ops.int8_linear(x, w_codes, w_scale, bias, int8_backward=int8_backward)
+    grad = torch.randn_like(y)
+    y.backward(grad)
+    error = relative_error(x.grad, grad @ w)
+    assert error <= (2e-2 if int8_backward else 1e-2), error
+    torch.testing.assert_close(bias.grad, grad.sum(0))
+
+
+def test_int8_linear_opcheck_and_compile(device):
+    x = with_outliers(6, 48, device=device).requires_grad_()
+    _, w_codes, w_scale = quantized_weight(10, 48, device)
+    check_opcheck(torch.ops.torchext.int8_linear.default, (x, w_codes, w_scale, None, 6.0, 16, None, None, True))
+    fn = lambda x: ops.int8_linear(x, w_codes, w_scale)  # noqa: E731
+    check_against_reference(torch.compile(fn, fullgraph=True), fn, [x])
+
+
+def test_nonfinite_activations_give_nonfinite_rows_not_silent_numbers(device):
+    x = torch.randn(4, 32, device=device)
+    x[1, 3], x[2, 5] = float("nan"), float("inf")
+    _, w_codes, w_scale = quantized_weight(8, 32, device)
+    y = ops.int8_linear(x, w_codes, w_scale)
+    assert y[1].isnan().all() and y[2].isnan().all() and y[[0, 3]].isfinite().all()
+
+
+def test_empty_batch(device):
+    _, w_codes, w_scale = quantized_weight(8, 32, device)
+    assert ops.int8_linear(torch.empty(0, 32, device=device), w_codes, w_scale).shape == (0, 8)
+
+
+def bad_input_cases():
+    x = torch.randn(4, 32)
+    _, w_codes, w_scale = quantized_weight(8, 32)
+    return [
+        (lambda: ops.int8_linear(x.double(), w_codes, w_scale), TypeError, "int8_linear: x must have dtype in"),
+        (lambda: ops.int8_linear(x, w_codes.float(), w_scale), TypeError, "int8_linear: w_codes must have dtype"),
+        (lambda: ops.int8_linear(x[:, :31], w_codes, w_scale), ValueError,
+         "x has 31 input features but the weight has 32"),
+        (lambda: ops.int8_linear(x, w_codes.t().contiguous().t(), w_scale), ValueError, "w_codes must be contiguous"),
+        (lambda: ops.int8_linear(x.t(), w_codes[:, :4], w_scale), ValueError, "x must have unit stride"),
+        (lambda: ops.int8_mm(w_codes[:4], w_scale[:3], w_codes, w_scale, None, x, torch.zeros(0, dtype=torch.int32),
+                             torch.zeros(1, dtype=torch.int32)), ValueError, "a_scale must have shape (4,)"),
+        (lambda: ops.int8_vectorwise_quant(x, capacity=-1), ValueError, "capacity must be >= 0"),
+        (lambda: ops.int8_vectorwise_quant(x[0]), ValueError, "x must be 2-D"),
+    ]
+
+
+@pytest.mark.parametrize("case", range(len(bad_input_cases())))
+def test_bad_inputs_raise_clear_errors(case):
+    check_raises(*bad_input_cases()[case])

@@ -1,0 +1,265 @@
+"""LLM.int8() ops (arXiv 2208.07339) as torch.library custom ops: torch.ops.torchext.<name>.
+
+int8_vectorwise_quant (CUDA C++) -> int8_mm (Triton, fused dequantization and outlier decomposition);
+int8_linear composes them, with an autograd rule for the input gradient (frozen int8 weights, LoRA-style).
+"""
+
+import torch
+from torch import Tensor
+
+from torchext._backend import CUDA_EXT, HAS_TRITON, use_cuda_ext, use_triton
+from torchext.ops._checks import check_same_device, check_shape, check_tensor, check_unit_last_stride
+from torchext.reference import int8_matmul as ref
+
+if HAS_TRITON:
+    from torchext.triton_kernels import int8_matmul as kernels
+
+# What kind of kernel backs each op on CUDA (read by `python -m torchext info`).
+KERNELS = {"int8_vectorwise_quant": "cuda", "int8_mm": "triton", "int8_linear": "triton"}
+
+DEFAULT_CAPACITY = 64  # outlier columns per call: the paper sees at most 7 per layer up to 13B parameters
+ACTIVATION_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+# ---- int8_vectorwise_quant ------------------------------------------------------------------------------------
+
+
+def _check_quant(x: Tensor, threshold: float, capacity: int, excluded: Tensor | None) -> None:
+    op = "int8_vectorwise_quant"
+    check_tensor(op, "x", x, ACTIVATION_DTYPES, ndim=2)
+    check_unit_last_stride(op, "x", x)
+    if capacity < 0:
+        raise ValueError(f"{op}: capacity must be >= 0, got {capacity}")
+    if threshold != threshold:
+        raise ValueError(f"{op}: threshold must be a number, got NaN")
+    if excluded is not None:
+        check_tensor(op, "excluded", excluded, (torch.bool,))
+        check_shape(op, "excluded", excluded, x.shape[1:])
+        check_same_device(op, x=x, excluded=excluded)
+
+
+def _quant_cuda(x: Tensor, threshold: float, capacity: int, excluded: Tensor | None):
+    M, K = x.shape
+    codes = torch.empty((M, K), dtype=torch.int8, device=x.device)
+    row_scale = torch.empty(M, dtype=torch.float32, device=x.device)
+    outlier_mask = torch.empty(K, dtype=torch.uint8, device=x.device)
+    outlier_cols = torch.empty(capacity, dtype=torch.int32, device=x.device)
+    n_outliers = torch.empty(1, dtype=torch.int32, device=x.device)
+    dtype_codes = {torch.float32: CUDA_EXT.FLOAT32, torch.bfloat16: CUDA_EXT.BFLOAT16, torch.float16: CUDA_EXT.FLOAT16}
+    CUDA_EXT.int8_vectorwise_quant(
+        x.data_ptr(), dtype_codes[x.dtype], M, K, x.stride(0), threshold,
+        excluded.to(torch.uint8).data_ptr() if excluded is not None else 0, codes.data_ptr(), row_scale.data_ptr(),
+        outlier_mask.data_ptr(), outlier_cols.data_ptr(), n_outliers.data_ptr(), capacity,
+        torch.cuda.current_stream(x.device).cuda_stream)
+    return codes, row_scale, outlier_cols, n_outliers
+
+
+@torch.library.custom_op("torchext::int8_vectorwise_quant", mutates_args=())
+def _int8_vectorwise_quant(x: Tensor, threshold: float, capacity: int,
+                           excluded: Tensor | None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    _check_quant(x, threshold, capacity, excluded)
+    if use_cuda_ext(x):
+        return _quant_cuda(x, threshold, capacity, excluded)
+    return ref.int8_vectorwise_quant(x, threshold, capacity, excluded)
+
+
+@_int8_vectorwise_quant.register_fake
+def _(x, threshold, capacity, excluded):
+    _check_quant(x, threshold, capacity, excluded)
+    M, K = x.shape
+    return (x.new_empty((M, K), dtype=torch.int8), x.new_empty(M, dtype=torch.float32),
+            x.new_empty(capacity, dtype=torch.int32), x.new_empty(1, dtype=torch.int32))
+
+
+def int8_vectorwise_quant(x: Tensor, threshold: float = 0.0, capacity: int = DEFAULT_CAPACITY,
+                          excluded: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Vector-wise int8 quantization of each row, with LLM.int8() outlier-column detection, in one pass.
+
+    No host sync: the outlier columns come back as a fixed-size device list, so the op works under CUDA
+    graphs and ``torch.compile(fullgraph=True)``.
+
+    Args:
+        x: [M, K] float32/bfloat16/float16 with unit stride on K.
+        threshold: columns holding any |x| >= threshold are outliers; <= 0 turns detection off.
+        capacity: length of the returned outlier list.
+        excluded: [K] bool, columns fixed as outliers in advance (static mode), left out of the codes.
+
+    Returns:
+        codes [M, K] int8 = rint(127 x / absmax) (saturating at +-127 for elements >= threshold);
+        row_scale [M] fp32 absmax over inlier elements (NaN for rows holding NaN/Inf);
+        outlier_cols [capacity] int32 ascending, -1 padded; n_outliers [1] int32 (the true count).
+    """
+    return torch.ops.torchext.int8_vectorwise_quant(x, threshold, capacity, excluded)
+
+
+# ---- int8_mm ------------------------------------------------------------------------------------------------------
+
+
+def _check_mm(a_codes, a_scale, w_codes, w_scale, bias, x, outlier_cols, n_outliers, w_outliers) -> None:
+    op = "int8_mm"
+    check_tensor(op, "a_codes", a_codes, (torch.int8,), ndim=2)
+    check_tensor(op, "w_codes", w_codes, (torch.int8,), ndim=2)
+    M, K = a_codes.shape
+    N = w_codes.shape[0]
+    if w_codes.shape[1] != K:
+        raise ValueError(f"{op}: w_codes must be [N, K] with K = {K} like a_codes, got {tuple(w_codes.shape)}")
+    check_tensor(op, "a_scale", a_scale, (torch.float32,))
+    check_shape(op, "a_scale", a_scale, (M,))
+    check_tensor(op, "w_scale", w_scale, (torch.float32,))
+    check_shape(op, "w_scale", w_scale, (N,))
+    check_tensor(op, "x", x, ACTIVATION_DTYPES)
+    check_shape(op, "x", x, (M, K))
+    check_tensor(op, "outlier_cols", outlier_cols, (torch.int32,), ndim=1)
+    check_tensor(op, "n_outliers", n_outliers, (torch.int32,))
+    check_shape(op, "n_outliers", n_outliers, (1,))
+    tensors = dict(a_codes=a_codes, a_scale=a_scale, w_codes=w_codes, w_scale=w_scale, x=x, outlier_cols=outlier_cols,
+                   n_outliers=n_outliers)
+    if bias is not None:
+        check_tensor(op, "bias", bias, ACTIVATION_DTYPES)
+        check_shape(op, "bias", bias, (N,))
+        tensors["bias"] = bias
+    if w_outliers is not None:
+        check_tensor(op, "w_outliers", w_outliers, ACTIVATION_DTYPES)
+        check_shape(op, "w_outliers", w_outliers, (N, outlier_cols.numel()))
+        tensors["w_outliers"] = w_outliers
+    check_same_device(op, **tensors)
+    for name in ("a_codes", "x", "w_outliers"):
+        if name in tensors:
+            check_unit_last_stride(op, name, tensors[name])
+
+
+@torch.library.custom_op("torchext::int8_mm", mutates_args=())
+def _int8_mm(a_codes: Tensor, a_scale: Tensor, w_codes: Tensor, w_scale: Tensor, bias: Tensor | None, x: Tensor,
+             outlier_cols: Tensor, n_outliers: Tensor, w_outliers: Tensor | None) -> Tensor:
+    _check_mm(a_codes, a_scale, w_codes, w_scale, bias, x, outlier_cols, n_outliers, w_outliers)
+    if a_codes.numel() == 0 or w_codes.shape[0] == 0 or not use_triton(a_codes):
+        return ref.int8_mm(a_codes, a_scale, w_codes, w_scale, bias, x, outlier_cols, n_outliers, w_outliers)
+    w16 = w_outliers.to(x.dtype) if w_outliers is not None else None
+    return kernels.int8_mm_fwd(a_codes, a_scale, w_codes, w_scale, bias, x, outlier_cols, n_outliers, w16, x.dtype)
+
+
+@_int8_mm.register_fake
+def _(a_codes, a_scale, w_codes, w_scale, bias, x, outlier_cols, n_outliers, w_outliers):
+    _check_mm(a_codes, a_scale, w_codes, w_scale, bias, x, outlier_cols, n_outliers, w_outliers)
+    return x.new_empty((a_codes.shape[0], w_codes.shape[0]))
+
+
+def int8_mm(a_codes: Tensor, a_scale: Tensor, w_codes: Tensor, w_scale: Tensor, bias: Tensor | None, x: Tensor,
+            outlier_cols: Tensor, n_outliers: Tensor, w_outliers: Tensor | None = None) -> Tensor:
+    """Int8 tensor-core GEMM with LLM.int8()'s dequantization and outlier decomposition fused in.
+
+    Y = (A_i8 W_i8^T) a_scale w_scale^T / 127^2 + bias, where for each listed outlier column j the int8
+    term is replaced by the fp32-accumulated 16-bit product x[:, j] w16[:, j]. Any M >= 1, K, N.
+
+    Args:
+        a_codes [M, K] int8, a_scale [M] fp32: from ``int8_vectorwise_quant(x)``.
+        w_codes [N, K] int8 (any strides), w_scale [N] fp32: the weight quantized per output row.
+        bias: [N] or None. x: [M, K] the activations (read only at outlier columns).
+        outlier_cols [capacity] int32 ascending, n_outliers [1] int32: from the quant op or calibration.
+        w_outliers: [N, capacity] 16-bit weight columns for the listed columns (the paper), or None to use
+            the dequantized int8 weight there (as bitsandbytes does).
+
+    Returns:
+        Y [M, N] in x.dtype.
+    """
+    return torch.ops.torchext.int8_mm(a_codes, a_scale, w_codes, w_scale, bias, x, outlier_cols, n_outliers,
+                                      w_outliers)
+
+
+# ---- int8_linear --------------------------------------------------------------------------------------------------
+
+
+def _check_linear(x: Tensor, w_codes: Tensor, static_cols: Tensor | None, w_outliers: Tensor | None) -> None:
+    op = "int8_linear"
+    check_tensor(op, "x", x, ACTIVATION_DTYPES)
+    check_tensor(op, "w_codes", w_codes, (torch.int8,), ndim=2)
+    if x.shape[-1] != w_codes.shape[1]:
+        raise ValueError(f"{op}: x has {x.shape[-1]} input features but the weight has {w_codes.shape[1]}")
+    check_unit_last_stride(op, "x", x)
+    if not w_codes.is_contiguous():
+        raise ValueError(f"{op}: w_codes must be contiguous [N, K] (the layout quantize_weight returns)")
+    if static_cols is not None:
+        check_tensor(op, "static_cols", static_cols, (torch.int32,), ndim=1)
+    if w_outliers is not None and static_cols is None:
+        raise ValueError(f"{op}: w_outliers holds the weight columns of static_cols, which is missing")
+
+
+def _quantize_activations(x2: Tensor, threshold: float, capacity: int, static_cols: Tensor | None):
+    """(codes, scale, outlier_cols, n_outliers) for the rows x2 [M, K], dynamic or static."""
+    if static_cols is None:
+        return torch.ops.torchext.int8_vectorwise_quant(x2, threshold, capacity, None)
+    excluded = torch.zeros(x2.shape[1], dtype=torch.bool, device=x2.device).index_fill_(0, static_cols.long(), True)
+    codes, scale, _, _ = torch.ops.torchext.int8_vectorwise_quant(x2, 0.0, 0, excluded)
+    count = torch.full((1,), static_cols.numel(), dtype=torch.int32, device=x2.device)
+    return codes, scale, static_cols, count
+
+
+@torch.library.custom_op("torchext::int8_linear", mutates_args=())
+def _int8_linear(x: Tensor, w_codes: Tensor, w_scale: Tensor, bias: Tensor | None, threshold: float, capacity: int,
+                 static_cols: Tensor | None, w_outliers: Tensor | None, int8_backward: bool) -> Tensor:
+    _check_linear(x, w_codes, static_cols, w_outliers)
+    x2 = x.reshape(-1, x.shape[-1])
+    codes, scale, cols, count = _quantize_activations(x2, threshold, capacity, static_cols)
+    y = torch.ops.torchext.int8_mm(codes, scale, w_codes, w_scale, bias, x2, cols, count, w_outliers)
+    return y.view(*x.shape[:-1], w_codes.shape[0])
+
+
+@_int8_linear.register_fake
+def _(x, w_codes, w_scale, bias, threshold, capacity, static_cols, w_outliers, int8_backward):
+    _check_linear(x, w_codes, static_cols, w_outliers)
+    return x.new_empty((*x.shape[:-1], w_codes.shape[0]))
+
+
+def _input_grad_int8(grad2: Tensor, w_codes: Tensor, w_scale: Tensor) -> Tensor:
+    """grad_x = grad W with W = w_codes w_scale / 127, without materialising W: w_scale / 127 is folded into
+    grad, which is quantized per row and multiplied with the stored codes (read transposed) in int8."""
+    folded = grad2.float() * (w_scale / ref.INT8_MAX)  # [M, N]
+    codes, scale, _, _ = torch.ops.torchext.int8_vectorwise_quant(folded, 0.0, 0, None)
+    no_outliers = torch.zeros(1, dtype=torch.int32, device=grad2.device)
+    unit_scale = torch.full((w_codes.shape[1],), float(ref.INT8_MAX), device=grad2.device)  # cancels one 1/127
+    return torch.ops.torchext.int8_mm(codes, scale, w_codes.t(), unit_scale, None, folded, no_outliers[:0],
+                                      no_outliers, None)
+
+
+def _int8_linear_setup(ctx, inputs, output):
+    x, w_codes, w_scale, bias, _, _, static_cols, w_outliers, ctx.int8_backward = inputs
+    ctx.x_shape, ctx.x_dtype, ctx.has_bias = x.shape, x.dtype, bias is not None
+    ctx.save_for_backward(w_codes, w_scale, static_cols, w_outliers)
+
+
+def _int8_linear_grad(ctx, grad_out):
+    w_codes, w_scale, static_cols, w_outliers = ctx.saved_tensors
+    grad2 = grad_out.reshape(-1, w_codes.shape[0])
+    if ctx.int8_backward:
+        grad_x = _input_grad_int8(grad2, w_codes, w_scale)
+    else:  # the accurate 16-bit path: dequantized weight, fp32 products
+        grad_x = grad2.float() @ ref.int8_dequantize(w_codes, w_scale)
+    if w_outliers is not None:  # static columns used their 16-bit weights in the forward
+        grad_x = grad_x.index_copy(1, static_cols.long(), grad2.float() @ w_outliers.float())
+    grad_bias = grad2.sum(0) if ctx.has_bias else None
+    return grad_x.to(ctx.x_dtype).view(ctx.x_shape), None, None, grad_bias, None, None, None, None, None
+
+
+_int8_linear.register_autograd(_int8_linear_grad, setup_context=_int8_linear_setup)
+
+
+def int8_linear(x: Tensor, w_codes: Tensor, w_scale: Tensor, bias: Tensor | None = None, threshold: float = 6.0,
+                capacity: int = DEFAULT_CAPACITY, static_cols: Tensor | None = None,
+                w_outliers: Tensor | None = None, int8_backward: bool = True) -> Tensor:
+    """LLM.int8() linear layer: quantize x per row, find outlier columns, int8 GEMM with fused dequantization.
+
+    Args:
+        x: [..., K] float32/bfloat16/float16 (unit stride on K).
+        w_codes: [N, K] int8 and w_scale: [N] fp32 (``torchext.reference.int8_matmul.quantize_weight``).
+        bias: [N] or None (gets a gradient when it requires one).
+        threshold: dynamic mode: columns of this x holding any |x| >= threshold take the 16-bit path.
+        capacity: at most this many outlier columns per call.
+        static_cols: [n] int32 ascending: a fixed outlier set (static mode: batch-invariant results).
+        w_outliers: [N, n] 16-bit weight columns of static_cols (the paper); None uses dequantized codes.
+        int8_backward: input gradient by int8 GEMM on the stored codes (True) or in 16-bit (False).
+
+    Returns:
+        [..., N] in x.dtype. Gradients flow to x (and bias); the int8 weight is frozen.
+    """
+    return torch.ops.torchext.int8_linear(x, w_codes, w_scale, bias, threshold, capacity, static_cols, w_outliers,
+                                          int8_backward)

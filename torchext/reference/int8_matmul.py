@@ -1,0 +1,120 @@
+"""Pure-PyTorch reference for LLM.int8() (Dettmers et al., arXiv 2208.07339), written from the paper.
+
+Vector-wise quantization (section 3.2): each activation row and each weight row (output feature) gets its
+own absmax scale c, codes are round(127 x / c), and the int32 product is dequantized with c_x c_w / 127^2.
+Mixed-precision decomposition (section 3.3): input-feature columns holding any |x| >= threshold are
+computed in 16-bit instead: Y = X[:, O] W[:, O]^T + S * (X_i8[:, not O] W_i8[:, not O]^T).
+
+Conventions shared with the kernels (so codes match exactly):
+- a row's scale is its absmax over elements with |x| < threshold (all elements when threshold <= 0),
+  stored as is (bitsandbytes' SCB convention), and a row with absmax 0 gets codes 0, not a division by 0;
+- codes are rint(x * (127 / absmax)) clamped to [-127, 127] (fp32 math, ties to even); elements at or
+  above the threshold saturate, and the outlier correction removes their int8 contribution exactly;
+- a row holding NaN or Inf gets scale NaN, so its output row is NaN instead of silently finite;
+- outlier columns are listed in ascending order, at most `capacity` of them; the count is the true one.
+"""
+
+import torch
+from torch import Tensor
+
+INT8_MAX = 127
+
+
+def _f32(x: Tensor) -> Tensor:
+    return x if x.dtype == torch.float64 else x.float()
+
+
+def int8_vectorwise_quant(x: Tensor, threshold: float = 0.0, capacity: int = 64,
+                          excluded: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Quantize each row of x to int8 and find the outlier columns.
+
+    Args:
+        x: [M, K] float32/bfloat16/float16 activations (or weights, with threshold 0).
+        threshold: |x| at or above which an input-feature column is an outlier; <= 0 disables detection.
+        capacity: length of the returned column list (a fixed size, so no host sync is ever needed).
+        excluded: [K] bool, columns fixed as outliers in advance (static mode): code 0, left out of the
+            absmax and of the detected list.
+
+    Returns:
+        codes: [M, K] int8; row_scale: [M] fp32 absmax; outlier_cols: [capacity] int32, ascending, padded
+        with -1; n_outliers: [1] int32, the number of outlier columns (may exceed capacity).
+    """
+    xf = x.float()
+    magnitude = xf.abs()
+    inlier = magnitude < threshold if threshold > 0 else torch.ones_like(magnitude, dtype=torch.bool)
+    kept = torch.ones(x.shape[1], dtype=torch.bool, device=x.device) if excluded is None else ~excluded
+    inlier = inlier & kept
+    absmax = torch.where(inlier & magnitude.isfinite(), magnitude, 0.0).amax(dim=1) if x.shape[1] else \
+        xf.new_zeros(x.shape[0])
+    finite_rows = xf.isfinite().all(dim=1)
+    inv = torch.where(absmax > 0, INT8_MAX / absmax, 0.0)
+    codes = torch.where(finite_rows[:, None] & kept, xf * inv[:, None], 0.0).round().clamp(-INT8_MAX, INT8_MAX)
+    row_scale = torch.where(finite_rows, absmax, float("nan"))
+    is_outlier = (magnitude >= threshold).any(dim=0) & kept if threshold > 0 and x.shape[0] else \
+        torch.zeros(x.shape[1], dtype=torch.bool, device=x.device)
+    cols = is_outlier.nonzero().flatten().to(torch.int32)
+    outlier_cols = torch.full((capacity,), -1, dtype=torch.int32, device=x.device)
+    kept = cols[:capacity]
+    outlier_cols[: kept.numel()] = kept
+    n_outliers = torch.tensor([cols.numel()], dtype=torch.int32, device=x.device)
+    return codes.to(torch.int8), row_scale, outlier_cols, n_outliers
+
+
+def int8_dequantize(codes: Tensor, row_scale: Tensor) -> Tensor:
+    """codes [M, K] int8, row_scale [M] -> codes * row_scale / 127 in fp32."""
+    return codes.float() * (row_scale.float()[:, None] / INT8_MAX)
+
+
+def int8_mm(a_codes: Tensor, a_scale: Tensor, w_codes: Tensor, w_scale: Tensor, bias: Tensor | None,
+            x: Tensor, outlier_cols: Tensor, n_outliers: Tensor, w_outliers: Tensor | None) -> Tensor:
+    """Y = (A_i8 W_i8^T) * a_scale w_scale^T / 127^2 + bias + outlier correction, in x.dtype.
+
+    Args:
+        a_codes: [M, K] int8, a_scale: [M] fp32 (from int8_vectorwise_quant of x).
+        w_codes: [N, K] int8, w_scale: [N] fp32 (the weight, quantized per output row).
+        bias: [N] or None.
+        x: [M, K] the 16-bit activations the codes came from (read only at outlier columns).
+        outlier_cols: [capacity] int32 ascending, -1 padded; n_outliers: [1] int32.
+        w_outliers: [N, capacity] 16-bit weight columns matching outlier_cols (the paper's decomposition),
+            or None to use the dequantized int8 weight columns there (what bitsandbytes does).
+
+    For every listed outlier column j the int8 contribution a_codes[:, j] w_codes[:, j] (dequantized) is
+    replaced by the fp32 product x[:, j] w[:, j].
+    """
+    acc = a_codes.double() @ w_codes.double().T  # exact, like the int32 accumulator (fp32 is not past K ~ 1000)
+    y = acc * (a_scale.float()[:, None] * w_scale.float()[None, :]) / INT8_MAX ** 2
+    n = min(int(n_outliers.item()), outlier_cols.numel())
+    if n:
+        cols = outlier_cols[:n].long()
+        w_cols = _f32(w_outliers[:, :n]) if w_outliers is not None else int8_dequantize(w_codes[:, cols], w_scale)
+        int8_part = int8_dequantize(a_codes[:, cols], a_scale) @ int8_dequantize(w_codes[:, cols], w_scale).T
+        y = y - int8_part + _f32(x[:, cols]) @ w_cols.T
+    if bias is not None:
+        y = y + _f32(bias)
+    return y.to(x.dtype)
+
+
+def int8_linear(x: Tensor, w_codes: Tensor, w_scale: Tensor, bias: Tensor | None, threshold: float = 6.0,
+                capacity: int = 64, static_cols: Tensor | None = None, w_outliers: Tensor | None = None) -> Tensor:
+    """LLM.int8() linear layer: x [..., K] -> [..., N] in x.dtype.
+
+    Dynamic mode (static_cols None): the outlier columns are the ones of this x with |x| >= threshold (at most
+    ``capacity`` of them). Static mode: static_cols [n] int32 ascending (from calibration) whatever x holds.
+    w_outliers [N, n] holds the 16-bit weight columns of the static set (None: dequantized int8 columns).
+    """
+    x2 = x.reshape(-1, x.shape[-1])
+    if static_cols is None:
+        a_codes, a_scale, cols, count = int8_vectorwise_quant(x2, threshold, capacity)
+    else:
+        excluded = torch.zeros(x2.shape[1], dtype=torch.bool, device=x.device)
+        excluded[static_cols.long()] = True
+        a_codes, a_scale, _, _ = int8_vectorwise_quant(x2, 0.0, 0, excluded)
+        cols, count = static_cols, torch.tensor([static_cols.numel()], dtype=torch.int32, device=x.device)
+    y = int8_mm(a_codes, a_scale, w_codes, w_scale, bias, x2, cols, count, w_outliers)
+    return y.reshape(*x.shape[:-1], w_codes.shape[0])
+
+
+def quantize_weight(weight: Tensor) -> tuple[Tensor, Tensor]:
+    """weight [N, K] -> (codes [N, K] int8, scale [N] fp32 absmax): the layout bitsandbytes stores (CB, SCB)."""
+    codes, scale, _, _ = int8_vectorwise_quant(weight, 0.0, 0)
+    return codes, scale

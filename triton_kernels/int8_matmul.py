@@ -1,0 +1,123 @@
+"""Triton int8 GEMM for LLM.int8() (arXiv 2208.07339) with the whole dequantization fused into the epilogue.
+
+Y[m, n] = acc[m, n] * a_scale[m] * w_scale[n] / 127^2 + bias[n] + outlier correction, stored in the output
+dtype, where acc is the int32 sum of int8 products (tensor cores). For each listed outlier column j the
+correction removes the int8 term a_codes[m, j] w_codes[n, j] from acc (exactly, in int32) and adds the
+fp32-accumulated 16-bit product x[m, j] w16[n, j] (the paper's decomposition). The outlier list is read
+on the device, so nothing here syncs with the host.
+"""
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from ._launch import INTERPRET
+
+INT8_MAX = 127
+
+
+@triton.jit
+def _int8_mm_fwd_kernel(a_ptr, a_scale_ptr, w_ptr, w_scale_ptr, bias_ptr, x_ptr, cols_ptr, n_cols_ptr, w16_ptr,
+                        out_ptr, M, N, K, capacity, a_stride, w_stride_n, w_stride_k, x_stride, w16_stride,
+                        HAS_BIAS: tl.constexpr, HAS_W16: tl.constexpr, DOT16: tl.constexpr, IEEE: tl.constexpr,
+                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                        BLOCK_O: tl.constexpr, GROUP_M: tl.constexpr):
+    # Grouped program order: GROUP_M row tiles share each column tile of W while it is in L2.
+    pid = tl.program_id(0)
+    tiles_m, tiles_n = tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N)
+    group_size = GROUP_M * tiles_n
+    first_m = (pid // group_size) * GROUP_M
+    rows_in_group = tl.minimum(tiles_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % group_size) % rows_in_group
+    pid_n = (pid % group_size) // rows_in_group
+
+    rm = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)  # [BLOCK_M]
+    rn = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)  # [BLOCK_N]
+    m_mask, n_mask = rm < M, rn < N
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.int32)
+    for k0 in range(0, K, BLOCK_K):
+        rk = k0 + tl.arange(0, BLOCK_K)
+        a = tl.load(a_ptr + rm[:, None] * a_stride + rk[None, :], mask=m_mask[:, None] & (rk[None, :] < K),
+                    other=0)  # [BLOCK_M, BLOCK_K] int8
+        w = tl.load(w_ptr + rn[None, :] * w_stride_n + rk[:, None] * w_stride_k,
+                    mask=n_mask[None, :] & (rk[:, None] < K), other=0)  # [BLOCK_K, BLOCK_N] int8, W^T
+        acc = tl.dot(a, w, acc, out_dtype=tl.int32)
+
+    # Outlier columns: int8 terms out of acc, 16-bit products into acc16 (BLOCK_O columns at a time).
+    acc16 = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    n_outliers = tl.minimum(tl.load(n_cols_ptr), capacity)
+    for o0 in range(0, n_outliers, BLOCK_O):
+        ro = o0 + tl.arange(0, BLOCK_O)
+        o_mask = ro < n_outliers
+        col = tl.load(cols_ptr + ro, mask=o_mask, other=0).to(tl.int64)  # [BLOCK_O]
+        a_mask, w_mask = m_mask[:, None] & o_mask[None, :], o_mask[:, None] & n_mask[None, :]
+        a_out = tl.load(a_ptr + rm[:, None] * a_stride + col[None, :], mask=a_mask, other=0)  # [BLOCK_M, BLOCK_O]
+        w_out = tl.load(w_ptr + rn[None, :] * w_stride_n + col[:, None] * w_stride_k, mask=w_mask, other=0)
+        acc -= tl.dot(a_out, w_out, out_dtype=tl.int32)
+        x_out = tl.load(x_ptr + rm[:, None] * x_stride + col[None, :], mask=a_mask, other=0.0)
+        if HAS_W16:
+            w16 = tl.load(w16_ptr + rn[None, :] * w16_stride + ro[:, None], mask=w_mask, other=0.0)
+        else:
+            w16 = w_out  # dequantized below, by w_scale / 127 per column of the tile
+        if IEEE:  # fp32 inputs: true fp32 products, not TF32
+            acc16 += tl.dot(x_out.to(DOT16), w16.to(DOT16), input_precision="ieee", out_dtype=tl.float32)
+        else:
+            acc16 += tl.dot(x_out.to(DOT16), w16.to(DOT16), out_dtype=tl.float32)  # [BLOCK_M, BLOCK_N]
+
+    a_scale = tl.load(a_scale_ptr + rm, mask=m_mask, other=0.0)
+    w_scale = tl.load(w_scale_ptr + rn, mask=n_mask, other=0.0)
+    y = acc.to(tl.float32) * (a_scale[:, None] * (w_scale[None, :] * (1.0 / (INT8_MAX * INT8_MAX))))
+    if HAS_W16:
+        y += acc16
+    else:
+        y += acc16 * (w_scale[None, :] * (1.0 / INT8_MAX))
+    if HAS_BIAS:
+        y += tl.load(bias_ptr + rn, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+    out_mask = m_mask[:, None] & n_mask[None, :]
+    tl.store(out_ptr + rm[:, None] * N + rn[None, :], y.to(out_ptr.dtype.element_ty), mask=out_mask)
+
+
+def _tiles(M: int, N: int, K: int) -> dict:
+    """Tile shapes by regime. Decode (M <= 16) streams W with tall-K tiles; prefill uses 128x128 tiles.
+
+    The interpreter gets tiles that cover small test problems in a few programs.
+    """
+    if INTERPRET:
+        fit = lambda n, lo, hi: max(lo, min(hi, triton.next_power_of_2(n)))  # noqa: E731
+        return dict(BLOCK_M=fit(M, 16, 64), BLOCK_N=fit(N, 16, 64), BLOCK_K=fit(K, 32, 128), num_warps=4,
+                    num_stages=1)
+    if M <= 16:
+        return dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=256, num_warps=4, num_stages=4)
+    if M <= 64:
+        return dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=128, num_warps=4, num_stages=4)
+    return dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=128, num_warps=8, num_stages=4)
+
+
+def _dot16(x: Tensor):
+    """The dtype of the outlier dot: 16-bit inputs use their own tensor-core type (exact products, fp32 sums);
+    fp32 inputs, and everything on the interpreter (which computes bf16 wrongly), use fp32."""
+    if INTERPRET or x.dtype not in (torch.bfloat16, torch.float16):
+        return tl.float32
+    return tl.bfloat16 if x.dtype == torch.bfloat16 else tl.float16
+
+
+def int8_mm_fwd(a_codes: Tensor, a_scale: Tensor, w_codes: Tensor, w_scale: Tensor, bias: Tensor | None,
+                x: Tensor, outlier_cols: Tensor, n_outliers: Tensor, w16: Tensor | None,
+                out_dtype: torch.dtype) -> Tensor:
+    """a_codes [M, K] int8 (unit stride on K), a_scale [M] fp32; w_codes [N, K] int8 with any strides (a
+    transposed view serves the input-gradient GEMM), w_scale [N] fp32; bias [N] or None; x [M, K] with unit
+    stride on K; outlier_cols [capacity] int32, n_outliers [1] int32; w16 [N, capacity] (unit stride) or None.
+    Returns [M, N] contiguous in out_dtype."""
+    M, K = a_codes.shape
+    N = w_codes.shape[0]
+    out = torch.empty((M, N), dtype=out_dtype, device=a_codes.device)
+    tiles, dot16 = _tiles(M, N, K), _dot16(x)
+    grid = (triton.cdiv(M, tiles["BLOCK_M"]) * triton.cdiv(N, tiles["BLOCK_N"]),)
+    _int8_mm_fwd_kernel[grid](
+        a_codes, a_scale, w_codes, w_scale, bias if bias is not None else a_scale, x, outlier_cols, n_outliers,
+        w16 if w16 is not None else x, out, M, N, K, outlier_cols.numel(), a_codes.stride(0), w_codes.stride(0),
+        w_codes.stride(1), x.stride(0), w16.stride(0) if w16 is not None else 0,
+        HAS_BIAS=bias is not None, HAS_W16=w16 is not None, DOT16=dot16, IEEE=dot16 == tl.float32,
+        BLOCK_O=32, GROUP_M=8, **tiles)
+    return out
