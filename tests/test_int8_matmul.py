@@ -5,12 +5,16 @@ Gradcheck is not part of this family's set: the forward is piecewise constant in
 backward is the gradient of the linear map it approximates, checked here against the exact product instead.
 """
 
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 from harness import assert_close, check_against_reference, check_opcheck, check_raises
 
 import torchext
 from torchext import ops
+from torchext.nn import Int8Linear, calibrate_outliers, replace_linear
 from torchext.reference import int8_matmul as ref
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
@@ -204,3 +208,73 @@ def bad_input_cases():
 @pytest.mark.parametrize("case", range(len(bad_input_cases())))
 def test_bad_inputs_raise_clear_errors(case):
     check_raises(*bad_input_cases()[case])
+
+
+# ---- modules ----------------------------------------------------------------------------------------------------
+
+
+def tiny_gpt():
+    """A small transformer built locally (examples/gpt.py, random init) to replace Linears in."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from examples.gpt import GPT, GPTConfig
+
+    return GPT(GPTConfig(vocab_size=64, d_model=64, n_layers=2, n_heads=4, max_seq_len=16)).eval()
+
+
+def test_replace_linear_keeps_a_transformer_close_and_reports_memory():
+    model = tiny_gpt()
+    tokens = torch.randint(0, 64, (2, 16))
+    expected = model(tokens)[0]
+    report = replace_linear(model, skip=("head",))
+    got = model(tokens)[0]
+    cosine = torch.nn.functional.cosine_similarity(got.flatten(), expected.flatten(), dim=0).item()
+    print(f"cosine similarity of int8 vs fp32 logits: {cosine:.5f}")
+    assert cosine >= 0.999, cosine
+    assert isinstance(model.head, torch.nn.Linear) and isinstance(model.blocks[0].attn.qkv, Int8Linear)
+    assert len(report["layers"]) == 8 and report["bytes_after"] < 0.27 * report["bytes_before"]  # fp32 -> int8
+
+
+def test_static_module_from_calibration_is_batch_invariant_and_accurate():
+    linear = torch.nn.Linear(64, 16)
+    calibration = [with_outliers(32, 64, cols=(3, 40))]
+    cols = calibrate_outliers(linear, calibration)[""]
+    assert cols.tolist() == [3, 40]
+    layer = Int8Linear.from_float(linear, outliers="static", outlier_cols=cols)
+    x = with_outliers(6, 64, cols=(3, 40))
+    torch.testing.assert_close(layer.weight_outliers, linear.weight[:, [3, 40]])  # true 16-bit columns
+    assert torch.equal(layer(x[:1])[0], layer(x)[0])
+    assert relative_error(layer(x), linear(x).detach()) <= 1e-2
+
+
+def test_state_dict_uses_the_bitsandbytes_layout():
+    layer = Int8Linear.from_float(torch.nn.Linear(32, 8))
+    state = layer.state_dict()
+    assert set(state) == {"weight", "SCB", "bias", "weight_format"}
+    assert state["weight"].dtype == torch.int8 and state["SCB"].dtype == torch.float32
+    fresh = Int8Linear(32, 8)
+    fresh.load_state_dict(state)
+    x = torch.randn(3, 32)
+    assert torch.equal(fresh(x), layer(x))
+    check_raises(lambda: fresh.load_state_dict({**state, "weight_format": torch.tensor(1, dtype=torch.uint8)}),
+                 RuntimeError, "only row-major int8 (0) is supported")
+
+
+def test_frozen_int8_weight_passes_gradients_to_the_input_in_bf16():
+    linear = torch.nn.Linear(48, 24).to(torch.bfloat16)
+    layer = Int8Linear.from_float(linear)
+    x = torch.randn(5, 48, dtype=torch.bfloat16, requires_grad=True)
+    y = layer(x)
+    y.float().sum().backward()
+    assert y.dtype == torch.bfloat16 and x.grad is not None and layer.bias.grad is not None
+    assert not any(b.requires_grad for b in layer.buffers())
+
+
+def test_int8_linear_module_compiles_fullgraph():
+    layer = Int8Linear.from_float(torch.nn.Linear(40, 12))
+    x = with_outliers(4, 40)
+    torch.testing.assert_close(torch.compile(layer, fullgraph=True)(x), layer(x))
+
+
+def test_static_layer_without_calibration_says_so():
+    check_raises(lambda: Int8Linear(8, 4, outliers="static")(torch.randn(2, 8)), RuntimeError,
+                 "run calibrate_outliers(model, batches)")

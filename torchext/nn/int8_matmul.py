@@ -1,0 +1,167 @@
+"""LLM.int8() layers (Dettmers et al., arXiv 2208.07339): a drop-in int8 nn.Linear and model helpers.
+
+    outliers = calibrate_outliers(model, batches)                      # optional: static outlier columns
+    report = replace_linear(model, skip=("head",), outliers="static", outlier_cols=outliers)
+    print(report)                                                      # memory before/after, outliers per layer
+"""
+
+from collections.abc import Iterable
+
+import torch
+from torch import Tensor, nn
+
+from torchext import ops
+from torchext.ops.int8_matmul import DEFAULT_CAPACITY
+from torchext.reference.int8_matmul import int8_dequantize, quantize_weight
+
+ROW_FORMAT = 0  # bitsandbytes' weight_format code for row-major int8 codes (the only layout it still has)
+
+
+class Int8Linear(nn.Module):
+    """nn.Linear with an int8 weight: codes [out, in] (``weight``) and fp32 per-row absmax (``SCB``).
+
+    The state_dict uses bitsandbytes' Linear8bitLt names (``weight``, ``SCB``, ``weight_format``), so
+    checkpoints load both ways. The weight is frozen; gradients flow to the input (and bias), so LoRA-style
+    fine-tuning works.
+
+    Args:
+        threshold: dynamic mode: input columns holding any |x| >= threshold take the 16-bit path (paper: 6).
+        outliers: "dynamic" finds outlier columns in every call, like the paper (results depend on the rest of
+            the batch); "static" uses a fixed set from ``calibrate_outliers`` (batch-invariant) whose weight
+            columns are kept in 16-bit.
+        capacity: at most this many outlier columns per call.
+        int8_backward: input gradient by int8 GEMM on the codes (True) or in 16-bit (False, more accurate).
+    """
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, threshold: float = 6.0,
+                 outliers: str = "dynamic", capacity: int = DEFAULT_CAPACITY, int8_backward: bool = True,
+                 device=None, dtype=None):
+        super().__init__()
+        if outliers not in ("dynamic", "static"):
+            raise ValueError(f"Int8Linear: outliers must be 'dynamic' or 'static', got {outliers!r}")
+        self.in_features, self.out_features = in_features, out_features
+        self.threshold, self.outliers, self.capacity, self.int8_backward = threshold, outliers, capacity, int8_backward
+        self.register_buffer("weight", torch.zeros(out_features, in_features, dtype=torch.int8, device=device))
+        self.register_buffer("SCB", torch.ones(out_features, dtype=torch.float32, device=device))
+        self.bias = nn.Parameter(torch.zeros(out_features, device=device, dtype=dtype)) if bias else None
+        # Static mode: the calibrated columns and their 16-bit weight columns ([out, n]).
+        self.register_buffer("outlier_cols", None)
+        self.register_buffer("weight_outliers", None)
+
+    @classmethod
+    def from_float(cls, linear: nn.Linear, threshold: float = 6.0, outliers: str = "dynamic",
+                   outlier_cols: Tensor | None = None, **kwargs) -> "Int8Linear":
+        """Quantize an nn.Linear. In static mode ``outlier_cols`` (e.g. from ``calibrate_outliers``) picks the
+        input columns whose weight columns stay in the linear's 16-bit dtype."""
+        layer = cls(linear.in_features, linear.out_features, linear.bias is not None, threshold, outliers,
+                    device=linear.weight.device, dtype=linear.weight.dtype, **kwargs)
+        with torch.no_grad():
+            layer.weight, layer.SCB = quantize_weight(linear.weight.detach())
+            if linear.bias is not None:
+                layer.bias.copy_(linear.bias)
+            if outlier_cols is not None:
+                layer.set_outlier_cols(outlier_cols, linear.weight)
+        return layer
+
+    def set_outlier_cols(self, cols: Tensor, weight: Tensor | None = None) -> None:
+        """Fix the static outlier set; their weight columns come from ``weight`` (16-bit) or the codes."""
+        cols = torch.unique(cols.to(device=self.weight.device, dtype=torch.int64))[: self.capacity]
+        source = weight.detach() if weight is not None else int8_dequantize(self.weight, self.SCB)
+        dtype = self.bias.dtype if self.bias is not None else source.dtype
+        self.outlier_cols = cols.to(torch.int32)
+        self.weight_outliers = source[:, cols].to(dtype).contiguous()
+
+    def forward(self, x: Tensor) -> Tensor:
+        """x: [..., in_features] float32/bfloat16/float16 -> [..., out_features] in x.dtype."""
+        static_cols = w_outliers = None
+        if self.outliers == "static":
+            if self.outlier_cols is None:
+                raise RuntimeError("Int8Linear(outliers='static') has no outlier columns yet: run "
+                                   "calibrate_outliers(model, batches) or pass outlier_cols to from_float")
+            static_cols, w_outliers = self.outlier_cols, self.weight_outliers.to(x.dtype)
+        bias = self.bias.to(x.dtype) if self.bias is not None else None
+        return ops.int8_linear(x, self.weight, self.SCB, bias, self.threshold, self.capacity, static_cols, w_outliers,
+                               self.int8_backward)
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        destination[prefix + "weight_format"] = torch.tensor(ROW_FORMAT, dtype=torch.uint8)
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        weight_format = state_dict.pop(prefix + "weight_format", None)
+        if weight_format is not None and int(weight_format) != ROW_FORMAT:
+            error_msgs.append(f"{prefix}weight_format is {int(weight_format)}: only row-major int8 (0) is supported")
+        for name in ("outlier_cols", "weight_outliers"):  # None until calibrated: take the checkpoint's
+            if prefix + name in state_dict:
+                setattr(self, name, torch.empty_like(state_dict[prefix + name]))
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+                f"threshold={self.threshold:g}, outliers={self.outliers}")
+
+
+@torch.no_grad()
+def calibrate_outliers(model: nn.Module, batches: Iterable, threshold: float = 6.0,
+                       capacity: int = DEFAULT_CAPACITY) -> dict[str, Tensor]:
+    """Run ``model`` on ``batches`` and record, for every nn.Linear / Int8Linear, the input columns that ever
+    hold |x| >= threshold (at most ``capacity`` per layer, the largest first).
+
+    Int8Linear layers in static mode get the set directly (weight columns from their codes); pass the result
+    to ``replace_linear(..., outliers="static", outlier_cols=...)`` to keep true 16-bit weight columns instead.
+
+    Returns:
+        {layer name: int64 column indices, ascending}.
+    """
+    peaks: dict[str, Tensor] = {}
+
+    def observe(name):
+        def hook(module, inputs, output):
+            peak = inputs[0].detach().reshape(-1, inputs[0].shape[-1]).abs().amax(0).float()
+            peaks[name] = torch.maximum(peaks[name], peak) if name in peaks else peak
+        return hook
+
+    layers = {name: m for name, m in model.named_modules() if isinstance(m, (nn.Linear, Int8Linear))}
+    handles = [m.register_forward_hook(observe(name)) for name, m in layers.items()]
+    try:
+        for batch in batches:
+            model(*batch) if isinstance(batch, (tuple, list)) else model(batch)
+    finally:
+        for handle in handles:
+            handle.remove()
+    cols = {}
+    for name, peak in peaks.items():
+        above = (peak >= threshold).nonzero().flatten()
+        cols[name] = above[peak[above].argsort(descending=True)[:capacity]].sort().values
+        layer = layers[name]
+        if isinstance(layer, Int8Linear) and layer.outliers == "static":
+            layer.set_outlier_cols(cols[name])
+    return cols
+
+
+def _bytes(*tensors: Tensor | None) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors if t is not None)
+
+
+def replace_linear(model: nn.Module, threshold: float = 6.0, skip: Iterable[str] = (), outliers: str = "dynamic",
+                   outlier_cols: dict[str, Tensor] | None = None, **kwargs) -> dict:
+    """Replace every nn.Linear of ``model`` (in place) by an Int8Linear, except those named in ``skip`` (e.g. the
+    LM head). Extra keyword arguments go to Int8Linear.
+
+    Returns:
+        {"bytes_before", "bytes_after": weight (+ bias, scales, 16-bit outlier columns) memory of the replaced
+        layers, "layers": {name: number of static outlier columns, or None in dynamic mode}}.
+    """
+    skip, outlier_cols = set(skip), outlier_cols or {}
+    report = {"bytes_before": 0, "bytes_after": 0, "layers": {}}
+    targets = [(name, m) for name, m in model.named_modules() if isinstance(m, nn.Linear) and name not in skip]
+    for name, linear in targets:
+        layer = Int8Linear.from_float(linear, threshold, outliers, outlier_cols.get(name), **kwargs)
+        parent_name, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent_name) if parent_name else model, child, layer)
+        report["bytes_before"] += _bytes(linear.weight, linear.bias)
+        report["bytes_after"] += _bytes(layer.weight, layer.SCB, layer.bias, layer.weight_outliers)
+        report["layers"][name] = None if layer.outlier_cols is None else layer.outlier_cols.numel()
+    return report
