@@ -105,7 +105,8 @@ def _int8_linear(m, k, n, threshold, gpu, mode="fwd", summary=None):
     """One mode per case, since a summary hook sees the times of one mode. Threshold > 0 plants outliers in x;
     in "fwd+bwd" x gets the input gradient (int8_backward=True, the default) and the weight stays frozen."""
     gemms = 2 if mode == "fwd+bwd" else 1
-    return Int8Case(f"int8_linear_t{threshold:g}", f"{m}x{k}x{n}", BF16, partial(_linear_inputs, m, k, n, threshold > 0),
+    make_inputs = partial(_linear_inputs, m, k, n, threshold > 0)
+    return Int8Case(f"int8_linear_t{threshold:g}", f"{m}x{k}x{n}", BF16, make_inputs,
                     partial(_int8_linear_torchext, threshold), _linear_bf16, partial(_int8_linear_reference, threshold),
                     modes=(mode,), count_bytes=False, flops={mode: gemms * 2 * m * n * k}, gpu=gpu, summary=summary)
 

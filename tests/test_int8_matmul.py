@@ -85,18 +85,18 @@ MM_SHAPES = [(1, 70, 45), (17, 129, 33), (65, 64, 20)]
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape", MM_SHAPES, ids=str)
-@pytest.mark.parametrize("mode", ["dynamic", "static16", "no_outliers"])
+@pytest.mark.parametrize("mode", ["dynamic", "w16", "no_outliers"])
 def test_int8_mm_matches_reference(shape, dtype, mode, device):
     M, K, N = shape
     x = with_outliers(M, K, dtype=dtype, device=device)
     w, w_codes, w_scale = quantized_weight(N, K, device)
     bias = torch.randn(N, device=device).to(dtype)
     a_codes, a_scale, cols, n = ref.int8_vectorwise_quant(x, 6.0 if mode != "no_outliers" else 0.0, 32)
-    w_outliers = None
-    if mode == "static16":
-        w_outliers = torch.zeros(N, 32, device=device, dtype=dtype)
-        w_outliers[:, : n.item()] = w[:, cols[: n.item()].long()].to(dtype)
-    args = [a_codes, a_scale, w_codes, w_scale, bias, x, cols, n, w_outliers]
+    w16 = w16_slot = None
+    if mode == "w16":  # column 3 (an outlier) has a 16-bit copy, column 11 (an outlier too) does not
+        w16, w16_slot = w[:, [7, 3]].to(dtype).contiguous(), torch.full((K,), -1, dtype=torch.int32, device=device)
+        w16_slot[7], w16_slot[3] = 0, 1
+    args = [a_codes, a_scale, w_codes, w_scale, bias, x, cols, n, w16, w16_slot]
     assert_close(ops.int8_mm(*args), ref.int8_mm(*args), "int8_mm")
 
 
@@ -106,7 +106,7 @@ def test_int8_mm_transposed_weight_view(device):
     w_t = torch.randint(-127, 128, (24, 40), dtype=torch.int8, device=device).t()  # [40, 24], strides (1, 40)
     args = [a_codes, torch.rand(5, device=device), w_t, torch.rand(40, device=device), None,
             torch.randn(5, 24, device=device), torch.zeros(0, dtype=torch.int32, device=device),
-            torch.zeros(1, dtype=torch.int32, device=device), None]
+            torch.zeros(1, dtype=torch.int32, device=device), None, None]
     assert_close(ops.int8_mm(*args), ref.int8_mm(*args), "int8_mm")
 
 
@@ -114,7 +114,8 @@ def test_int8_mm_opcheck(device):
     x = with_outliers(6, 40, device=device)
     _, w_codes, w_scale = quantized_weight(8, 40, device)
     a_codes, a_scale, cols, n = ref.int8_vectorwise_quant(x, 6.0, 32)
-    check_opcheck(torch.ops.torchext.int8_mm.default, (a_codes, a_scale, w_codes, w_scale, None, x, cols, n, None))
+    check_opcheck(torch.ops.torchext.int8_mm.default,
+                  (a_codes, a_scale, w_codes, w_scale, None, x, cols, n, None, None))
     check_opcheck(torch.ops.torchext.int8_vectorwise_quant.default, (x, 6.0, 8, None))
 
 
@@ -137,9 +138,12 @@ def test_linear_matches_reference_dynamic_and_static(device):
     x = with_outliers(10, 96, device=device)
     w, w_codes, w_scale = quantized_weight(24, 96, device)
     static_cols = torch.tensor([3, 11, 50], dtype=torch.int32, device=device)
-    w_outliers = w[:, static_cols.long()].contiguous()
+    w16_slot = torch.full((96,), -1, dtype=torch.int32, device=device)
+    w16_slot[static_cols.long()] = torch.arange(3, dtype=torch.int32, device=device)
+    w16 = dict(w16=w[:, static_cols.long()].contiguous(), w16_slot=w16_slot)
     bias = torch.randn(24, device=device)
-    for kwargs in (dict(threshold=6.0), dict(threshold=0.0), dict(static_cols=static_cols, w_outliers=w_outliers)):
+    for kwargs in (dict(threshold=6.0), dict(threshold=0.0), dict(static_cols=static_cols, **w16),
+                   dict(threshold=6.0, **w16)):
         assert_close(ops.int8_linear(x, w_codes, w_scale, bias, **kwargs),
                      ref.int8_linear(x, w_codes, w_scale, bias, **kwargs), f"int8_linear {list(kwargs)}")
 
@@ -154,12 +158,16 @@ def test_static_mode_is_batch_invariant(device):
     assert torch.equal(alone[0], in_batch[0])
 
 
+@pytest.mark.parametrize("static", [False, True])
 @pytest.mark.parametrize("int8_backward", [True, False])
-def test_input_gradient_is_close_to_the_exact_one(int8_backward, device):
+def test_input_gradient_is_close_to_the_exact_one(int8_backward, static, device):
     x = with_outliers(20, 80, device=device).requires_grad_()
     w, w_codes, w_scale = quantized_weight(30, 80, device)
     bias = torch.randn(30, device=device, requires_grad=True)
-    y = ops.int8_linear(x, w_codes, w_scale, bias, int8_backward=int8_backward)
+    layer = Int8Linear.from_float(torch.nn.Linear(80, 30).requires_grad_(False), outliers="static" if static else
+                                  "dynamic", outlier_cols=torch.tensor([3, 11]))
+    w16 = dict(static_cols=layer.outlier_cols, w16=w[:, [3, 11]], w16_slot=layer.weight16_slot) if static else {}
+    y = ops.int8_linear(x, w_codes, w_scale, bias, int8_backward=int8_backward, **w16)
     grad = torch.randn_like(y)
     y.backward(grad)
     error = relative_error(x.grad, grad @ w)
@@ -170,7 +178,8 @@ def test_input_gradient_is_close_to_the_exact_one(int8_backward, device):
 def test_int8_linear_opcheck_and_compile(device):
     x = with_outliers(6, 48, device=device).requires_grad_()
     _, w_codes, w_scale = quantized_weight(10, 48, device)
-    check_opcheck(torch.ops.torchext.int8_linear.default, (x, w_codes, w_scale, None, 6.0, 16, None, None, True))
+    check_opcheck(torch.ops.torchext.int8_linear.default,
+                  (x, w_codes, w_scale, None, 6.0, 16, None, None, None, True))
     fn = lambda x: ops.int8_linear(x, w_codes, w_scale)  # noqa: E731
     check_against_reference(torch.compile(fn, fullgraph=True), fn, [x])
 
@@ -200,6 +209,8 @@ def bad_input_cases():
         (lambda: ops.int8_linear(x.t(), w_codes[:, :4], w_scale), ValueError, "x must have unit stride"),
         (lambda: ops.int8_mm(w_codes[:4], w_scale[:3], w_codes, w_scale, None, x, torch.zeros(0, dtype=torch.int32),
                              torch.zeros(1, dtype=torch.int32)), ValueError, "a_scale must have shape (4,)"),
+        (lambda: ops.int8_linear(x, w_codes, w_scale, w16=torch.zeros(8, 1)), ValueError,
+         "w16 and w16_slot go together"),
         (lambda: ops.int8_vectorwise_quant(x, capacity=-1), ValueError, "capacity must be >= 0"),
         (lambda: ops.int8_vectorwise_quant(x[0]), ValueError, "x must be 2-D"),
     ]
@@ -241,7 +252,7 @@ def test_static_module_from_calibration_is_batch_invariant_and_accurate():
     assert cols.tolist() == [3, 40]
     layer = Int8Linear.from_float(linear, outliers="static", outlier_cols=cols)
     x = with_outliers(6, 64, cols=(3, 40))
-    torch.testing.assert_close(layer.weight_outliers, linear.weight[:, [3, 40]])  # true 16-bit columns
+    torch.testing.assert_close(layer.weight16, linear.weight[:, [3, 40]])  # true 16-bit columns
     assert torch.equal(layer(x[:1])[0], layer(x)[0])
     assert relative_error(layer(x), linear(x).detach()) <= 1e-2
 

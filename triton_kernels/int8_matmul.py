@@ -3,8 +3,9 @@
 Y[m, n] = acc[m, n] * a_scale[m] * w_scale[n] / 127^2 + bias[n] + outlier correction, stored in the output
 dtype, where acc is the int32 sum of int8 products (tensor cores). For each listed outlier column j the
 correction removes the int8 term a_codes[m, j] w_codes[n, j] from acc (exactly, in int32) and adds the
-fp32-accumulated 16-bit product x[m, j] w16[n, j] (the paper's decomposition). The outlier list is read
-on the device, so nothing here syncs with the host.
+fp32-accumulated 16-bit product of x[m, j] and the weight column: the one kept in 16-bit when the column
+has a w16 slot (the paper's decomposition), else the dequantized int8 column (what bitsandbytes does). The
+outlier list is read on the device, so nothing here syncs with the host.
 """
 
 import torch
@@ -18,8 +19,16 @@ INT8_MAX = 127
 
 
 @triton.jit
+def _dot_f32(a, b, acc, IEEE: tl.constexpr):
+    """acc + a @ b with fp32 accumulation; fp32 inputs get true fp32 products (IEEE), not TF32."""
+    if IEEE:
+        return tl.dot(a, b, acc, input_precision="ieee", out_dtype=tl.float32)
+    return tl.dot(a, b, acc, out_dtype=tl.float32)
+
+
+@triton.jit
 def _int8_mm_fwd_kernel(a_ptr, a_scale_ptr, w_ptr, w_scale_ptr, bias_ptr, x_ptr, cols_ptr, n_cols_ptr, w16_ptr,
-                        out_ptr, M, N, K, capacity, a_stride, w_stride_n, w_stride_k, x_stride, w16_stride,
+                        slot_ptr, out_ptr, M, N, K, capacity, a_stride, w_stride_n, w_stride_k, x_stride, w16_stride,
                         HAS_BIAS: tl.constexpr, HAS_W16: tl.constexpr, DOT16: tl.constexpr, IEEE: tl.constexpr,
                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                         BLOCK_O: tl.constexpr, GROUP_M: tl.constexpr):
@@ -44,8 +53,10 @@ def _int8_mm_fwd_kernel(a_ptr, a_scale_ptr, w_ptr, w_scale_ptr, bias_ptr, x_ptr,
                     mask=n_mask[None, :] & (rk[:, None] < K), other=0)  # [BLOCK_K, BLOCK_N] int8, W^T
         acc = tl.dot(a, w, acc, out_dtype=tl.int32)
 
-    # Outlier columns: int8 terms out of acc, 16-bit products into acc16 (BLOCK_O columns at a time).
+    # Outlier columns, BLOCK_O at a time: int8 terms out of acc; x times 16-bit weight columns into acc16,
+    # x times int8 weight codes (columns without a 16-bit copy) into acc_deq, scaled by w_scale / 127 below.
     acc16 = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    acc_deq = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     n_outliers = tl.minimum(tl.load(n_cols_ptr), capacity)
     for o0 in range(0, n_outliers, BLOCK_O):
         ro = o0 + tl.arange(0, BLOCK_O)
@@ -55,23 +66,19 @@ def _int8_mm_fwd_kernel(a_ptr, a_scale_ptr, w_ptr, w_scale_ptr, bias_ptr, x_ptr,
         a_out = tl.load(a_ptr + rm[:, None] * a_stride + col[None, :], mask=a_mask, other=0)  # [BLOCK_M, BLOCK_O]
         w_out = tl.load(w_ptr + rn[None, :] * w_stride_n + col[:, None] * w_stride_k, mask=w_mask, other=0)
         acc -= tl.dot(a_out, w_out, out_dtype=tl.int32)
-        x_out = tl.load(x_ptr + rm[:, None] * x_stride + col[None, :], mask=a_mask, other=0.0)
+        x_out = tl.load(x_ptr + rm[:, None] * x_stride + col[None, :], mask=a_mask, other=0.0).to(DOT16)
         if HAS_W16:
-            w16 = tl.load(w16_ptr + rn[None, :] * w16_stride + ro[:, None], mask=w_mask, other=0.0)
-        else:
-            w16 = w_out  # dequantized below, by w_scale / 127 per column of the tile
-        if IEEE:  # fp32 inputs: true fp32 products, not TF32
-            acc16 += tl.dot(x_out.to(DOT16), w16.to(DOT16), input_precision="ieee", out_dtype=tl.float32)
-        else:
-            acc16 += tl.dot(x_out.to(DOT16), w16.to(DOT16), out_dtype=tl.float32)  # [BLOCK_M, BLOCK_N]
+            slot = tl.load(slot_ptr + col, mask=o_mask, other=-1).to(tl.int64)  # [BLOCK_O]
+            kept = (slot >= 0)[:, None]
+            w16 = tl.load(w16_ptr + rn[None, :] * w16_stride + slot[:, None], mask=w_mask & kept, other=0.0)
+            acc16 = _dot_f32(x_out, w16.to(DOT16), acc16, IEEE)
+            w_out = tl.where(kept, 0, w_out)
+        acc_deq = _dot_f32(x_out, w_out.to(DOT16), acc_deq, IEEE)
 
     a_scale = tl.load(a_scale_ptr + rm, mask=m_mask, other=0.0)
     w_scale = tl.load(w_scale_ptr + rn, mask=n_mask, other=0.0)
     y = acc.to(tl.float32) * (a_scale[:, None] * (w_scale[None, :] * (1.0 / (INT8_MAX * INT8_MAX))))
-    if HAS_W16:
-        y += acc16
-    else:
-        y += acc16 * (w_scale[None, :] * (1.0 / INT8_MAX))
+    y += acc16 + acc_deq * (w_scale[None, :] * (1.0 / INT8_MAX))
     if HAS_BIAS:
         y += tl.load(bias_ptr + rn, mask=n_mask, other=0.0).to(tl.float32)[None, :]
     out_mask = m_mask[:, None] & n_mask[None, :]
@@ -103,12 +110,12 @@ def _dot16(x: Tensor):
 
 
 def int8_mm_fwd(a_codes: Tensor, a_scale: Tensor, w_codes: Tensor, w_scale: Tensor, bias: Tensor | None,
-                x: Tensor, outlier_cols: Tensor, n_outliers: Tensor, w16: Tensor | None,
+                x: Tensor, outlier_cols: Tensor, n_outliers: Tensor, w16: Tensor | None, w16_slot: Tensor | None,
                 out_dtype: torch.dtype) -> Tensor:
     """a_codes [M, K] int8 (unit stride on K), a_scale [M] fp32; w_codes [N, K] int8 with any strides (a
     transposed view serves the input-gradient GEMM), w_scale [N] fp32; bias [N] or None; x [M, K] with unit
-    stride on K; outlier_cols [capacity] int32, n_outliers [1] int32; w16 [N, capacity] (unit stride) or None.
-    Returns [M, N] contiguous in out_dtype."""
+    stride on K; outlier_cols [capacity] int32, n_outliers [1] int32; w16 [N, n16] in x.dtype with unit
+    stride on n16 and w16_slot [K] int32, or both None. Returns [M, N] contiguous in out_dtype."""
     M, K = a_codes.shape
     N = w_codes.shape[0]
     out = torch.empty((M, N), dtype=out_dtype, device=a_codes.device)
@@ -116,7 +123,8 @@ def int8_mm_fwd(a_codes: Tensor, a_scale: Tensor, w_codes: Tensor, w_scale: Tens
     grid = (triton.cdiv(M, tiles["BLOCK_M"]) * triton.cdiv(N, tiles["BLOCK_N"]),)
     _int8_mm_fwd_kernel[grid](
         a_codes, a_scale, w_codes, w_scale, bias if bias is not None else a_scale, x, outlier_cols, n_outliers,
-        w16 if w16 is not None else x, out, M, N, K, outlier_cols.numel(), a_codes.stride(0), w_codes.stride(0),
+        w16 if w16 is not None else x, w16_slot if w16_slot is not None else outlier_cols, out, M, N, K,
+        outlier_cols.numel(), a_codes.stride(0), w_codes.stride(0),
         w_codes.stride(1), x.stride(0), w16.stride(0) if w16 is not None else 0,
         HAS_BIAS=bias is not None, HAS_W16=w16 is not None, DOT16=dot16, IEEE=dot16 == tl.float32,
         BLOCK_O=32, GROUP_M=8, **tiles)

@@ -27,8 +27,9 @@ class Int8Linear(nn.Module):
     Args:
         threshold: dynamic mode: input columns holding any |x| >= threshold take the 16-bit path (paper: 6).
         outliers: "dynamic" finds outlier columns in every call, like the paper (results depend on the rest of
-            the batch); "static" uses a fixed set from ``calibrate_outliers`` (batch-invariant) whose weight
-            columns are kept in 16-bit.
+            the batch); "static" uses a fixed set from ``calibrate_outliers`` (batch-invariant). Columns known
+            from calibration keep their weight columns in 16-bit in both modes (the paper's decomposition);
+            other outlier columns use the dequantized int8 weight (what bitsandbytes does for all of them).
         capacity: at most this many outlier columns per call.
         int8_backward: input gradient by int8 GEMM on the codes (True) or in 16-bit (False, more accurate).
     """
@@ -44,15 +45,17 @@ class Int8Linear(nn.Module):
         self.register_buffer("weight", torch.zeros(out_features, in_features, dtype=torch.int8, device=device))
         self.register_buffer("SCB", torch.ones(out_features, dtype=torch.float32, device=device))
         self.bias = nn.Parameter(torch.zeros(out_features, device=device, dtype=dtype)) if bias else None
-        # Static mode: the calibrated columns and their 16-bit weight columns ([out, n]).
+        # From calibration: the known outlier columns [n], their weight columns in 16-bit [out, n], and the
+        # weight16 column of each input column (-1: none) [in].
         self.register_buffer("outlier_cols", None)
-        self.register_buffer("weight_outliers", None)
+        self.register_buffer("weight16", None)
+        self.register_buffer("weight16_slot", None)
 
     @classmethod
     def from_float(cls, linear: nn.Linear, threshold: float = 6.0, outliers: str = "dynamic",
                    outlier_cols: Tensor | None = None, **kwargs) -> "Int8Linear":
-        """Quantize an nn.Linear. In static mode ``outlier_cols`` (e.g. from ``calibrate_outliers``) picks the
-        input columns whose weight columns stay in the linear's 16-bit dtype."""
+        """Quantize an nn.Linear. ``outlier_cols`` (e.g. from ``calibrate_outliers``) are the input columns whose
+        weight columns stay in the linear's 16-bit dtype; in static mode they are also the fixed outlier set."""
         layer = cls(linear.in_features, linear.out_features, linear.bias is not None, threshold, outliers,
                     device=linear.weight.device, dtype=linear.weight.dtype, **kwargs)
         with torch.no_grad():
@@ -64,24 +67,24 @@ class Int8Linear(nn.Module):
         return layer
 
     def set_outlier_cols(self, cols: Tensor, weight: Tensor | None = None) -> None:
-        """Fix the static outlier set; their weight columns come from ``weight`` (16-bit) or the codes."""
+        """Record known outlier columns; their 16-bit weight columns come from ``weight``, else from the codes."""
         cols = torch.unique(cols.to(device=self.weight.device, dtype=torch.int64))[: self.capacity]
         source = weight.detach() if weight is not None else int8_dequantize(self.weight, self.SCB)
-        dtype = self.bias.dtype if self.bias is not None else source.dtype
-        self.outlier_cols = cols.to(torch.int32)
-        self.weight_outliers = source[:, cols].to(dtype).contiguous()
+        slot = torch.full((self.in_features,), -1, dtype=torch.int32, device=cols.device)
+        slot[cols] = torch.arange(cols.numel(), dtype=torch.int32, device=cols.device)
+        self.outlier_cols, self.weight16_slot = cols.to(torch.int32), slot
+        self.weight16 = source[:, cols].to(self.bias.dtype if self.bias is not None else source.dtype).contiguous()
 
     def forward(self, x: Tensor) -> Tensor:
         """x: [..., in_features] float32/bfloat16/float16 -> [..., out_features] in x.dtype."""
-        static_cols = w_outliers = None
-        if self.outliers == "static":
-            if self.outlier_cols is None:
-                raise RuntimeError("Int8Linear(outliers='static') has no outlier columns yet: run "
-                                   "calibrate_outliers(model, batches) or pass outlier_cols to from_float")
-            static_cols, w_outliers = self.outlier_cols, self.weight_outliers.to(x.dtype)
+        if self.outliers == "static" and self.outlier_cols is None:
+            raise RuntimeError("Int8Linear(outliers='static') has no outlier columns yet: run "
+                               "calibrate_outliers(model, batches) or pass outlier_cols to from_float")
+        static_cols = self.outlier_cols if self.outliers == "static" else None
+        w16 = self.weight16.to(x.dtype) if self.weight16 is not None else None
         bias = self.bias.to(x.dtype) if self.bias is not None else None
-        return ops.int8_linear(x, self.weight, self.SCB, bias, self.threshold, self.capacity, static_cols, w_outliers,
-                               self.int8_backward)
+        return ops.int8_linear(x, self.weight, self.SCB, bias, self.threshold, self.capacity, static_cols, w16,
+                               self.weight16_slot, self.int8_backward)
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         super()._save_to_state_dict(destination, prefix, keep_vars)
@@ -92,7 +95,7 @@ class Int8Linear(nn.Module):
         weight_format = state_dict.pop(prefix + "weight_format", None)
         if weight_format is not None and int(weight_format) != ROW_FORMAT:
             error_msgs.append(f"{prefix}weight_format is {int(weight_format)}: only row-major int8 (0) is supported")
-        for name in ("outlier_cols", "weight_outliers"):  # None until calibrated: take the checkpoint's
+        for name in ("outlier_cols", "weight16", "weight16_slot"):  # None until calibrated: take the checkpoint's
             if prefix + name in state_dict:
                 setattr(self, name, torch.empty_like(state_dict[prefix + name]))
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
@@ -152,7 +155,7 @@ def replace_linear(model: nn.Module, threshold: float = 6.0, skip: Iterable[str]
 
     Returns:
         {"bytes_before", "bytes_after": weight (+ bias, scales, 16-bit outlier columns) memory of the replaced
-        layers, "layers": {name: number of static outlier columns, or None in dynamic mode}}.
+        layers, "layers": {name: number of known outlier columns (kept in 16-bit), or None if none were given}}.
     """
     skip, outlier_cols = set(skip), outlier_cols or {}
     report = {"bytes_before": 0, "bytes_after": 0, "layers": {}}
@@ -162,6 +165,6 @@ def replace_linear(model: nn.Module, threshold: float = 6.0, skip: Iterable[str]
         parent_name, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent_name) if parent_name else model, child, layer)
         report["bytes_before"] += _bytes(linear.weight, linear.bias)
-        report["bytes_after"] += _bytes(layer.weight, layer.SCB, layer.bias, layer.weight_outliers)
+        report["bytes_after"] += _bytes(layer.weight, layer.SCB, layer.bias, layer.weight16, layer.weight16_slot)
         report["layers"][name] = None if layer.outlier_cols is None else layer.outlier_cols.numel()
     return report

@@ -95,7 +95,19 @@ def int8_vectorwise_quant(x: Tensor, threshold: float = 0.0, capacity: int = DEF
 # ---- int8_mm ------------------------------------------------------------------------------------------------------
 
 
-def _check_mm(a_codes, a_scale, w_codes, w_scale, bias, x, outlier_cols, n_outliers, w_outliers) -> None:
+def _check_w16(op: str, w16: Tensor | None, w16_slot: Tensor | None, N: int, K: int, tensors: dict) -> None:
+    if (w16 is None) != (w16_slot is None):
+        raise ValueError(f"{op}: w16 and w16_slot go together (the 16-bit columns and where each input column is)")
+    if w16 is not None:
+        check_tensor(op, "w16", w16, ACTIVATION_DTYPES, ndim=2)
+        if w16.shape[0] != N:
+            raise ValueError(f"{op}: w16 must be [N, n16] with N = {N}, got {tuple(w16.shape)}")
+        check_tensor(op, "w16_slot", w16_slot, (torch.int32,))
+        check_shape(op, "w16_slot", w16_slot, (K,))
+        tensors.update(w16=w16, w16_slot=w16_slot)
+
+
+def _check_mm(a_codes, a_scale, w_codes, w_scale, bias, x, outlier_cols, n_outliers, w16, w16_slot) -> None:
     op = "int8_mm"
     check_tensor(op, "a_codes", a_codes, (torch.int8,), ndim=2)
     check_tensor(op, "w_codes", w_codes, (torch.int8,), ndim=2)
@@ -118,58 +130,59 @@ def _check_mm(a_codes, a_scale, w_codes, w_scale, bias, x, outlier_cols, n_outli
         check_tensor(op, "bias", bias, ACTIVATION_DTYPES)
         check_shape(op, "bias", bias, (N,))
         tensors["bias"] = bias
-    if w_outliers is not None:
-        check_tensor(op, "w_outliers", w_outliers, ACTIVATION_DTYPES)
-        check_shape(op, "w_outliers", w_outliers, (N, outlier_cols.numel()))
-        tensors["w_outliers"] = w_outliers
+    _check_w16(op, w16, w16_slot, N, K, tensors)
     check_same_device(op, **tensors)
-    for name in ("a_codes", "x", "w_outliers"):
+    for name in ("a_codes", "x", "w16"):
         if name in tensors:
             check_unit_last_stride(op, name, tensors[name])
 
 
 @torch.library.custom_op("torchext::int8_mm", mutates_args=())
 def _int8_mm(a_codes: Tensor, a_scale: Tensor, w_codes: Tensor, w_scale: Tensor, bias: Tensor | None, x: Tensor,
-             outlier_cols: Tensor, n_outliers: Tensor, w_outliers: Tensor | None) -> Tensor:
-    _check_mm(a_codes, a_scale, w_codes, w_scale, bias, x, outlier_cols, n_outliers, w_outliers)
+             outlier_cols: Tensor, n_outliers: Tensor, w16: Tensor | None, w16_slot: Tensor | None) -> Tensor:
+    _check_mm(a_codes, a_scale, w_codes, w_scale, bias, x, outlier_cols, n_outliers, w16, w16_slot)
     if a_codes.numel() == 0 or w_codes.shape[0] == 0 or not use_triton(a_codes):
-        return ref.int8_mm(a_codes, a_scale, w_codes, w_scale, bias, x, outlier_cols, n_outliers, w_outliers)
-    w16 = w_outliers.to(x.dtype) if w_outliers is not None else None
-    return kernels.int8_mm_fwd(a_codes, a_scale, w_codes, w_scale, bias, x, outlier_cols, n_outliers, w16, x.dtype)
+        return ref.int8_mm(a_codes, a_scale, w_codes, w_scale, bias, x, outlier_cols, n_outliers, w16, w16_slot)
+    w16 = w16.to(x.dtype) if w16 is not None else None
+    return kernels.int8_mm_fwd(a_codes, a_scale, w_codes, w_scale, bias, x, outlier_cols, n_outliers, w16, w16_slot,
+                               x.dtype)
 
 
 @_int8_mm.register_fake
-def _(a_codes, a_scale, w_codes, w_scale, bias, x, outlier_cols, n_outliers, w_outliers):
-    _check_mm(a_codes, a_scale, w_codes, w_scale, bias, x, outlier_cols, n_outliers, w_outliers)
+def _(a_codes, a_scale, w_codes, w_scale, bias, x, outlier_cols, n_outliers, w16, w16_slot):
+    _check_mm(a_codes, a_scale, w_codes, w_scale, bias, x, outlier_cols, n_outliers, w16, w16_slot)
     return x.new_empty((a_codes.shape[0], w_codes.shape[0]))
 
 
 def int8_mm(a_codes: Tensor, a_scale: Tensor, w_codes: Tensor, w_scale: Tensor, bias: Tensor | None, x: Tensor,
-            outlier_cols: Tensor, n_outliers: Tensor, w_outliers: Tensor | None = None) -> Tensor:
+            outlier_cols: Tensor, n_outliers: Tensor, w16: Tensor | None = None,
+            w16_slot: Tensor | None = None) -> Tensor:
     """Int8 tensor-core GEMM with LLM.int8()'s dequantization and outlier decomposition fused in.
 
     Y = (A_i8 W_i8^T) a_scale w_scale^T / 127^2 + bias, where for each listed outlier column j the int8
-    term is replaced by the fp32-accumulated 16-bit product x[:, j] w16[:, j]. Any M >= 1, K, N.
+    term is replaced by the fp32-accumulated product of x[:, j] and weight column j. Any M >= 1, K, N.
 
     Args:
         a_codes [M, K] int8, a_scale [M] fp32: from ``int8_vectorwise_quant(x)``.
         w_codes [N, K] int8 (any strides), w_scale [N] fp32: the weight quantized per output row.
         bias: [N] or None. x: [M, K] the activations (read only at outlier columns).
         outlier_cols [capacity] int32 ascending, n_outliers [1] int32: from the quant op or calibration.
-        w_outliers: [N, capacity] 16-bit weight columns for the listed columns (the paper), or None to use
-            the dequantized int8 weight there (as bitsandbytes does).
+        w16: [N, n16] weight columns kept in 16-bit, w16_slot: [K] int32 the w16 column of each input column
+            or -1. Outlier columns with a slot use the 16-bit weight (the paper's decomposition); the others
+            (or all, when both are None) use the dequantized int8 weight column (as bitsandbytes does).
 
     Returns:
         Y [M, N] in x.dtype.
     """
-    return torch.ops.torchext.int8_mm(a_codes, a_scale, w_codes, w_scale, bias, x, outlier_cols, n_outliers,
-                                      w_outliers)
+    return torch.ops.torchext.int8_mm(a_codes, a_scale, w_codes, w_scale, bias, x, outlier_cols, n_outliers, w16,
+                                      w16_slot)
 
 
 # ---- int8_linear --------------------------------------------------------------------------------------------------
 
 
-def _check_linear(x: Tensor, w_codes: Tensor, static_cols: Tensor | None, w_outliers: Tensor | None) -> None:
+def _check_linear(x: Tensor, w_codes: Tensor, static_cols: Tensor | None, w16: Tensor | None,
+                  w16_slot: Tensor | None) -> None:
     op = "int8_linear"
     check_tensor(op, "x", x, ACTIVATION_DTYPES)
     check_tensor(op, "w_codes", w_codes, (torch.int8,), ndim=2)
@@ -180,8 +193,7 @@ def _check_linear(x: Tensor, w_codes: Tensor, static_cols: Tensor | None, w_outl
         raise ValueError(f"{op}: w_codes must be contiguous [N, K] (the layout quantize_weight returns)")
     if static_cols is not None:
         check_tensor(op, "static_cols", static_cols, (torch.int32,), ndim=1)
-    if w_outliers is not None and static_cols is None:
-        raise ValueError(f"{op}: w_outliers holds the weight columns of static_cols, which is missing")
+    _check_w16(op, w16, w16_slot, *w_codes.shape, {})
 
 
 def _quantize_activations(x2: Tensor, threshold: float, capacity: int, static_cols: Tensor | None):
@@ -196,17 +208,18 @@ def _quantize_activations(x2: Tensor, threshold: float, capacity: int, static_co
 
 @torch.library.custom_op("torchext::int8_linear", mutates_args=())
 def _int8_linear(x: Tensor, w_codes: Tensor, w_scale: Tensor, bias: Tensor | None, threshold: float, capacity: int,
-                 static_cols: Tensor | None, w_outliers: Tensor | None, int8_backward: bool) -> Tensor:
-    _check_linear(x, w_codes, static_cols, w_outliers)
+                 static_cols: Tensor | None, w16: Tensor | None, w16_slot: Tensor | None,
+                 int8_backward: bool) -> Tensor:
+    _check_linear(x, w_codes, static_cols, w16, w16_slot)
     x2 = x.reshape(-1, x.shape[-1])
     codes, scale, cols, count = _quantize_activations(x2, threshold, capacity, static_cols)
-    y = torch.ops.torchext.int8_mm(codes, scale, w_codes, w_scale, bias, x2, cols, count, w_outliers)
+    y = torch.ops.torchext.int8_mm(codes, scale, w_codes, w_scale, bias, x2, cols, count, w16, w16_slot)
     return y.view(*x.shape[:-1], w_codes.shape[0])
 
 
 @_int8_linear.register_fake
-def _(x, w_codes, w_scale, bias, threshold, capacity, static_cols, w_outliers, int8_backward):
-    _check_linear(x, w_codes, static_cols, w_outliers)
+def _(x, w_codes, w_scale, bias, threshold, capacity, static_cols, w16, w16_slot, int8_backward):
+    _check_linear(x, w_codes, static_cols, w16, w16_slot)
     return x.new_empty((*x.shape[:-1], w_codes.shape[0]))
 
 
@@ -218,34 +231,35 @@ def _input_grad_int8(grad2: Tensor, w_codes: Tensor, w_scale: Tensor) -> Tensor:
     no_outliers = torch.zeros(1, dtype=torch.int32, device=grad2.device)
     unit_scale = torch.full((w_codes.shape[1],), float(ref.INT8_MAX), device=grad2.device)  # cancels one 1/127
     return torch.ops.torchext.int8_mm(codes, scale, w_codes.t(), unit_scale, None, folded, no_outliers[:0],
-                                      no_outliers, None)
+                                      no_outliers, None, None)
 
 
 def _int8_linear_setup(ctx, inputs, output):
-    x, w_codes, w_scale, bias, _, _, static_cols, w_outliers, ctx.int8_backward = inputs
+    x, w_codes, w_scale, bias, _, _, static_cols, w16, w16_slot, ctx.int8_backward = inputs
     ctx.x_shape, ctx.x_dtype, ctx.has_bias = x.shape, x.dtype, bias is not None
-    ctx.save_for_backward(w_codes, w_scale, static_cols, w_outliers)
+    ctx.save_for_backward(w_codes, w_scale, static_cols, w16, w16_slot)
 
 
 def _int8_linear_grad(ctx, grad_out):
-    w_codes, w_scale, static_cols, w_outliers = ctx.saved_tensors
+    w_codes, w_scale, static_cols, w16, w16_slot = ctx.saved_tensors
     grad2 = grad_out.reshape(-1, w_codes.shape[0])
     if ctx.int8_backward:
         grad_x = _input_grad_int8(grad2, w_codes, w_scale)
     else:  # the accurate 16-bit path: dequantized weight, fp32 products
         grad_x = grad2.float() @ ref.int8_dequantize(w_codes, w_scale)
-    if w_outliers is not None:  # static columns used their 16-bit weights in the forward
-        grad_x = grad_x.index_copy(1, static_cols.long(), grad2.float() @ w_outliers.float())
+    if static_cols is not None and w16 is not None:  # static columns with a 16-bit copy used it in the forward
+        cols = static_cols.long()[w16_slot[static_cols.long()] >= 0]
+        grad_x = grad_x.index_copy(1, cols, grad2.float() @ w16[:, w16_slot[cols].long()].float())
     grad_bias = grad2.sum(0) if ctx.has_bias else None
-    return grad_x.to(ctx.x_dtype).view(ctx.x_shape), None, None, grad_bias, None, None, None, None, None
+    return grad_x.to(ctx.x_dtype).view(ctx.x_shape), None, None, grad_bias, None, None, None, None, None, None
 
 
 _int8_linear.register_autograd(_int8_linear_grad, setup_context=_int8_linear_setup)
 
 
 def int8_linear(x: Tensor, w_codes: Tensor, w_scale: Tensor, bias: Tensor | None = None, threshold: float = 6.0,
-                capacity: int = DEFAULT_CAPACITY, static_cols: Tensor | None = None,
-                w_outliers: Tensor | None = None, int8_backward: bool = True) -> Tensor:
+                capacity: int = DEFAULT_CAPACITY, static_cols: Tensor | None = None, w16: Tensor | None = None,
+                w16_slot: Tensor | None = None, int8_backward: bool = True) -> Tensor:
     """LLM.int8() linear layer: quantize x per row, find outlier columns, int8 GEMM with fused dequantization.
 
     Args:
@@ -255,11 +269,12 @@ def int8_linear(x: Tensor, w_codes: Tensor, w_scale: Tensor, bias: Tensor | None
         threshold: dynamic mode: columns of this x holding any |x| >= threshold take the 16-bit path.
         capacity: at most this many outlier columns per call.
         static_cols: [n] int32 ascending: a fixed outlier set (static mode: batch-invariant results).
-        w_outliers: [N, n] 16-bit weight columns of static_cols (the paper); None uses dequantized codes.
+        w16, w16_slot: weight columns kept in 16-bit and the w16 column of each input column (-1: none);
+            outlier columns with a copy use it (the paper), the others the dequantized codes (see int8_mm).
         int8_backward: input gradient by int8 GEMM on the stored codes (True) or in 16-bit (False).
 
     Returns:
         [..., N] in x.dtype. Gradients flow to x (and bias); the int8 weight is frozen.
     """
-    return torch.ops.torchext.int8_linear(x, w_codes, w_scale, bias, threshold, capacity, static_cols, w_outliers,
+    return torch.ops.torchext.int8_linear(x, w_codes, w_scale, bias, threshold, capacity, static_cols, w16, w16_slot,
                                           int8_backward)

@@ -20,10 +20,6 @@ from torch import Tensor
 INT8_MAX = 127
 
 
-def _f32(x: Tensor) -> Tensor:
-    return x if x.dtype == torch.float64 else x.float()
-
-
 def int8_vectorwise_quant(x: Tensor, threshold: float = 0.0, capacity: int = 64,
                           excluded: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Quantize each row of x to int8 and find the outlier columns.
@@ -66,7 +62,8 @@ def int8_dequantize(codes: Tensor, row_scale: Tensor) -> Tensor:
 
 
 def int8_mm(a_codes: Tensor, a_scale: Tensor, w_codes: Tensor, w_scale: Tensor, bias: Tensor | None,
-            x: Tensor, outlier_cols: Tensor, n_outliers: Tensor, w_outliers: Tensor | None) -> Tensor:
+            x: Tensor, outlier_cols: Tensor, n_outliers: Tensor, w16: Tensor | None = None,
+            w16_slot: Tensor | None = None) -> Tensor:
     """Y = (A_i8 W_i8^T) * a_scale w_scale^T / 127^2 + bias + outlier correction, in x.dtype.
 
     Args:
@@ -75,32 +72,39 @@ def int8_mm(a_codes: Tensor, a_scale: Tensor, w_codes: Tensor, w_scale: Tensor, 
         bias: [N] or None.
         x: [M, K] the 16-bit activations the codes came from (read only at outlier columns).
         outlier_cols: [capacity] int32 ascending, -1 padded; n_outliers: [1] int32.
-        w_outliers: [N, capacity] 16-bit weight columns matching outlier_cols (the paper's decomposition),
-            or None to use the dequantized int8 weight columns there (what bitsandbytes does).
+        w16: [N, n16] weight columns kept in 16-bit, and w16_slot: [K] int32, the w16 column of each input
+            column or -1. An outlier column with a slot uses its 16-bit weight (the paper's decomposition);
+            one without uses the dequantized int8 weight column (what bitsandbytes always does).
 
     For every listed outlier column j the int8 contribution a_codes[:, j] w_codes[:, j] (dequantized) is
-    replaced by the fp32 product x[:, j] w[:, j].
+    replaced by the fp32 product of x[:, j] and the weight column.
     """
     acc = a_codes.double() @ w_codes.double().T  # exact, like the int32 accumulator (fp32 is not past K ~ 1000)
-    y = acc * (a_scale.float()[:, None] * w_scale.float()[None, :]) / INT8_MAX ** 2
+    y = acc * (a_scale.double()[:, None] * w_scale.double()[None, :]) / INT8_MAX ** 2
     n = min(int(n_outliers.item()), outlier_cols.numel())
     if n:
         cols = outlier_cols[:n].long()
-        w_cols = _f32(w_outliers[:, :n]) if w_outliers is not None else int8_dequantize(w_codes[:, cols], w_scale)
-        int8_part = int8_dequantize(a_codes[:, cols], a_scale) @ int8_dequantize(w_codes[:, cols], w_scale).T
-        y = y - int8_part + _f32(x[:, cols]) @ w_cols.T
+        w_deq = int8_dequantize(w_codes[:, cols], w_scale).double()  # [N, n]
+        int8_part = int8_dequantize(a_codes[:, cols], a_scale).double() @ w_deq.T
+        w_cols = w_deq
+        if w16 is not None:
+            slots = w16_slot[cols].long()
+            kept = slots >= 0
+            w_cols = torch.where(kept[None, :], w16[:, slots.clamp(min=0)].double(), w_deq)
+        y = y - int8_part + x[:, cols].double() @ w_cols.T
     if bias is not None:
-        y = y + _f32(bias)
+        y = y + bias.double()
     return y.to(x.dtype)
 
 
 def int8_linear(x: Tensor, w_codes: Tensor, w_scale: Tensor, bias: Tensor | None, threshold: float = 6.0,
-                capacity: int = 64, static_cols: Tensor | None = None, w_outliers: Tensor | None = None) -> Tensor:
+                capacity: int = 64, static_cols: Tensor | None = None, w16: Tensor | None = None,
+                w16_slot: Tensor | None = None) -> Tensor:
     """LLM.int8() linear layer: x [..., K] -> [..., N] in x.dtype.
 
     Dynamic mode (static_cols None): the outlier columns are the ones of this x with |x| >= threshold (at most
     ``capacity`` of them). Static mode: static_cols [n] int32 ascending (from calibration) whatever x holds.
-    w_outliers [N, n] holds the 16-bit weight columns of the static set (None: dequantized int8 columns).
+    w16 / w16_slot: the weight columns kept in 16-bit (see int8_mm).
     """
     x2 = x.reshape(-1, x.shape[-1])
     if static_cols is None:
@@ -110,7 +114,7 @@ def int8_linear(x: Tensor, w_codes: Tensor, w_scale: Tensor, bias: Tensor | None
         excluded[static_cols.long()] = True
         a_codes, a_scale, _, _ = int8_vectorwise_quant(x2, 0.0, 0, excluded)
         cols, count = static_cols, torch.tensor([static_cols.numel()], dtype=torch.int32, device=x.device)
-    y = int8_mm(a_codes, a_scale, w_codes, w_scale, bias, x2, cols, count, w_outliers)
+    y = int8_mm(a_codes, a_scale, w_codes, w_scale, bias, x2, cols, count, w16, w16_slot)
     return y.reshape(*x.shape[:-1], w_codes.shape[0])
 
 
