@@ -1,10 +1,11 @@
 """Shared benchmark machinery for the bench/bench_<family>.py modules, their pytest tests and bench/run.py.
 
-A family module lists its `Case`s in `CASES`. For one case, mode and provider, `measure` builds the inputs,
-runs the provider once (that call compiles it and is the one compared with the fp32 reference), then
-times it: `triton.testing.do_bench` medians on CUDA, a few `time.perf_counter` calls on CPU, where the
-numbers only show that the code runs. The module also knows the device's datasheet peaks, writes the
-results JSON and draws one PNG per family.
+A family module lists its `Case`s in `CASES`; a case may add anchors (`Case.extra_providers`: other
+libraries' versions of the op), which raise `NotApplicable` for shapes they cannot run. For one case, mode
+and provider, `measure` builds the inputs, runs the provider once (that call compiles it and is the one
+compared with the fp32 reference), then times it: `triton.testing.do_bench` medians on CUDA, a few
+`time.perf_counter` calls on CPU, where the numbers only show that the code runs. The module also knows
+the device's datasheet peaks, writes the results JSON and draws one PNG per family.
 
 Minimum-traffic convention (the bytes of a row, for cases that count bytes):
     fwd: every tensor input read once + every output written once.
@@ -19,6 +20,7 @@ import dataclasses
 import datetime
 import functools
 import importlib.metadata
+import itertools
 import json
 import os
 import platform
@@ -37,20 +39,21 @@ BENCH_DIR = Path(__file__).resolve().parent
 REPO_ROOT = BENCH_DIR.parent
 RESULTS_DIR = BENCH_DIR / "results"
 
-PROVIDERS = ("torchext", "eager", "torch.compile")
+PROVIDERS = ("torchext", "eager", "torch.compile")  # every case has these; Case.extra_providers adds anchors
 # "step": the callable is itself the whole unit of work (e.g. forward, backward and optimizer step).
 MODES = ("fwd", "fwd+bwd", "step")
 CPU_TIMED_CALLS = 3
 
-# (substrings of torch.cuda.get_device_name, HBM bytes/s, dense bf16 FLOP/s), from the vendors' datasheets.
-# Order matters: the first entry whose substrings all occur in the name wins.
+# (substrings of torch.cuda.get_device_name, HBM bytes/s, dense bf16 FLOP/s, dense int8 OP/s), from the vendors'
+# datasheets. Order matters: the first entry whose substrings all occur in the name wins.
 DATASHEET = (
-    (("H100", "HBM3"), 3.35e12, 989e12),  # H100 SXM5 80GB
-    (("H100", "PCIE"), 2.0e12, 756e12),
-    (("H200",), 4.8e12, 989e12),
-    (("A100", "80GB"), 2.0e12, 312e12),
-    (("A100", "40GB"), 1.555e12, 312e12),
+    (("H100", "HBM3"), 3.35e12, 989e12, 1979e12),  # H100 SXM5 80GB
+    (("H100", "PCIE"), 2.0e12, 756e12, 1513e12),
+    (("H200",), 4.8e12, 989e12, 1979e12),
+    (("A100", "80GB"), 2.0e12, 312e12, 624e12),
+    (("A100", "40GB"), 1.555e12, 312e12, 624e12),
 )
+PEAKS = ("bf16", "int8")  # the dense compute peaks a case's FLOPs can count against (Case.peak)
 
 
 def enable_interpreter_without_cuda() -> None:
@@ -60,6 +63,10 @@ def enable_interpreter_without_cuda() -> None:
     """
     if not torch.cuda.is_available():
         os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+class NotApplicable(Exception):
+    """Raised by a provider for inputs it cannot run (e.g. torch._int_mm with M <= 16): a gap, not a failure."""
 
 
 def bench_device() -> torch.device:
@@ -76,7 +83,8 @@ class Case:
 
     The provider callables take the tuple `make_inputs(device, dtype)` returns, unpacked, and return the
     op's output(s); an in-place op returns the tensors it updated. Floating tensors that should get
-    gradients in "fwd+bwd" mode are created with requires_grad=True.
+    gradients in "fwd+bwd" mode are created with requires_grad=True. `extra_providers` are the case's
+    anchors (other libraries' versions of the op), called the same way; one may raise NotApplicable.
     """
 
     family: str
@@ -94,16 +102,28 @@ class Case:
     gpu: bool = False  # a GPU-sized case: runs only with CUDA
     rep_ms: int = 100  # do_bench's time budget; a slow case needs more to get several samples
     summary: Callable[[dict[str, float]], str] | None = None  # {provider: ms} -> a line printed under the table
+    extra_providers: dict[str, Callable[..., Any]] = dataclasses.field(default_factory=dict)  # name -> anchor
+    peak: str = "bf16"  # the datasheet peak (PEAKS) that `flops` count against for % of peak
 
     def __post_init__(self):
         if unknown := set(self.modes) - set(MODES):
             raise ValueError(f"{self.op}: unknown modes {unknown}; use {MODES}")
+        if clash := set(self.extra_providers) & {*PROVIDERS, "reference"}:
+            raise ValueError(f"{self.op}: extra providers {clash} shadow the standard ones")
+        if self.peak not in PEAKS:
+            raise ValueError(f"{self.op}: unknown peak {self.peak!r}; use {PEAKS}")
 
     @property
     def id(self) -> str:
         return f"{self.op}-{self.shape}-{dtype_name(self.dtype)}"
 
+    @property
+    def providers(self) -> tuple[str, ...]:
+        return PROVIDERS + tuple(self.extra_providers)
+
     def provider_fn(self, provider: str) -> Callable[..., Any]:
+        if provider in self.extra_providers:
+            return self.extra_providers[provider]
         if provider == "torchext":
             return self.torchext
         if provider == "eager":
@@ -112,12 +132,12 @@ class Case:
             # Dynamo caches per code object and gives up after a few recompiles; every case starts clean.
             torch._dynamo.reset()
             return self.compiled or torch.compile(self.eager, dynamic=False)
-        raise ValueError(f"unknown provider {provider!r}; use {PROVIDERS}")
+        raise ValueError(f"unknown provider {provider!r}; use {self.providers}")
 
 
 @dataclasses.dataclass
 class Row:
-    """The measurement of one case x mode x provider (or why it failed)."""
+    """The measurement of one case x mode x provider (or why it failed, or why the provider does not apply)."""
 
     family: str
     op: str
@@ -130,14 +150,18 @@ class Row:
     bytes: int | None = None  # minimum traffic of the whole mode (fwd + bwd in fwd+bwd)
     bytes_bwd: int | None = None  # the backward's share of it
     flops: float | None = None
+    peak: str = "bf16"  # Case.peak: what the FLOPs' % of peak is against
     error: str | None = None
+    not_applicable: str | None = None  # the provider's NotApplicable reason
 
     @classmethod
     def of(cls, case: Case, provider: str, mode: str, **fields) -> "Row":
-        return cls(case.family, case.op, case.shape, dtype_name(case.dtype), mode, provider, **fields)
+        return cls(case.family, case.op, case.shape, dtype_name(case.dtype), mode, provider, peak=case.peak,
+                   **fields)
 
     def throughput(self, info: "DeviceInfo") -> tuple[str, float, float | None] | None:
-        """(unit, rate, % of peak) on CUDA: GB/s against HBM when the row counts bytes, else TFLOP/s against bf16."""
+        """(unit, rate, % of peak) on CUDA: GB/s against HBM when the row counts bytes, else TFLOP/s against the
+        case's dense peak (bf16 or int8; int8 OPs count as FLOPs)."""
         if self.ms is None or info.slug == "cpu":
             return None
         seconds = self.ms * 1e-3
@@ -145,13 +169,18 @@ class Row:
             peak = info.hbm_peak or info.copy_bandwidth
             return "GB/s", self.bytes / seconds / 1e9, 100 * self.bytes / seconds / peak if peak else None
         if self.flops:
-            peak = info.bf16_peak
+            peak = info.flop_peak(self.peak)
             return "TFLOP/s", self.flops / seconds / 1e12, 100 * self.flops / seconds / peak if peak else None
         return None
 
     def to_dict(self, info: "DeviceInfo") -> dict:
         unit, rate, pct = self.throughput(info) or (None, None, None)
         return {**dataclasses.asdict(self), "throughput_unit": unit, "throughput": rate, "pct_of_peak": pct}
+
+
+def anchors(rows: list[Row]) -> list[str]:
+    """The extra providers (Case.extra_providers) that occur in rows, in order of appearance."""
+    return list(dict.fromkeys(row.provider for row in rows if row.provider not in (*PROVIDERS, "reference")))
 
 
 # ---- running one case -----------------------------------------------------------------------------------------------
@@ -286,14 +315,15 @@ def describe(error: BaseException) -> str:
 
 
 def pytest_params(cases: list[Case]) -> list:
-    """pytest.param(case, provider, mode) for every combination; GPU-sized cases are marked `gpu`."""
+    """pytest.param(case, provider, mode) for every combination (extra providers included); GPU-sized cases are
+    marked `gpu`."""
     import pytest
 
     cuda = torch.cuda.is_available()
     params = []
     for case in cases:
         for mode in case.modes:
-            for provider in PROVIDERS:
+            for provider in case.providers:
                 marks = []
                 if case.gpu:
                     marks += [pytest.mark.gpu, pytest.mark.skipif(not cuda, reason="GPU-sized case: needs CUDA")]
@@ -315,8 +345,11 @@ def _synchronised(work: Callable[[], Any], device: torch.device) -> Callable[[],
 def run_benchmark(benchmark, case: Case, provider: str, mode: str) -> None:
     """The body of a family's pytest-benchmark test: benchmark.pedantic timing plus the row in extra_info.
 
-    Under --benchmark-disable pedantic makes one call, so the test is a smoke test of the case.
+    Under --benchmark-disable pedantic makes one call, so the test is a smoke test of the case. A provider
+    that raises NotApplicable skips the test.
     """
+    import pytest
+
     device = bench_device()
 
     def timer(work, case):
@@ -324,7 +357,10 @@ def run_benchmark(benchmark, case: Case, provider: str, mode: str) -> None:
         benchmark.pedantic(_synchronised(work, device), rounds=rounds, warmup_rounds=1, iterations=1)
         return 1e3 * benchmark.stats.stats.median if benchmark.stats else None
 
-    row = measure(case, provider, mode, device, reference_outputs(case, mode, device), timer)
+    try:
+        row = measure(case, provider, mode, device, reference_outputs(case, mode, device), timer)
+    except NotApplicable as e:
+        pytest.skip(f"{provider} n/a: {e}")
     benchmark.extra_info.update(row.to_dict(device_info(device)))
 
 
@@ -338,14 +374,20 @@ class DeviceInfo:
     hbm_peak: float | None = None  # bytes/s, datasheet
     copy_bandwidth: float | None = None  # bytes/s read + written by a measured 1 GiB device-to-device copy
     bf16_peak: float | None = None  # dense FLOP/s, datasheet
+    int8_peak: float | None = None  # dense OP/s, datasheet
+
+    def flop_peak(self, peak: str) -> float | None:
+        """The dense compute peak a Case.peak names."""
+        return {"bf16": self.bf16_peak, "int8": self.int8_peak}[peak]
 
 
-def _datasheet(name: str) -> tuple[float | None, float | None]:
+def _datasheet(name: str) -> tuple[float | None, float | None, float | None]:
+    """(HBM bytes/s, bf16 FLOP/s, int8 OP/s) of the device, or Nones for one the table does not know."""
     upper = name.upper()
-    for parts, hbm, bf16 in DATASHEET:
+    for parts, *peaks in DATASHEET:
         if all(part in upper for part in parts):
-            return hbm, bf16
-    return None, None
+            return tuple(peaks)
+    return None, None, None
 
 
 def _copy_bandwidth(device: torch.device) -> float:
@@ -360,9 +402,9 @@ def device_info(device: torch.device) -> DeviceInfo:
     if device.type != "cuda":
         return DeviceInfo(name=f"CPU ({platform.machine()}, {os.cpu_count()} cores)", slug="cpu")
     name = torch.cuda.get_device_name(device)
-    hbm, bf16 = _datasheet(name)
+    hbm, bf16, int8 = _datasheet(name)
     slug = re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
-    return DeviceInfo(name, slug, hbm, _copy_bandwidth(device), bf16)
+    return DeviceInfo(name, slug, hbm, _copy_bandwidth(device), bf16, int8)
 
 
 # ---- results files --------------------------------------------------------------------------------------------------
@@ -404,6 +446,8 @@ def write_json(path: Path, env: dict, rows: list[Row], summaries: list[str], inf
 
 
 PROVIDER_COLORS = {"torchext": "tab:green", "eager": "tab:gray", "torch.compile": "tab:blue"}
+ANCHOR_COLORS = ("tab:orange", "tab:purple", "tab:brown", "tab:olive", "tab:cyan")  # extra providers, in turn
+BAR_INCHES = 0.18  # figure height per bar slot of a group
 
 
 def _plot_value(row: Row, info: DeviceInfo) -> tuple[str, float] | None:
@@ -413,14 +457,29 @@ def _plot_value(row: Row, info: DeviceInfo) -> tuple[str, float] | None:
     return ("ms", row.ms) if row.ms is not None else None
 
 
-def _bar_panel(ax, unit: str, groups: dict[str, dict[str, float]], info: DeviceInfo) -> None:
+def _colors(rows: list[Row], drawn: set[str]) -> dict[str, str]:
+    """provider -> bar color for the drawn providers, the standard ones first; the anchors take ANCHOR_COLORS in
+    the order they occur in rows (drawn or not, so a color does not depend on which shapes an anchor could run)."""
+    colors = {**PROVIDER_COLORS, **dict(zip(anchors(rows), itertools.cycle(ANCHOR_COLORS)))}
+    return {provider: color for provider, color in colors.items() if provider in drawn}
+
+
+def _ceilings(rows: list[Row], info: DeviceInfo) -> dict[str, list[tuple[str, float | None]]]:
+    """unit -> the (label, peak) lines of its panel: HBM and copy for GB/s, bf16 and the cases' peaks for TFLOP/s."""
+    flop_peaks = [p for p in PEAKS if p == "bf16" or any(row.peak == p for row in rows)]
+    return {"GB/s": [("HBM peak", info.hbm_peak), ("1 GiB copy", info.copy_bandwidth)],
+            "TFLOP/s": [(f"{p} dense peak", info.flop_peak(p)) for p in flop_peaks]}
+
+
+def _bar_panel(ax, unit: str, groups: dict[str, dict[str, float]], colors: dict[str, str],
+               ceilings: list[tuple[str, float | None]]) -> None:
     """Horizontal bars: one group per (op, shape, dtype, mode), one bar per provider, the values written on."""
-    height = 0.8 / len(PROVIDERS)
-    for i, provider in enumerate(PROVIDERS):
-        offset = (i - (len(PROVIDERS) - 1) / 2) * height
+    height = 0.8 / len(colors)
+    for i, (provider, color) in enumerate(colors.items()):
+        offset = (i - (len(colors) - 1) / 2) * height
         ys = [g + offset for g, values in enumerate(groups.values()) if provider in values]
         xs = [values[provider] for values in groups.values() if provider in values]
-        bars = ax.barh(ys, xs, height, label=provider, color=PROVIDER_COLORS[provider])
+        bars = ax.barh(ys, xs, height, label=provider, color=color)
         ax.bar_label(bars, fmt=lambda v: f"{v:.4g}", fontsize=7, padding=2)
     ax.set_yticks(range(len(groups)), list(groups), fontsize=8)
     ax.invert_yaxis()
@@ -429,8 +488,6 @@ def _bar_panel(ax, unit: str, groups: dict[str, dict[str, float]], info: DeviceI
         ax.set_xlabel("median time per call (ms, lower is better)")
     else:
         ax.set_xlabel(f"achieved {unit} (higher is better)")
-    ceilings = {"GB/s": [("HBM peak", info.hbm_peak), ("1 GiB copy", info.copy_bandwidth)],
-                "TFLOP/s": [("bf16 dense peak", info.bf16_peak)]}.get(unit, [])
     scale = 1e9 if unit == "GB/s" else 1e12
     for (label, value), style in zip(ceilings, ("--", ":")):
         if value:
@@ -440,7 +497,7 @@ def _bar_panel(ax, unit: str, groups: dict[str, dict[str, float]], info: DeviceI
 
 
 def plot_family(path: Path, family: str, rows: list[Row], info: DeviceInfo) -> Path | None:
-    """One PNG per family (a panel per unit); None when no row has a number to draw."""
+    """One PNG per family (a panel per unit, a bar per provider with a number); None when no row has one."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -453,11 +510,14 @@ def plot_family(path: Path, family: str, rows: list[Row], info: DeviceInfo) -> P
             panels.setdefault(value[0], {}).setdefault(label, {})[row.provider] = value[1]
     if not panels:
         return None
+    drawn = {provider for groups in panels.values() for values in groups.values() for provider in values}
+    colors = _colors(rows, drawn)
+    ceilings = _ceilings(rows, info)
     heights = [len(groups) + 1 for groups in panels.values()]
-    fig, axes = plt.subplots(len(panels), 1, squeeze=False, figsize=(11, 1.5 + 0.55 * sum(heights)),
-                             height_ratios=heights)
+    fig, axes = plt.subplots(len(panels), 1, squeeze=False, height_ratios=heights,
+                             figsize=(11, 1.5 + BAR_INCHES * max(len(colors), 3) * sum(heights)))
     for ax, (unit, groups) in zip(axes[:, 0], panels.items()):
-        _bar_panel(ax, unit, groups, info)
+        _bar_panel(ax, unit, groups, colors, ceilings.get(unit, []))
     note = " (CPU smoke run: not performance numbers)" if info.slug == "cpu" else ""
     fig.suptitle(f"torchext {family} on {info.name}{note}", fontsize=10)
     fig.tight_layout()

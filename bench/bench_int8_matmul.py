@@ -1,5 +1,6 @@
 """LLM.int8() benchmarks: torchext.ops.int8_linear (weight quantized to int8 in advance, activations per call,
-outlier columns in 16-bit) against the bf16 linear layer it replaces (cuBLAS) and torch.compile of it.
+outlier columns in 16-bit) against the bf16 linear layer it replaces (cuBLAS), torch.compile of it and, in
+the forward, two int8 anchors: torch._int_mm with the scaling in PyTorch, and bitsandbytes where it imports.
 
     .venv/bin/python bench/run.py --family int8_matmul                          # the table, JSON and PNG
     .venv/bin/python -m pytest bench/bench_int8_matmul.py -m gpu                 # pytest-benchmark, GPU sizes
@@ -9,25 +10,37 @@ y = x W^T without bias at Llama-3-8B's linear shapes (K x N: 4096x4096 attention
 14336x4096 MLP down) for M in {1, 16, 64, 256, 2048, 8192} tokens of bf16 activations; shapes read MxKxN.
 int8_linear_t0 runs at threshold 0 (pure int8) on Gaussian x; int8_linear_t6 at threshold 6 on x with one
 planted outlier column per 512 input features (0.2%), each of one sign and magnitude 20-60. A GEMM counts
-2 M N K FLOPs (4 M N K with the input gradient); the rate column is against the dense bf16 peak, and the
-int8 peak is twice that on H100, H200 and A100. Both error columns are against the fp32
+2 M N K FLOPs (4 M N K with the input gradient); torchext's % of peak is against the dense int8 peak
+(twice the bf16 one on H100, H200 and A100). Both error columns are against the fp32
 torchext.reference.int8_matmul.int8_linear: "err torchext" is the kernel's distance from exact int8
 arithmetic (plus the bf16 rounding of y), "err eager" is where the bf16 layer lands, about the quantization
 error of LLM.int8() itself. The summary lines give each shape's weight memory and the ratios of the targets.
+
+Anchors (forward only; "vs best anchor" is torchext's speed-up over the faster one):
+- torch._int_mm: what torchao's int8 dynamic-activation path runs unfused: x quantized per row in PyTorch,
+  torch._int_mm (cuBLASLt, int32 out), the fp32 scales, the cast to bf16. Pure int8 whatever the case's
+  threshold; n/a where cuBLASLt refuses the shape (M <= 16, K or N not a multiple of 8).
+- bitsandbytes: bitsandbytes.nn.Linear8bitLt at the case's threshold holding the same weight; absent from
+  the cases when bitsandbytes does not import.
 
 GPU targets (issue, H100): threshold 0 >= 1.6x bf16 at M >= 2048 and >= 1.3x at M <= 16; threshold 6 with
 0.1-1% outlier columns costs <= 10% over pure int8; weight memory (int8 codes + fp32 row scales) ~0.5x bf16.
 """
 
-from functools import partial
+from functools import cached_property, partial
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from bench._harness import Case, pytest_params, run_benchmark
+from bench._harness import Case, NotApplicable, pytest_params, run_benchmark
 from torchext import ops
 from torchext.reference import int8_matmul as ref
+
+try:
+    import bitsandbytes
+except ImportError:  # not installed: the bitsandbytes anchor is left out
+    bitsandbytes = None
 
 Int8Case = partial(Case, "int8_matmul")
 BF16 = torch.bfloat16
@@ -38,31 +51,73 @@ THRESHOLDS = (0.0, 6.0)
 FEATURES_PER_OUTLIER = 512  # one planted outlier column per 512 input features, at least one
 
 
-def _linear_inputs(m, k, n, outliers, device, dtype):
-    """x [m, k] (with planted outlier columns if asked), the weight [n, k] and its int8 codes and row scales."""
+class _Linear8bitLt:
+    """bitsandbytes.nn.Linear8bitLt holding a case's weight, built on its first call (the provider's first, untimed
+    one), so only the bitsandbytes provider pays for it."""
+
+    def __init__(self, weight, threshold):
+        self.weight, self.threshold = weight, threshold
+
+    @cached_property
+    def layer(self):
+        n, k = self.weight.shape
+        layer = bitsandbytes.nn.Linear8bitLt(k, n, bias=False, has_fp16_weights=False, threshold=self.threshold)
+        layer.load_state_dict({"weight": self.weight.cpu()})
+        return layer.to(self.weight.device).eval()  # the move to the GPU quantizes the weight
+
+    def __call__(self, x):
+        return self.layer(x)
+
+
+def _linear_inputs(m, k, n, threshold, device, dtype):
+    """x [m, k] (with planted outlier columns when threshold > 0), the weight [n, k], its int8 codes and row
+    scales, and the lazy bitsandbytes layer of the weight at that threshold."""
     x = torch.randn(m, k, device=device)
-    if outliers:
+    if threshold > 0:
         cols = torch.randperm(k, device=device)[:max(1, k // FEATURES_PER_OUTLIER)]
         sign = torch.randint(0, 2, (cols.numel(),), device=device) * 2 - 1
         x[:, cols] = sign * torch.empty(m, cols.numel(), device=device).uniform_(20, 60)
     weight = (torch.randn(n, k, device=device) * k**-0.5).to(dtype)
     w_codes, w_scale = ref.quantize_weight(weight)
-    return x.to(dtype).requires_grad_(), weight, w_codes, w_scale
+    return x.to(dtype).requires_grad_(), weight, w_codes, w_scale, _Linear8bitLt(weight, threshold)
 
 
-def _int8_linear_torchext(threshold, x, weight, w_codes, w_scale):
+def _int8_linear_torchext(threshold, x, weight, w_codes, w_scale, bnb_layer):
     return ops.int8_linear(x, w_codes, w_scale, threshold=threshold)
 
 
-def _linear_bf16(x, weight, w_codes, w_scale):
+def _linear_bf16(x, weight, w_codes, w_scale, bnb_layer):
     """The layer int8 replaces: F.linear on the bf16 weight (cuBLAS); a frozen weight, so only x gets a gradient."""
     return F.linear(x, weight)
 
 
-def _int8_linear_reference(threshold, x, weight, w_codes, w_scale):
+def _int8_linear_reference(threshold, x, weight, w_codes, w_scale, bnb_layer):
     """ref.int8_linear's output with the op's gradient, grad_x = grad_y W_dequantized (straight through)."""
     dense = x @ ref.int8_dequantize(w_codes, w_scale).T
     return ref.int8_linear(x.detach(), w_codes, w_scale, None, threshold) + (dense - dense.detach())
+
+
+# ---- anchors ----------------------------------------------------------------------------------------------------
+
+
+def _int_mm_linear(x, weight, w_codes, w_scale, bnb_layer):
+    """Per-row absmax int8 codes of x, torch._int_mm against the weight codes as the column-major [K, N] view
+    cuBLASLt wants (w_codes.t(), no copy), then both fp32 scales and the cast to x.dtype."""
+    (m, k), n = x.shape, w_codes.shape[0]
+    if m <= 16 or k % 8 or n % 8:
+        raise NotApplicable("cuBLASLt needs M > 16 and K, N multiples of 8")
+    x_absmax = x.abs().amax(dim=1, keepdim=True).float().clamp(min=1e-12)  # a zero row gets codes 0, not NaN
+    x_codes = (x.float() * (127 / x_absmax)).round().to(torch.int8)
+    acc = torch._int_mm(x_codes, w_codes.t())
+    return (acc.float() * (x_absmax / 127) * (w_scale / 127)).to(x.dtype)
+
+
+def _bitsandbytes_linear(x, weight, w_codes, w_scale, bnb_layer):
+    return bnb_layer(x)
+
+
+# The forward cases' anchors (torch._int_mm has no gradient, so the fwd+bwd case has none).
+ANCHORS = {"torch._int_mm": _int_mm_linear, **({"bitsandbytes": _bitsandbytes_linear} if bitsandbytes else {})}
 
 
 # ---- summary lines ----------------------------------------------------------------------------------------------
@@ -103,12 +158,14 @@ def _summaries(m, k, n):
 
 def _int8_linear(m, k, n, threshold, gpu, mode="fwd", summary=None):
     """One mode per case, since a summary hook sees the times of one mode. Threshold > 0 plants outliers in x;
-    in "fwd+bwd" x gets the input gradient (int8_backward=True, the default) and the weight stays frozen."""
+    in "fwd+bwd" x gets the input gradient (int8_backward=True, the default) and the weight stays frozen. The
+    "fwd" cases also run the ANCHORS; the FLOPs count against the int8 peak."""
     gemms = 2 if mode == "fwd+bwd" else 1
-    make_inputs = partial(_linear_inputs, m, k, n, threshold > 0)
+    make_inputs = partial(_linear_inputs, m, k, n, threshold)
     return Int8Case(f"int8_linear_t{threshold:g}", f"{m}x{k}x{n}", BF16, make_inputs,
                     partial(_int8_linear_torchext, threshold), _linear_bf16, partial(_int8_linear_reference, threshold),
-                    modes=(mode,), count_bytes=False, flops={mode: gemms * 2 * m * n * k}, gpu=gpu, summary=summary)
+                    modes=(mode,), count_bytes=False, flops={mode: gemms * 2 * m * n * k}, gpu=gpu, summary=summary,
+                    extra_providers=ANCHORS if mode == "fwd" else {}, peak="int8")
 
 
 def _int8_linear_pair(m, k, n, gpu):
@@ -118,8 +175,9 @@ def _int8_linear_pair(m, k, n, gpu):
 
 
 CASES = [
-    # CPU smoke sizes: a handful of Triton-interpreter programs per launch.
+    # CPU smoke sizes: a handful of Triton-interpreter programs per launch; torch._int_mm is n/a at M = 4.
     *_int8_linear_pair(4, 64, 32, gpu=False),
+    _int8_linear(32, 64, 32, 0.0, gpu=False),
     _int8_linear(4, 64, 32, 0.0, gpu=False, mode="fwd+bwd"),
     # GPU sizes.
     *(case for k, n in LLAMA3_8B_LINEARS for m in M_SIZES for case in _int8_linear_pair(m, k, n, gpu=True)),

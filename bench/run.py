@@ -1,12 +1,15 @@
-"""The benchmark showcase: every case of every bench/bench_<family>.py, for each mode and provider, in one table.
+"""The benchmark showcase: every case of every bench/bench_<family>.py, for each mode and provider, a table per family.
 
     .venv/bin/python bench/run.py [--quick] [--family ngpt]
 
 Columns: max error against the fp32 reference, median time of torchext / eager PyTorch / torch.compile of
-it, torchext's speed-up over the better of the other two and, on a GPU, torchext's achieved GB/s (or
-TFLOP/s) and its share of the datasheet peak. Then it writes bench/results/<device>/<date>-<sha>.json
-and a PNG per family. A failing case or provider is recorded in its cell and the run goes on.
-Without CUDA the same table runs at smoke sizes on the CPU; those times are not performance numbers.
+it / each anchor the family's cases name (Case.extra_providers), torchext's speed-up over the better of
+eager and torch.compile and, with anchors, over the best anchor, and on a GPU torchext's achieved GB/s (or
+TFLOP/s) and its share of the datasheet peak (HBM, or the case's bf16 or int8 compute peak). Then it
+writes bench/results/<device>/<date>-<sha>.json and a PNG per family. A failing case or provider is
+recorded in its cell (FAIL[n], the error in footnote n) and the run goes on; an anchor that cannot run a
+shape shows n/a[n], its reason in footnote n. Without CUDA the same tables run at smoke sizes on the
+CPU; those times are not performance numbers.
 """
 
 import argparse
@@ -18,9 +21,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script: `bench` and `examples` import
 
-from bench._harness import (BENCH_DIR, PROVIDERS, Case, DeviceInfo, Row, bench_device, describe,  # noqa: E402
-                            device_info, enable_interpreter_without_cuda, environment, measure, plot_family,
-                            reference_outputs, results_stem, write_json)  # the harness itself imports torch only
+from bench._harness import (BENCH_DIR, PROVIDERS, Case, DeviceInfo, NotApplicable, Row, anchors,  # noqa: E402
+                            bench_device, describe, device_info, enable_interpreter_without_cuda, environment,
+                            measure, plot_family, reference_outputs, results_stem, write_json)  # imports torch only
 
 enable_interpreter_without_cuda()  # before discover() imports the families, which import triton and torchext
 
@@ -43,7 +46,8 @@ def discover(only: str | None) -> tuple[dict[str, list[Case]], list[str]]:
 
 
 def run_case(case: Case, device, providers: tuple[str, ...]) -> list[Row]:
-    """Every mode x provider of one case; a failure becomes a row with its error ("reference" if the check failed)."""
+    """Every mode x provider (the given ones, then the case's anchors) of one case. A failure becomes a row with
+    its error ("reference" if the check failed), a NotApplicable one with its reason."""
     rows = []
     for mode in case.modes:
         try:
@@ -51,31 +55,54 @@ def run_case(case: Case, device, providers: tuple[str, ...]) -> list[Row]:
         except Exception as e:
             expected = None
             rows.append(Row.of(case, "reference", mode, error=describe(e)))
-        for provider in providers:
+        for provider in (*providers, *case.extra_providers):
             print(f"  {case.family} {case.id} {mode} {provider}", file=sys.stderr, flush=True)
             try:
                 rows.append(measure(case, provider, mode, device, expected))
+            except NotApplicable as e:
+                rows.append(Row.of(case, provider, mode, not_applicable=str(e)))
             except Exception as e:
                 rows.append(Row.of(case, provider, mode, error=describe(e)))
     return rows
 
 
+def run_family(cases: list[Case], device, providers: tuple[str, ...]) -> tuple[list[Row], list[str]]:
+    """The rows of a family's cases that fit the device (GPU-sized ones only with CUDA), and their summary lines."""
+    rows, summaries = [], []
+    for case in (c for c in cases if c.gpu == (device.type == "cuda")):
+        case_rows = run_case(case, device, providers)
+        rows += case_rows
+        if case.summary:
+            summaries.append(case.summary({r.provider: r.ms for r in case_rows if r.ms is not None}))
+    return rows, summaries
+
+
 class Footnotes:
-    """Failure texts, numbered, so a failed cell stays narrow: FAIL[n]."""
+    """Numbered notes, so a cell stays narrow: FAIL[n] for a failure, n/a[n] for a provider that does not apply.
+    An n/a reason recurs across shapes, so equal texts share their number."""
 
     def __init__(self):
         self.texts: list[str] = []
 
+    def _number(self, text: str) -> int:
+        if text not in self.texts:
+            self.texts.append(text)
+        return self.texts.index(text) + 1
+
     def cell(self, row: Row) -> str:
-        self.texts.append(f"[{len(self.texts) + 1}] {row.family} {row.op} {row.shape} {row.mode} {row.provider}: "
-                          f"{row.error.splitlines()[0][:300]}")
-        return f"FAIL[{len(self.texts)}]"
+        if row.not_applicable:
+            return f"n/a[{self._number(f'{row.provider} n/a: {row.not_applicable}')}]"
+        where = f"{row.family} {row.op} {row.shape} {row.mode} {row.provider}"
+        return f"FAIL[{self._number(f'{where}: {row.error.splitlines()[0][:300]}')}]"
+
+    def lines(self) -> list[str]:
+        return [f"[{i}] {text}" for i, text in enumerate(self.texts, 1)]
 
 
 def _time_cell(row: Row | None, notes: Footnotes) -> str:
     if row is None:
         return "-"
-    return notes.cell(row) if row.error else f"{row.ms:.4g}"
+    return notes.cell(row) if row.error or row.not_applicable else f"{row.ms:.4g}"
 
 
 def _error_cell(row: Row | None, reference_cell: str | None) -> str:
@@ -84,9 +111,10 @@ def _error_cell(row: Row | None, reference_cell: str | None) -> str:
     return "-" if row is None or row.max_error is None else f"{row.max_error:.1e}"
 
 
-def _speedup_cell(by_provider: dict[str, Row]) -> str:
+def _speedup_cell(by_provider: dict[str, Row], baselines: list[str]) -> str:
+    """torchext's speed-up over the fastest of `baselines` that ran."""
     ours = by_provider.get("torchext")
-    others = [r.ms for name, r in by_provider.items() if name in ("eager", "torch.compile") and r.ms]
+    others = [by_provider[name].ms for name in baselines if name in by_provider and by_provider[name].ms]
     if ours is None or not ours.ms or not others:
         return "-"
     return f"{min(others) / ours.ms:.3g}x"
@@ -101,19 +129,25 @@ def _rate_cells(row: Row | None, info: DeviceInfo) -> list[str]:
 
 
 def table(rows: list[Row], info: DeviceInfo, notes: Footnotes) -> str:
-    """One line per family x op x shape x dtype x mode, the providers side by side."""
+    """One line per family x op x shape x dtype x mode, the providers side by side: the standard ones, then a
+    column for each anchor that occurs in `rows` (one family's, since families have different anchors)."""
     groups: dict[tuple, dict[str, Row]] = {}
     for row in rows:
         groups.setdefault((row.family, row.op, row.shape, row.dtype, row.mode), {})[row.provider] = row
+    extra = anchors(rows)
     gpu = info.slug != "cpu"
     header = ["family", "op", "shape", "dtype", "mode", "err torchext", "err eager", "torchext ms", "eager ms",
-              "compile ms", "speed-up"] + (["torchext rate", "% peak"] if gpu else [])
+              "compile ms", *(f"{name} ms" for name in extra), "speed-up", *(["vs best anchor"] if extra else []),
+              *(["torchext rate", "% peak"] if gpu else [])]
     lines = [header]
     for key, by_provider in groups.items():
         reference_cell = notes.cell(by_provider["reference"]) if "reference" in by_provider else None
         cells = [*key, _error_cell(by_provider.get("torchext"), reference_cell),
                  _error_cell(by_provider.get("eager"), reference_cell),
-                 *(_time_cell(by_provider.get(p), notes) for p in PROVIDERS), _speedup_cell(by_provider)]
+                 *(_time_cell(by_provider.get(p), notes) for p in (*PROVIDERS, *extra)),
+                 _speedup_cell(by_provider, ["eager", "torch.compile"])]
+        if extra:
+            cells.append(_speedup_cell(by_provider, extra))
         lines.append(cells + (_rate_cells(by_provider.get("torchext"), info) if gpu else []))
     widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
     text = ["  ".join(cell.ljust(w) for cell, w in zip(line, widths)).rstrip() for line in lines]
@@ -127,8 +161,10 @@ def device_header(info: DeviceInfo) -> str:
     copy = f"{info.copy_bandwidth / 1e12:.2f} TB/s"
     if info.hbm_peak:
         copy += f" ({100 * info.copy_bandwidth / info.hbm_peak:.0f}% of peak)"
-    flops = f"{info.bf16_peak / 1e12:.0f} TFLOP/s" if info.bf16_peak else "unknown"
-    return f"Device: {info.name}; HBM peak {peak}; measured 1 GiB copy {copy}; bf16 dense peak {flops}"
+    bf16 = f"{info.bf16_peak / 1e12:.0f} TFLOP/s" if info.bf16_peak else "unknown"
+    int8 = f"{info.int8_peak / 1e12:.0f} TOP/s" if info.int8_peak else "unknown"
+    return (f"Device: {info.name}; HBM peak {peak}; measured 1 GiB copy {copy}; bf16 dense peak {bf16}; "
+            f"int8 dense peak {int8}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -149,29 +185,23 @@ def main(argv: list[str] | None = None) -> int:
     print(device_header(info), flush=True)
     families, import_errors = discover(args.family)
     providers = tuple(p for p in PROVIDERS if not (args.quick and p == "torch.compile"))
-    on_gpu = device.type == "cuda"
 
-    rows_by_family: dict[str, list[Row]] = {}
-    summaries = []
-    for family, cases in families.items():
-        rows_by_family[family] = []
-        for case in (c for c in cases if c.gpu == on_gpu):
-            case_rows = run_case(case, device, providers)
-            rows_by_family[family] += case_rows
-            if case.summary:
-                summaries.append(case.summary({r.provider: r.ms for r in case_rows if r.ms is not None}))
-
-    rows = [row for family_rows in rows_by_family.values() for row in family_rows]
-    notes = Footnotes()
-    print()
-    print(table(rows, info, notes))
-    for line in [*summaries, *notes.texts, *import_errors]:
+    results = {family: run_family(cases, device, providers) for family, cases in families.items()}
+    for family_rows, family_summaries in results.values():
+        notes = Footnotes()  # numbered per table
+        print()
+        print(table(family_rows, info, notes))
+        for line in [*family_summaries, *notes.lines()]:
+            print(line)
+    for line in import_errors:
         print(line)
 
+    rows = [row for family_rows, _ in results.values() for row in family_rows]
+    summaries = [line for _, family_summaries in results.values() for line in family_summaries]
     env = environment(device)
     stem = results_stem(device, env)
     print(f"\nresults: {write_json(stem.with_suffix('.json'), env, rows, summaries, info)}")
-    for family, family_rows in rows_by_family.items():
+    for family, (family_rows, _) in results.items():
         if png := plot_family(stem.with_name(f"{stem.name}-{family}.png"), family, family_rows, info):
             print(f"plot:    {png}")
     return 1 if import_errors or any(row.error for row in rows) else 0
