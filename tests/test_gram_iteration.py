@@ -1,0 +1,161 @@
+"""Gram-iteration family: the bound is a bound (>= the exact norm, fp64 SVD / FFT + SVD / explicit operator
+matrices), it tightens with n_iter as the research note's tables say, gradients, registration, bad inputs."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from harness import check_opcheck, check_raises
+
+from torchext import ops
+from torchext.reference import gram_iteration as ref
+
+
+def exact_norm(w):
+    return torch.linalg.matrix_norm(w.to(torch.complex128 if w.is_complex() else torch.float64), ord=2)
+
+
+def special_matrices():
+    """The inputs the issue names: random, rank-1, repeated top singular value, orthogonal, huge, tiny, complex."""
+    g = torch.Generator().manual_seed(0)
+    randn = lambda *s, **k: torch.randn(*s, generator=g, dtype=torch.float64, **k)  # noqa: E731
+    repeated = torch.diag(torch.tensor([3.0, 3.0, 3.0, 1.0, 0.5], dtype=torch.float64))
+    return {
+        "random": randn(40, 30),
+        "wide": randn(12, 50),
+        "rank1": randn(30, 1) @ randn(1, 20),
+        "repeated_top": torch.linalg.qr(randn(5, 5))[0] @ repeated @ torch.linalg.qr(randn(5, 5))[0],
+        "orthogonal": torch.linalg.qr(randn(32, 32))[0],
+        "scaled_1e30": randn(20, 15) * 1e30,
+        "scaled_1e-30": randn(20, 15) * 1e-30,
+        "complex": torch.complex(randn(16, 10), randn(16, 10)),
+    }
+
+
+@pytest.mark.parametrize("name", list(special_matrices()))
+@pytest.mark.parametrize("n_iter", [1, 4, 6])
+def test_upper_and_lower_bounds_hold(name, n_iter):
+    w = special_matrices()[name]
+    upper, lower = ops.gram_spectral_norm(w, n_iter, return_lower=True)
+    exact = exact_norm(w)
+    assert upper >= exact * (1 - 1e-12), (upper, exact)
+    assert lower <= exact * (1 + 1e-12), (lower, exact)
+
+
+def test_zero_matrix_gives_zero_not_nan():
+    w = torch.zeros(3, 6, 4, requires_grad=True)
+    upper, lower = ops.gram_spectral_norm(w, return_lower=True)
+    upper.sum().backward()
+    assert torch.equal(upper, torch.zeros(3)) and torch.equal(lower, torch.zeros(3)) and w.grad.isfinite().all()
+
+
+def test_error_falls_with_iterations_as_in_the_note():
+    """Gaussian 500x400: the note measured 5.3e-2, 1.5e-2, 2.9e-3, 2.8e-4, 5.6e-6 at T = 4..8."""
+    w = torch.randn(500, 400, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    exact = exact_norm(w)
+    errors = [(ops.gram_spectral_norm(w, t) / exact - 1).item() for t in range(4, 9)]
+    assert all(a > b > 0 for a, b in zip(errors, errors[1:])), errors
+    assert 1e-2 < errors[0] < 1e-1 and errors[2] < 1e-2 and errors[4] < 1e-4, errors
+
+
+def test_fp32_agrees_with_fp64():
+    w = torch.randn(8, 48, 40, dtype=torch.float64)
+    b64 = ops.gram_spectral_norm(w)
+    b32 = ops.gram_spectral_norm(w.float())
+    assert b32.dtype == torch.float32
+    torch.testing.assert_close(b32.double(), b64, rtol=2e-6, atol=0)
+
+
+@pytest.mark.parametrize("shape", [(3, 7, 5), (2, 4, 9), (1, 1, 1)], ids=str)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.complex128])
+def test_gradient_matches_autograd_of_the_reference(shape, dtype):
+    w = torch.randn(*shape, dtype=dtype, requires_grad=True)
+    grad = torch.randn(shape[:-2], dtype=torch.float64)
+    got, = torch.autograd.grad(ops.gram_spectral_norm(w, 5), w, grad)
+    expected, = torch.autograd.grad(ref.gram_spectral_norm(w, 5), w, grad)
+    torch.testing.assert_close(got, expected)
+
+
+def test_gradcheck_opcheck_compile():
+    w = torch.randn(2, 5, 4, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda w: ops.gram_spectral_norm(w, 4), (w,))
+    check_opcheck(torch.ops.torchext.gram_spectral_norm.default, (w, 4))
+    check_opcheck(torch.ops.torchext.gram_spectral_norm_backward.default, (torch.randn(2, dtype=torch.float64),
+                                                                          w.detach(), 4))
+    compiled = torch.compile(lambda w: ops.gram_spectral_norm(w, 4), fullgraph=True)
+    torch.testing.assert_close(compiled(w), ops.gram_spectral_norm(w, 4))
+
+
+# ---- convolutions ---------------------------------------------------------------------------------------------
+
+
+def conv_operator(weight, n, padding, stride=1, groups=1):
+    """The explicit matrix of a small Conv1d/Conv2d (zero or circular padding), column by column."""
+    d, c_in = weight.dim() - 2, weight.shape[1] * groups
+    conv = F.conv1d if d == 1 else F.conv2d
+    columns = []
+    for e in torch.eye(c_in * n ** d, dtype=weight.dtype):
+        x = e.reshape(1, c_in, *(n,) * d)
+        if padding == "circular":
+            x, pad = F.pad(x, (weight.shape[-1] // 2,) * (2 * d), mode="circular"), 0
+        else:
+            pad = weight.shape[-1] // 2
+        columns.append(conv(x, weight, padding=pad, stride=stride, groups=groups).flatten())
+    return torch.stack(columns, 1)
+
+
+CONV_CASES = [  # (weight shape, n, stride, groups)
+    ((6, 4, 3, 3), 5, 1, 1), ((4, 6, 3, 3), 6, 2, 1), ((6, 2, 3, 3), 4, 1, 3), ((5, 3, 3), 7, 1, 1),
+    ((4, 4, 5), 6, 2, 1),
+]
+
+
+@pytest.mark.parametrize("case", CONV_CASES, ids=str)
+@pytest.mark.parametrize("padding", ["circular", "zeros"])
+def test_conv_bound_holds_against_the_explicit_operator(case, padding):
+    shape, n, stride, groups = case
+    weight = torch.randn(*shape, dtype=torch.float64)
+    exact = torch.linalg.matrix_norm(conv_operator(weight, n, padding, stride, groups), ord=2)
+    bound = ops.conv_spectral_norm(weight, n, padding, stride, groups, n_iter=12)
+    assert bound >= exact * (1 - 1e-10), (bound, exact)
+    if padding == "circular":  # the frequency blocks are the operator itself: the bound is tight
+        torch.testing.assert_close(bound, exact, rtol=1e-8, atol=0)
+
+
+def test_circular_norm_at_n_is_not_a_zero_padding_bound():
+    """The note's counterexample: kernel [1, -1] at n = 3. Taking the FFT at n + k - 1 fixes it."""
+    weight = torch.tensor([[[1.0, -1.0]]], dtype=torch.float64)
+    zero_padded = torch.linalg.matrix_norm(conv_operator(weight, 3, "zeros"), ord=2)
+    circular = ops.conv_spectral_norm(weight, 3, "circular", n_iter=12)
+    assert circular < zero_padded
+    assert ops.conv_spectral_norm(weight, 3, "zeros", n_iter=12) >= zero_padded
+
+
+def test_conv_gradient_flows_through_the_winning_block_only():
+    weight = torch.randn(8, 4, 3, 3, dtype=torch.float64, requires_grad=True)
+    got, = torch.autograd.grad(ops.conv_spectral_norm(weight, 6, n_iter=6), weight)
+    expected, = torch.autograd.grad(ref.conv_spectral_norm(weight, (6, 6), n_iter=6), weight)
+    torch.testing.assert_close(got, expected)
+
+
+def test_conv_compiles_fullgraph():
+    weight = torch.randn(8, 4, 3, 3)
+    compiled = torch.compile(lambda w: ops.conv_spectral_norm(w, 8), fullgraph=True)
+    torch.testing.assert_close(compiled(weight), ops.conv_spectral_norm(weight, 8))
+
+
+def bad_input_cases():
+    return [
+        (lambda: ops.gram_spectral_norm(torch.ones(4)), ValueError, "w must have at least 2 dim(s)"),
+        (lambda: ops.gram_spectral_norm(torch.ones(4, 4, dtype=torch.int32)), TypeError, "w must have dtype in"),
+        (lambda: ops.gram_spectral_norm(torch.ones(4, 4), n_iter=0), ValueError, "n_iter must be in [1, 30]"),
+        (lambda: ops.conv_spectral_norm(torch.ones(2, 2, 3, 3), 8, padding="reflect"), ValueError,
+         "padding must be 'circular' or 'zeros'"),
+        (lambda: ops.conv_spectral_norm(torch.ones(2, 2, 5, 5), 3), ValueError, "is larger than the FFT size"),
+        (lambda: ops.conv_spectral_norm(torch.ones(2, 2, 3, 3), 7, stride=2), ValueError,
+         "stride 2 must divide the input size"),
+    ]
+
+
+@pytest.mark.parametrize("case", range(len(bad_input_cases())))
+def test_bad_inputs_raise_clear_errors(case):
+    check_raises(*bad_input_cases()[case])
