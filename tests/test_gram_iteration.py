@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from harness import check_opcheck, check_raises
 
 from torchext import ops
+from torchext.nn import gram_spectral_norm, lipschitz_bound, lipschitz_penalty, record_input_sizes
 from torchext.reference import gram_iteration as ref
 
 
@@ -159,3 +160,58 @@ def bad_input_cases():
 @pytest.mark.parametrize("case", range(len(bad_input_cases())))
 def test_bad_inputs_raise_clear_errors(case):
     check_raises(*bad_input_cases()[case])
+
+
+# ---- modules --------------------------------------------------------------------------------------------------
+
+
+def lipschitz_net(target=1.0):
+    return torch.nn.Sequential(
+        gram_spectral_norm(torch.nn.Conv2d(1, 8, 3, padding=1), target=target), torch.nn.ReLU(),
+        gram_spectral_norm(torch.nn.Conv2d(8, 8, 3, padding=1, stride=2), target=target), torch.nn.ReLU(),
+        torch.nn.Flatten(), gram_spectral_norm(torch.nn.Linear(8 * 4 * 4, 10), target=target))
+
+
+@pytest.mark.parametrize("target", [1.0, 0.5])
+def test_parametrized_network_is_certifiably_lipschitz(target):
+    net = lipschitz_net(target)
+    x = torch.randn(256, 1, 8, 8)
+    net(x)
+    total, table = lipschitz_bound(net)
+    for row in table:
+        torch.testing.assert_close(row["bound"], torch.tensor(target), rtol=1e-5, atol=0)
+    # Pairs close together probe the local Jacobian norm, the worst case for a piecewise-linear net.
+    a = torch.randn(64, 1, 8, 8)
+    b = a + 1e-3 * torch.randn_like(a)
+    ratios = (net(a) - net(b)).flatten(1).norm(dim=1) / (a - b).flatten(1).norm(dim=1)
+    assert ratios.max() <= total * (1 + 1e-4), (ratios.max(), total)
+
+
+def test_eval_mode_caches_the_bound_until_the_weight_changes():
+    conv = gram_spectral_norm(torch.nn.Conv2d(2, 3, 3, padding=1))
+    x = torch.randn(1, 2, 6, 6)
+    conv.eval()
+    first = conv(x)
+    assert torch.equal(conv(x), first)
+    with torch.no_grad():
+        conv.parametrizations.weight.original.mul_(2)
+    torch.testing.assert_close(conv(x), first)  # rescaled back to the same operator norm
+
+
+def test_penalty_adds_the_bounds_above_tau_and_is_differentiable():
+    net = torch.nn.Sequential(torch.nn.Conv1d(2, 4, 3, padding=1), torch.nn.Linear(5, 5))
+    record_input_sizes(net)
+    net(torch.randn(1, 2, 5))
+    bounds = [lipschitz_bound(net)[1][i]["bound"] for i in range(2)]
+    penalty = lipschitz_penalty(net, tau=0.0)
+    torch.testing.assert_close(penalty, bounds[0] + bounds[1])
+    penalty.backward()
+    assert net[0].weight.grad is not None and net[1].weight.grad is not None
+
+
+def test_unsupported_layers_say_why():
+    check_raises(lambda: gram_spectral_norm(torch.nn.Conv2d(2, 2, 3, padding=1, padding_mode="reflect")),
+                 NotImplementedError, "only 'zeros' and 'circular' are bounded")
+    check_raises(lambda: gram_spectral_norm(torch.nn.Conv2d(2, 2, 3, dilation=2)), NotImplementedError, "dilation")
+    check_raises(lambda: gram_spectral_norm(torch.nn.Conv3d(2, 2, 3)), TypeError, "expected Linear, Conv1d or Conv2d")
+    check_raises(lambda: lipschitz_bound(torch.nn.Conv2d(2, 2, 3)), RuntimeError, "its input size is unknown")
