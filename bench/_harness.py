@@ -351,6 +351,8 @@ def run_benchmark(benchmark, case: Case, provider: str, mode: str) -> None:
     import pytest
 
     device = bench_device()
+    if device.type == "cpu":
+        torch.set_num_threads(1)  # as bench/run.py does: OpenMP barriers stall while others hold the second core
 
     def timer(work, case):
         rounds = 20 if device.type == "cuda" else CPU_TIMED_CALLS
