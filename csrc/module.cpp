@@ -6,6 +6,7 @@
 
 #include <pybind11/pybind11.h>
 
+#include "int8_matmul/vectorwise_quant.h"
 #include "ngpt/renormalize.h"
 
 namespace py = pybind11;
@@ -46,4 +47,25 @@ PYBIND11_MODULE(_C, m) {
       },
       py::arg("table"), py::arg("num_tensors"), py::arg("num_blocks"), py::arg("zero_counts"), py::arg("eps"),
       py::arg("stream"), "Normalise every tensor of a device table in place (see csrc/ngpt/renormalize.h).");
+
+  m.def(
+      "int8_vectorwise_quant",
+      [](std::uintptr_t x, int64_t dtype, int64_t rows, int64_t cols, int64_t row_stride, float threshold,
+         std::uintptr_t excluded_cols, std::uintptr_t codes, std::uintptr_t row_scale, std::uintptr_t outlier_mask,
+         std::uintptr_t outlier_cols, std::uintptr_t n_outliers, int64_t capacity, std::uintptr_t stream) {
+        check(torchext::int8_vectorwise_quant(as_ptr<const void>(x), dtype, rows, cols, row_stride, threshold,
+                                              as_ptr<const uint8_t>(excluded_cols), as_ptr<int8_t>(codes),
+                                              as_ptr<float>(row_scale), as_ptr<uint8_t>(outlier_mask),
+                                              as_ptr<int32_t>(outlier_cols), as_ptr<int32_t>(n_outliers), capacity,
+                                              as_ptr<CUstream_st>(stream)),
+              "int8_vectorwise_quant");
+      },
+      py::arg("x"), py::arg("dtype"), py::arg("rows"), py::arg("cols"), py::arg("row_stride"), py::arg("threshold"),
+      py::arg("excluded_cols"), py::arg("codes"), py::arg("row_scale"), py::arg("outlier_mask"),
+      py::arg("outlier_cols"), py::arg("n_outliers"), py::arg("capacity"), py::arg("stream"),
+      "LLM.int8() row quantization of x [rows, cols] (dtype FLOAT32/BFLOAT16/FLOAT16, unit column stride) into int8 "
+      "codes [rows, cols] and fp32 row_scale [rows], with the outlier columns (|x| >= threshold > 0) listed "
+      "ascending in outlier_cols [capacity] (-1 padded) and counted in n_outliers [1]; excluded_cols is a uint8 "
+      "[cols] device pointer or 0; outlier_mask [cols] uint8 is scratch. Buffers are device addresses, stream a "
+      "cudaStream_t; nothing is synchronised (see csrc/int8_matmul/vectorwise_quant.h).");
 }

@@ -5,9 +5,9 @@
 
 #include <cuda_runtime.h>
 
-namespace torchext {
+#include "dtype.h"
 
-enum DtypeCode : int64_t { kFloat32 = 0, kBFloat16 = 1, kFloat16 = 2 };
+namespace torchext {
 
 // A block normalises one contiguous row, or this many adjacent columns of a strided axis.
 constexpr int kRenormalizeColumnsPerBlock = 32;
