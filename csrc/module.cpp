@@ -6,6 +6,7 @@
 
 #include <pybind11/pybind11.h>
 
+#include "gram_iteration/gram_iteration.h"
 #include "int8_matmul/vectorwise_quant.h"
 #include "ngpt/renormalize.h"
 
@@ -68,4 +69,18 @@ PYBIND11_MODULE(_C, m) {
       "ascending in outlier_cols [capacity] (-1 padded) and counted in n_outliers [1]; excluded_cols is a uint8 "
       "[cols] device pointer or 0; outlier_mask [cols] uint8 is scratch. Buffers are device addresses, stream a "
       "cudaStream_t; nothing is synchronised (see csrc/int8_matmul/vectorwise_quant.h).");
+
+  m.attr("GRAM_MAX_SIDE") = torchext::kGramMaxSide;
+  m.def(
+      "gram_iteration",
+      [](std::uintptr_t w, bool is_complex, int64_t batch, int64_t rows, int64_t cols, int n_iter,
+         std::uintptr_t upper, std::uintptr_t lower, std::uintptr_t stream) {
+        check(torchext::gram_iteration(as_ptr<const void>(w), is_complex, batch, rows, cols, n_iter,
+                                       as_ptr<float>(upper), as_ptr<float>(lower), as_ptr<CUstream_st>(stream)),
+              "gram_iteration");
+      },
+      py::arg("w"), py::arg("is_complex"), py::arg("batch"), py::arg("rows"), py::arg("cols"), py::arg("n_iter"),
+      py::arg("upper"), py::arg("lower"), py::arg("stream"),
+      "Gram-iteration upper and lower bounds on sigma_max of batch matrices [rows, cols] (rows >= cols, both <= "
+      "GRAM_MAX_SIDE; fp32 or complex64), one block each (see csrc/gram_iteration/gram_iteration.h).");
 }

@@ -215,3 +215,22 @@ def test_unsupported_layers_say_why():
     check_raises(lambda: gram_spectral_norm(torch.nn.Conv2d(2, 2, 3, dilation=2)), NotImplementedError, "dilation")
     check_raises(lambda: gram_spectral_norm(torch.nn.Conv3d(2, 2, 3)), TypeError, "expected Linear, Conv1d or Conv2d")
     check_raises(lambda: lipschitz_bound(torch.nn.Conv2d(2, 2, 3)), RuntimeError, "its input size is unknown")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.complex64])
+@pytest.mark.parametrize("shape", [(544, 64, 64), (7, 1, 1), (3, 64, 5), (2, 9, 40), (1, 33, 33)], ids=str)
+def test_shared_memory_cuda_kernel_matches_the_reference(shape, dtype):
+    """csrc/gram_iteration: every iteration of every matrix in one launch, against the fp64 reference."""
+    from torchext._backend import CUDA_EXT
+
+    assert CUDA_EXT is not None and hasattr(CUDA_EXT, "gram_iteration"), "torchext._C was built without the kernel"
+    w = torch.randn(*shape, dtype=dtype, device="cuda")
+    w[0] = 0
+    if shape[0] > 2:
+        w[1] *= 1e30
+    upper, lower = ops.gram_spectral_norm(w, 6, return_lower=True)
+    expected_upper, expected_lower = (b.exp() for b in ref.gram_log_bounds(w.to(torch.complex128 if w.is_complex()
+                                                                                else torch.float64), 6))
+    torch.testing.assert_close(upper.double(), expected_upper, rtol=1e-5, atol=0)
+    torch.testing.assert_close(lower.double(), expected_lower, rtol=1e-5, atol=0)

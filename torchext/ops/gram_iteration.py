@@ -17,7 +17,6 @@ KERNELS = {"gram_spectral_norm": "cuda", "conv_spectral_norm": "cuda"}
 
 MATRIX_DTYPES = (torch.float32, torch.float64, torch.complex64, torch.complex128)
 MAX_ITERATIONS = 30  # 2^30-th roots: past this the bound equals sigma_max to any float precision
-SHARED_MEMORY_SIDE = 64  # the CUDA kernel keeps matrices whose Gram side is at most this in shared memory
 
 
 def _check_gram(w: Tensor, n_iter: int) -> None:
@@ -28,14 +27,15 @@ def _check_gram(w: Tensor, n_iter: int) -> None:
 
 
 def _fits_shared_memory(w: Tensor) -> bool:
-    return (CUDA_EXT is not None and hasattr(CUDA_EXT, "gram_iteration") and w.dtype in (torch.float32,
-            torch.complex64) and min(w.shape[-2:]) <= SHARED_MEMORY_SIDE and max(w.shape[-2:]) <= SHARED_MEMORY_SIDE)
+    """The CUDA kernel keeps each matrix (both sides <= GRAM_MAX_SIDE) and its Gram product in shared memory."""
+    return (w.dtype in (torch.float32, torch.complex64) and hasattr(CUDA_EXT, "gram_iteration")
+            and max(w.shape[-2:]) <= CUDA_EXT.GRAM_MAX_SIDE)
 
 
 def _gram_cuda(w: Tensor, n_iter: int) -> tuple[Tensor, Tensor]:
     """All iterations of every matrix in one launch (csrc/gram_iteration/gram_iteration.cu)."""
-    batch = w.shape[:-2]
-    side = ref._gram_side(w).reshape(-1, *ref._gram_side(w).shape[-2:]).contiguous()
+    batch, side = w.shape[:-2], ref._gram_side(w)
+    side = side.reshape(-1, *side.shape[-2:]).contiguous().resolve_conj()  # W^H is a lazy view: materialise it
     upper = torch.empty(side.shape[0], dtype=torch.float32, device=w.device)
     lower = torch.empty_like(upper)
     CUDA_EXT.gram_iteration(side.data_ptr(), side.is_complex(), side.shape[0], side.shape[1], side.shape[2], n_iter,
