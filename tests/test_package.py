@@ -36,4 +36,4 @@ def test_info_lists_every_op(tmp_path):
     assert f"torch {__import__('torch').__version__}" in out
     for family, module in FAMILIES.items():
         for op in module.KERNELS:
-            assert f"{family:<16}{op:<22}" in out
+            assert any(line.split()[:2] == [family, op] for line in out.splitlines()), (family, op)

@@ -29,10 +29,10 @@ def info() -> None:
     ext_state = f"built, CUDA runtime {ext.cuda_runtime_version()}" if ext else "absent (pure-Python install)"
     print(f"CUDA extension torchext._C: {ext_state}")
     print(f"Triton interpreter (TRITON_INTERPRET=1): {'on' if _backend.INTERPRET else 'off'}")
-    print(f"\n{'family':<16}{'op':<22}backend on {device.type}")
+    print(f"\n{'family':<16}{'op':<24}backend on {device.type}")
     for family, module in FAMILIES.items():
         for op, kind in module.KERNELS.items():
-            print(f"{family:<16}{op:<22}{_backend_for(kind, device)}")
+            print(f"{family:<16}{op:<24}{_backend_for(kind, device)}")
 
 
 def main() -> None:
