@@ -1,13 +1,13 @@
 """Drop-in nn.Modules and model-level helpers, one module per family."""
 
-from torchext.nn.gram_iteration import (GramSpectralNorm, gram_spectral_norm, lipschitz_bound, lipschitz_penalty,
-                                        record_input_sizes)
+from torchext.nn.gram_iteration import (GramSpectralNorm, format_lipschitz_table, gram_spectral_norm, lipschitz_bound,
+                                        lipschitz_penalty, record_input_sizes)
 from torchext.nn.int8_matmul import Int8Linear, calibrate_outliers, replace_linear
 from torchext.nn.ngpt import (NGPT, HypersphereResidual, NGPTBlock, NGPTConfig, NormalizedAttention,
                               NormalizedEmbedding, NormalizedLinear, NormalizedSwiGLU, ScaledVector, renormalize_,
                               renormalize_after_step)
 
-__all__ = ["GramSpectralNorm", "gram_spectral_norm", "lipschitz_bound", "lipschitz_penalty", "record_input_sizes",
-           "NGPT", "HypersphereResidual", "Int8Linear", "NGPTBlock", "NGPTConfig", "NormalizedAttention",
-           "NormalizedEmbedding", "NormalizedLinear", "NormalizedSwiGLU", "ScaledVector", "calibrate_outliers",
-           "renormalize_", "renormalize_after_step", "replace_linear"]
+__all__ = ["GramSpectralNorm", "HypersphereResidual", "Int8Linear", "NGPT", "NGPTBlock", "NGPTConfig",
+           "NormalizedAttention", "NormalizedEmbedding", "NormalizedLinear", "NormalizedSwiGLU", "ScaledVector",
+           "calibrate_outliers", "format_lipschitz_table", "gram_spectral_norm", "lipschitz_bound",
+           "lipschitz_penalty", "record_input_sizes", "renormalize_", "renormalize_after_step", "replace_linear"]

@@ -2,6 +2,7 @@
 
     conv = gram_spectral_norm(nn.Conv2d(16, 32, 3, padding=1))   # W * target / bound(true operator norm)
     total, table = lipschitz_bound(model, example_input)         # product of per-layer certified bounds
+    print(format_lipschitz_table(table))
     loss = loss + 0.1 * lipschitz_penalty(model, tau=1.0)        # the paper's regulariser
 
 Unlike torch.nn.utils.parametrizations.spectral_norm (a power-iteration lower estimate of the reshaped
@@ -128,7 +129,8 @@ def lipschitz_bound(model: nn.Module, example_input: Tensor | None = None,
             model(example_input)
         for hook in hooks:
             hook.remove()
-    table = [{"layer": name, "type": type(m).__name__, "bound": layer_bound(m, m.weight, n_iter)}
+    table = [{"layer": name, "type": type(m).__name__.removeprefix("Parametrized"),
+              "bound": layer_bound(m, m.weight, n_iter)}
              for name, m in _bounded_layers(model)]
     product = torch.stack([row["bound"] for row in table]).prod() if table else torch.tensor(1.0)
     return product, table
@@ -143,7 +145,7 @@ def lipschitz_penalty(model: nn.Module, tau: float = 1.0, n_iter: int = 6) -> Te
     return (bounds * (bounds > tau)).sum()
 
 
-def describe(table: list[dict]) -> str:
+def format_lipschitz_table(table: list[dict]) -> str:
     """The per-layer table of ``lipschitz_bound`` as text."""
     lines = [f"{row['layer']:<24}{row['type']:<10}{row['bound'].item():>12.5f}" for row in table]
     total = math.prod(row["bound"].item() for row in table)

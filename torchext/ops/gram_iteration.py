@@ -114,7 +114,7 @@ def conv_spectral_norm(weight: Tensor, input_size: tuple[int, ...] | int, paddin
         input_size: n or (n,) for Conv1d, (n_h, n_w) (or n) for Conv2d.
         padding: "circular" (exact operator) or "zeros" (a valid bound for zero padding up to k - 1, via the
             FFT at n + k - 1: the circular norm at n is not a bound for zero padding).
-        stride: circular: the polyphase form (exact); zeros: the stride-1 bound (valid, looser).
+        stride: through the polyphase form (exact for circular; for zeros, at a size rounded up to a multiple).
         groups: the conv's groups (the bound is the max over groups).
         n_iter: Gram iterations.
 

@@ -108,11 +108,12 @@ def conv_frequency_blocks(weight: Tensor, input_size: tuple[int, ...], padding: 
     """The per-frequency matrices of a convolution: [groups * n_freq, c_out / g, c_in / g * stride^d] complex.
 
     Circular padding at input size n is block-diagonalised by the DFT (Sedghi et al. 2019): the operator norm is
-    the max over frequencies of sigma_max(K_hat(omega)). A zero-padded conv is a compression of a circular one
-    on any size >= n + padding, so taking the FFT at n + k - 1 gives a valid bound for it (at size n it is not:
-    the kernel [1, -1] at n = 3 has norm 1.802 zero-padded and 1.732 circular). Stride s, circular: the
-    polyphase reshape turns the conv into a stride-1 conv with s^d times more input channels on an n / s input
-    (exact). Stride s, zeros: the stride-1 bound (the strided outputs are a subset of those: valid, looser).
+    the max over frequencies of sigma_max(K_hat(omega)). A zero-padded conv (padding <= k - 1) is a compression of
+    the circular conv on any size N >= n + k - 1, which computes the full linear convolution without wrap-around,
+    so the bound at that size is valid for it (at size n it is not: the kernel [1, -1] at n = 3 has norm 1.802
+    zero-padded and 1.732 circular). Stride s: the polyphase reshape turns the conv into a stride-1 conv with s^d
+    times more input channels on an n / s input, exact for circular padding; with zeros, N is rounded up to a
+    multiple of s first (the strided zero-padded conv is still a compression of that strided circular conv).
 
     Args:
         weight: [c_out, c_in / groups, k] (Conv1d) or [c_out, c_in / groups, k_h, k_w] (Conv2d), real.
@@ -123,15 +124,13 @@ def conv_frequency_blocks(weight: Tensor, input_size: tuple[int, ...], padding: 
     if d not in (1, 2) or len(input_size) != d:
         raise ValueError(f"conv_spectral_norm: weight must be 3-D or 4-D with one input size per spatial dim, "
                          f"got weight {tuple(weight.shape)} and input_size {tuple(input_size)}")
-    if stride > 1 and padding == "circular":
-        weight, input_size = _polyphase(weight, tuple(input_size), stride)
-    kernel = weight.shape[2:]
     if padding == "zeros":
-        size = tuple(n + k - 1 for n, k in zip(input_size, kernel))
-    elif padding == "circular":
-        size = tuple(input_size)
-    else:
+        input_size = tuple(math.ceil((n + k - 1) / stride) * stride for n, k in zip(input_size, weight.shape[2:]))
+    elif padding != "circular":
         raise ValueError(f"conv_spectral_norm: padding must be 'circular' or 'zeros', got {padding!r}")
+    if stride > 1:
+        weight, input_size = _polyphase(weight, tuple(input_size), stride)
+    kernel, size = weight.shape[2:], tuple(input_size)
     if any(k > n for k, n in zip(kernel, size)):
         raise ValueError(f"conv_spectral_norm: kernel {tuple(kernel)} is larger than the FFT size {size}")
     dims = tuple(range(2, 2 + d))
