@@ -8,6 +8,7 @@ import importlib.util
 import os
 import warnings
 
+import torch
 from torch import Tensor
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
@@ -27,6 +28,11 @@ def _load_cuda_extension():
 
 
 CUDA_EXT = _load_cuda_extension()
+
+
+def cuda_dtype_code(dtype: torch.dtype) -> int:
+    """The csrc/dtype.h code of a floating dtype, for the CUDA C++ launchers (fp32, bf16, fp16)."""
+    return {torch.float32: CUDA_EXT.FLOAT32, torch.bfloat16: CUDA_EXT.BFLOAT16, torch.float16: CUDA_EXT.FLOAT16}[dtype]
 
 
 def use_triton(x: Tensor) -> bool:

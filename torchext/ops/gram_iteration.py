@@ -34,7 +34,7 @@ def _fits_shared_memory(w: Tensor) -> bool:
 
 def _gram_cuda(w: Tensor, n_iter: int) -> tuple[Tensor, Tensor]:
     """All iterations of every matrix in one launch (csrc/gram_iteration/gram_iteration.cu)."""
-    batch, side = w.shape[:-2], ref._gram_side(w)
+    batch, side = w.shape[:-2], ref.gram_side(w)
     side = side.reshape(-1, *side.shape[-2:]).contiguous().resolve_conj()  # W^H is a lazy view: materialise it
     upper = torch.empty(side.shape[0], dtype=torch.float32, device=w.device)
     lower = torch.empty_like(upper)

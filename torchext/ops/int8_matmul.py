@@ -7,7 +7,7 @@ int8_linear composes them, with an autograd rule for the input gradient (frozen 
 import torch
 from torch import Tensor
 
-from torchext._backend import CUDA_EXT, HAS_TRITON, use_cuda_ext, use_triton
+from torchext._backend import CUDA_EXT, HAS_TRITON, cuda_dtype_code, use_cuda_ext, use_triton
 from torchext.ops._checks import check_same_device, check_shape, check_tensor, check_unit_last_stride
 from torchext.reference import int8_matmul as ref
 
@@ -45,10 +45,9 @@ def _quant_cuda(x: Tensor, threshold: float, capacity: int, excluded: Tensor | N
     outlier_mask = torch.empty(K, dtype=torch.uint8, device=x.device)
     outlier_cols = torch.empty(capacity, dtype=torch.int32, device=x.device)
     n_outliers = torch.empty(1, dtype=torch.int32, device=x.device)
-    dtype_codes = {torch.float32: CUDA_EXT.FLOAT32, torch.bfloat16: CUDA_EXT.BFLOAT16, torch.float16: CUDA_EXT.FLOAT16}
     excluded_bytes = excluded.to(torch.uint8) if excluded is not None else None  # alive until the launch
     CUDA_EXT.int8_vectorwise_quant(
-        x.data_ptr(), dtype_codes[x.dtype], M, K, x.stride(0), threshold,
+        x.data_ptr(), cuda_dtype_code(x.dtype), M, K, x.stride(0), threshold,
         excluded_bytes.data_ptr() if excluded_bytes is not None else 0, codes.data_ptr(), row_scale.data_ptr(),
         outlier_mask.data_ptr(), outlier_cols.data_ptr(), n_outliers.data_ptr(), capacity,
         torch.cuda.current_stream(x.device).cuda_stream)

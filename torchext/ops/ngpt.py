@@ -9,7 +9,7 @@ import math
 import torch
 from torch import Tensor
 
-from torchext._backend import CUDA_EXT, HAS_TRITON, use_cuda_ext, use_triton
+from torchext._backend import CUDA_EXT, HAS_TRITON, cuda_dtype_code, use_cuda_ext, use_triton
 from torchext.ops._checks import (as_rows, check_same_device, check_shape, check_tensor, check_unit_last_stride)
 from torchext.reference import ngpt as ref
 
@@ -376,12 +376,11 @@ def _renormalize_cuda(tensors: list[Tensor], dims: list[int], eps: float) -> Ten
     when inner == 1 (a contiguous row) or one tile of columns otherwise; the table tells every block
     which tensor and which piece it owns.
     """
-    dtype_codes = {torch.float32: CUDA_EXT.FLOAT32, torch.bfloat16: CUDA_EXT.BFLOAT16, torch.float16: CUDA_EXT.FLOAT16}
     table, first_block = [], 0
     for t, dim in zip(tensors, dims):
         dim %= t.dim()
         outer, n, inner = math.prod(t.shape[:dim]), t.shape[dim], math.prod(t.shape[dim + 1:])
-        table.append((t.data_ptr(), outer, n, inner, dtype_codes[t.dtype], first_block))
+        table.append((t.data_ptr(), outer, n, inner, cuda_dtype_code(t.dtype), first_block))
         first_block += outer if inner == 1 else outer * -(-inner // CUDA_EXT.RENORMALIZE_COLUMNS_PER_BLOCK)
     device = tensors[0].device
     meta = torch.tensor(table, dtype=torch.int64).pin_memory().to(device, non_blocking=True)  # [tensors, 6]

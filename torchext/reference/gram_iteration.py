@@ -27,7 +27,7 @@ def ieee_products():
         torch.backends.cuda.matmul.allow_tf32 = saved
 
 
-def _gram_side(w: Tensor) -> Tensor:
+def gram_side(w: Tensor) -> Tensor:
     """W or W^H, whichever makes the Gram matrix G^H G the smaller one."""
     return w if w.shape[-2] >= w.shape[-1] else w.mH
 
@@ -53,7 +53,7 @@ def gram_log_bounds(w: Tensor, n_iter: int = 6) -> tuple[Tensor, Tensor]:
     """
     if n_iter < 1:
         raise ValueError(f"gram iteration needs n_iter >= 1, got {n_iter}")
-    g = _gram_side(w)
+    g = gram_side(w)
     log_scale = torch.zeros(w.shape[:-2], dtype=w.real.dtype, device=w.device)
     with ieee_products():
         for _ in range(n_iter):
@@ -77,7 +77,7 @@ def gram_spectral_norm_backward(grad: Tensor, w: Tensor, n_iter: int = 6) -> Ten
     (W_t = c_t G_t) with the scales summed in the log domain, so nothing overflows. grad: [...], w: [..., p, q].
     """
     transposed = w.shape[-2] < w.shape[-1]
-    g = _gram_side(w)
+    g = gram_side(w)
     w_side = g
     log_scale = torch.zeros(w.shape[:-2], dtype=w.real.dtype, device=w.device)
     log_product = torch.zeros_like(log_scale)
