@@ -1,0 +1,378 @@
+"""Triton kernels for tensor (triple-wise) attention: Alman & Song (arXiv 2310.04064), exact or with the sliding
+windows of 2-simplicial attention (Roy et al., arXiv 2507.02754). Semantics: torchext/reference/tensor_attention.py.
+
+    o_i = sum_(j,k) softmax_(j,k)(scale <q_i, k1_j * k2_k>) (v1_j * v2_k)
+
+Roles. The trilinear form is symmetric in the pairs (k1, v1, w1) and (k2, v2, w2). The launchers fold the pair
+with the smaller window into the rows ("row side" R: kr, vr, wr) and stream the other ("column side" C: kc, vc,
+wc) through tensor-core GEMMs, so that with windows (512, 32) the 32-wide window is folded and the 512-wide one
+is the GEMM's N axis.
+
+Row tiles. A program's tile has BLOCK_M = BLOCK_Q * BLOCK_J rows; row r is the pair (i, j) of query
+i = anchor + r // BLOCK_J and row-side position j = i - u, u = u0 + r % BLOCK_J the offset into i's window.
+Its vector a_r = q_i * kr_j * scale is one "virtual query": the logits of all k are one GEMM
+S = A @ Kc^T ([BLOCK_M, D] x [D, BLOCK_N]), and sum_k P_rk (vr_j * vc_k) = vr_j * (P @ Vc)_r (the Khatri-Rao
+identity of Alman & Song). Offsets relative to i make a window exactly BLOCK_J-aligned work with no masked
+rows (tiling queries instead wastes most of a 32-wide window, see the research note), and the column range a
+tile needs is wc + BLOCK_Q - 1 keys, nearly all useful.
+
+Forward. Each row runs the flash online softmax over the column axis within a chunk of BLOCK_J offsets (scores
+in base 2: a_r carries scale * log2(e)); at the end of a chunk the BLOCK_J rows of each query are merged into
+that query's running (max, sum, output) by log-sum-exp. The score tensor never exists; the kernel writes
+out [B, H, n, d] and lse [B, H, n] (natural log).
+
+Backward, three passes without atomics, each recomputing P = exp(s - lse):
+  * column-stationary (kc, vc): a program owns BLOCK_N columns and loops over every row tile that sees them:
+    dKc += dS^T A, dVc += P^T G (g_r = dO_i * vr_j), all group heads of a GQA group in the same program;
+  * query-stationary: rows as in the forward, dQ_i = scale sum_j kr_j * (dS @ Kc)_r;
+  * row-side-stationary: rows (j, i = j + u), dKr_j = scale sum_i q_i * (dS @ Kc)_r,
+    dVr_j = sum_i dO_i * (P @ Vc)_r.
+with dS = P (dP - D_i), dP = G @ Vc^T, D_i = <dO_i, o_i> - dlse_i (computed by the launcher).
+
+FLOP convention (bench): tensor-core FLOPs = 4 d per unmasked (i, j, k) triple forward (S and P @ Vc) and 10 d
+backward (S, dP, dS @ Kc, dS^T A, P^T G: the minimum; the three passes recompute S and dP and so execute 22 d).
+Roy et al. count 6 d per triple forward (the q * k1 product too).
+
+Conventions: fp32 accumulation (fp64 for fp64 inputs), int64 offsets, every load and store masked, masked
+logits set to a large finite negative (no NaN from -inf - -inf) and their probabilities forced to 0.
+"""
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from ._launch import INTERPRET, accumulator_dtype, compute_dtype
+
+LOG2E = 1.4426950408889634
+LN2 = 0.6931471805599453
+MAX_HEAD_DIM = 256  # a whole head row of every row-tile operand lives in registers
+NEG = -1.0e30  # masked logit (finite: exp2(NEG - NEG) would be 1, so masked probabilities are zeroed explicitly)
+
+
+@triton.jit
+def _dot(a, b, acc, IEEE: tl.constexpr):
+    """acc + a @ b; fp32/fp64 operands get true products (IEEE), not TF32."""
+    if IEEE:
+        return tl.dot(a, b, acc, input_precision="ieee")
+    return tl.dot(a, b, acc)
+
+
+@triton.jit
+def _row_pairs(anchor0, u0, N, WR, ROWS_ARE_QUERIES: tl.constexpr, CAUSAL: tl.constexpr,
+               BLOCK_Q: tl.constexpr, BLOCK_J: tl.constexpr):
+    """(i, j, valid) [BLOCK_M] of the rows of a tile: anchor = anchor0 + r // BLOCK_J, u = u0 + r % BLOCK_J.
+
+    ROWS_ARE_QUERIES: the anchor is the query i and j = i - u; else the anchor is the row-side position j and
+    i = j + u. Not causal: the other index is u itself (every pair).
+    """
+    r = tl.arange(0, BLOCK_Q * BLOCK_J)
+    anchor = anchor0 + r // BLOCK_J
+    u = u0 + r % BLOCK_J
+    if CAUSAL:
+        if ROWS_ARE_QUERIES:
+            i, j = anchor, anchor - u
+        else:
+            i, j = anchor + u, anchor
+        valid = (i < N) & (j >= 0) & (j < N) & (u < WR)
+    else:
+        if ROWS_ARE_QUERIES:
+            i, j = anchor, u
+        else:
+            i, j = u, anchor
+        valid = (i < N) & (j < N)
+    return i, j, valid
+
+
+@triton.jit
+def _load_rows(ptr, idx, valid, d, D, COMPUTE: tl.constexpr):
+    """Rows idx of a [n, D] matrix as a [BLOCK_M, BLOCK_D] tile (zeros where invalid or past D)."""
+    return tl.load(ptr + idx[:, None] * D + d[None, :], mask=valid[:, None] & (d[None, :] < D), other=0.0).to(COMPUTE)
+
+
+@triton.jit
+def _column_range(i_lo, i_hi, N, WC, CAUSAL: tl.constexpr):
+    """[k_lo, k_hi): the column positions rows with queries in [i_lo, i_hi] can see (window (i - wc, i])."""
+    if CAUSAL:
+        return tl.maximum(i_lo - WC + 1, 0), tl.minimum(i_hi + 1, N)
+    return i_lo * 0, i_lo * 0 + N
+
+
+@triton.jit
+def _score_mask(i, valid, kk, k_hi, WC, CAUSAL: tl.constexpr):
+    """[BLOCK_M, BLOCK_N] mask of the (row, column) logits that exist."""
+    mask = valid[:, None] & (kk[None, :] < k_hi)
+    if CAUSAL:
+        mask = mask & (kk[None, :] <= i[:, None]) & (kk[None, :] > i[:, None] - WC)
+    return mask
+
+
+# ---- forward -------------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _tensor_attention_fwd_kernel(q_ptr, kr_ptr, kc_ptr, vr_ptr, vc_ptr, out_ptr, lse_ptr, N, D, H, GROUP, WR, WC,
+                                 scale2, CAUSAL: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_J: tl.constexpr,
+                                 BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, DOT: tl.constexpr,
+                                 IEEE: tl.constexpr, COMPUTE: tl.constexpr):
+    tile = tl.program_id(0).to(tl.int64)
+    bh = tl.program_id(1).to(tl.int64)  # b * H + h
+    kv_head = (bh // H) * (H // GROUP) + (bh % H) // GROUP  # GQA: b * Hkv + h // group
+    q_ptr += bh * N * D
+    kr_ptr += kv_head * N * D
+    kc_ptr += kv_head * N * D
+    vr_ptr += kv_head * N * D
+    vc_ptr += kv_head * N * D
+    i0 = tile * BLOCK_Q
+    i_hi = tl.minimum(i0 + BLOCK_Q, N) - 1
+    d = tl.arange(0, BLOCK_D)
+    k_lo, k_hi = _column_range(i0, i_hi, N, WC, CAUSAL)
+    n_offsets = tl.minimum(WR, i_hi + 1) if CAUSAL else N
+
+    m_q = tl.full([BLOCK_Q], NEG, COMPUTE)  # running max (base 2) per query
+    l_q = tl.zeros([BLOCK_Q], COMPUTE)  # running sum of exp2(s - m_q)
+    o_q = tl.zeros([BLOCK_Q, BLOCK_D], COMPUTE)  # running unnormalised output
+    for u0 in range(0, n_offsets, BLOCK_J):
+        i, j, valid = _row_pairs(i0, u0, N, WR, True, CAUSAL, BLOCK_Q, BLOCK_J)
+        q = _load_rows(q_ptr, i, valid, d, D, COMPUTE)  # [BLOCK_M, BLOCK_D]
+        a = (q * _load_rows(kr_ptr, j, valid, d, D, COMPUTE) * scale2).to(DOT)  # virtual queries q_i * kr_j
+        m_r = tl.full([BLOCK_Q * BLOCK_J], NEG, COMPUTE)
+        l_r = tl.zeros([BLOCK_Q * BLOCK_J], COMPUTE)
+        acc = tl.zeros([BLOCK_Q * BLOCK_J, BLOCK_D], COMPUTE)  # sum_k p_rk vc_k
+        for k0 in range(k_lo, k_hi, BLOCK_N):
+            kk = k0 + tl.arange(0, BLOCK_N)  # [BLOCK_N]
+            col_mask = (kk < k_hi)[None, :] & (d[:, None] < D)
+            kc_t = tl.load(kc_ptr + kk[None, :] * D + d[:, None], mask=col_mask, other=0.0)  # [BLOCK_D, BLOCK_N]
+            s = _dot(a, kc_t.to(COMPUTE).to(DOT), tl.zeros([BLOCK_Q * BLOCK_J, BLOCK_N], COMPUTE), IEEE)
+            mask = _score_mask(i, valid, kk, k_hi, WC, CAUSAL)
+            s = tl.where(mask, s, NEG)
+            m_new = tl.maximum(m_r, tl.max(s, axis=1))
+            alpha = tl.exp2(m_r - m_new)
+            p = tl.where(mask, tl.exp2(s - m_new[:, None]), 0.0)  # [BLOCK_M, BLOCK_N]
+            l_r = l_r * alpha + tl.sum(p, axis=1)
+            vc = tl.load(vc_ptr + kk[:, None] * D + d[None, :], mask=tl.trans(col_mask), other=0.0)  # [BLOCK_N, D]
+            acc = _dot(p.to(DOT), vc.to(COMPUTE).to(DOT), acc * alpha[:, None], IEEE)
+            m_r = m_new
+        # Fold the BLOCK_J rows of each query (one per offset u) into its running state by log-sum-exp.
+        acc = acc * _load_rows(vr_ptr, j, valid, d, D, COMPUTE)  # vr_j * sum_k p vc_k
+        m_rows = tl.reshape(m_r, (BLOCK_Q, BLOCK_J))
+        m_new = tl.maximum(m_q, tl.max(m_rows, axis=1))  # [BLOCK_Q]
+        w = tl.exp2(m_rows - m_new[:, None])  # [BLOCK_Q, BLOCK_J]
+        alpha = tl.exp2(m_q - m_new)
+        l_q = l_q * alpha + tl.sum(tl.reshape(l_r, (BLOCK_Q, BLOCK_J)) * w, axis=1)
+        o_q = o_q * alpha[:, None] + tl.sum(tl.reshape(acc, (BLOCK_Q, BLOCK_J, BLOCK_D)) * w[:, :, None], axis=1)
+        m_q = m_new
+
+    qi = i0 + tl.arange(0, BLOCK_Q)
+    q_mask = qi < N
+    l_safe = tl.where(q_mask, l_q, 1.0)  # every real query has its (i, i, i) triple, so l_q > 0 there
+    tl.store(out_ptr + bh * N * D + qi[:, None] * D + d[None, :], (o_q / l_safe[:, None]).to(out_ptr.dtype.element_ty),
+             mask=q_mask[:, None] & (d[None, :] < D))
+    tl.store(lse_ptr + bh * N + qi, (m_q + tl.log2(l_safe)) * LN2, mask=q_mask)
+
+
+# ---- backward: query- and row-side-stationary passes -----------------------------------------------------------------
+
+
+@triton.jit
+def _rows_bwd_kernel(q_ptr, kr_ptr, kc_ptr, vr_ptr, vc_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr, dkr_ptr, dvr_ptr,
+                     N, D, H, GROUP, WR, WC, scale, scale2, QUERY_STATIONARY: tl.constexpr, CAUSAL: tl.constexpr,
+                     BLOCK_Q: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                     DOT: tl.constexpr, IEEE: tl.constexpr, COMPUTE: tl.constexpr):
+    """QUERY_STATIONARY: program (query tile, b * H + h) writes dq. Else: program (row-side tile, b * Hkv + hk)
+    writes dkr and dvr, summing the GROUP query heads of its key/value head."""
+    tile = tl.program_id(0).to(tl.int64)
+    head = tl.program_id(1).to(tl.int64)
+    if QUERY_STATIONARY:
+        kv_head = (head // H) * (H // GROUP) + (head % H) // GROUP
+        first_q_head, n_heads = head, 1
+    else:
+        kv_head = head
+        first_q_head, n_heads = (head // (H // GROUP)) * H + (head % (H // GROUP)) * GROUP, GROUP
+    kr_ptr += kv_head * N * D
+    kc_ptr += kv_head * N * D
+    vr_ptr += kv_head * N * D
+    vc_ptr += kv_head * N * D
+    a0 = tile * BLOCK_Q  # first anchor: a query (QUERY_STATIONARY) or a row-side position
+    a_hi = tl.minimum(a0 + BLOCK_Q, N) - 1
+    d = tl.arange(0, BLOCK_D)
+    if CAUSAL:
+        n_offsets = tl.minimum(WR, a_hi + 1) if QUERY_STATIONARY else tl.minimum(WR, N - a0)
+    else:
+        n_offsets = N
+
+    grad_a = tl.zeros([BLOCK_Q, BLOCK_D], COMPUTE)  # dq, or dkr
+    grad_v = tl.zeros([BLOCK_Q, BLOCK_D], COMPUTE)  # dvr
+    for g in range(0, n_heads):
+        bh = first_q_head + g
+        for u0 in range(0, n_offsets, BLOCK_J):
+            i, j, valid = _row_pairs(a0, u0, N, WR, QUERY_STATIONARY, CAUSAL, BLOCK_Q, BLOCK_J)
+            if QUERY_STATIONARY:
+                k_lo, k_hi = _column_range(a0, a_hi, N, WC, CAUSAL)
+            else:
+                k_lo, k_hi = _column_range(a0 + u0, tl.minimum(a_hi + u0 + BLOCK_J - 1, N - 1), N, WC, CAUSAL)
+            q = _load_rows(q_ptr + bh * N * D, i, valid, d, D, COMPUTE)
+            kr = _load_rows(kr_ptr, j, valid, d, D, COMPUTE)
+            do = _load_rows(do_ptr + bh * N * D, i, valid, d, D, COMPUTE)
+            vr = _load_rows(vr_ptr, j, valid, d, D, COMPUTE)
+            lse2 = tl.load(lse_ptr + bh * N + i, mask=valid, other=0.0).to(COMPUTE) * LOG2E
+            delta = tl.load(delta_ptr + bh * N + i, mask=valid, other=0.0).to(COMPUTE)
+            a = (q * kr * scale2).to(DOT)
+            gv = (do * vr).to(DOT)
+            d_a = tl.zeros([BLOCK_Q * BLOCK_J, BLOCK_D], COMPUTE)  # sum_k dS_rk kc_k
+            pv = tl.zeros([BLOCK_Q * BLOCK_J, BLOCK_D], COMPUTE)  # sum_k P_rk vc_k (row-side pass only)
+            for k0 in range(k_lo, k_hi, BLOCK_N):
+                kk = k0 + tl.arange(0, BLOCK_N)
+                col_mask = (kk < k_hi)[None, :] & (d[:, None] < D)
+                kc_t = tl.load(kc_ptr + kk[None, :] * D + d[:, None], mask=col_mask, other=0.0).to(COMPUTE).to(DOT)
+                vc_t = tl.load(vc_ptr + kk[None, :] * D + d[:, None], mask=col_mask, other=0.0).to(COMPUTE).to(DOT)
+                zeros = tl.zeros([BLOCK_Q * BLOCK_J, BLOCK_N], COMPUTE)
+                s = _dot(a, kc_t, zeros, IEEE)
+                mask = _score_mask(i, valid, kk, k_hi, WC, CAUSAL)
+                p = tl.where(mask, tl.exp2(s - lse2[:, None]), 0.0)  # [BLOCK_M, BLOCK_N]
+                dp = _dot(gv, vc_t, zeros, IEEE)
+                ds = p * (dp - delta[:, None])
+                d_a = _dot(ds.to(DOT), tl.trans(kc_t), d_a, IEEE)
+                if not QUERY_STATIONARY:
+                    pv = _dot(p.to(DOT), tl.trans(vc_t), pv, IEEE)
+            # Sum the BLOCK_J rows of each anchor: over j for dq_i, over i for dkr_j and dvr_j.
+            if QUERY_STATIONARY:
+                grad_a += tl.sum(tl.reshape(d_a * kr, (BLOCK_Q, BLOCK_J, BLOCK_D)), axis=1)
+            else:
+                grad_a += tl.sum(tl.reshape(d_a * q, (BLOCK_Q, BLOCK_J, BLOCK_D)), axis=1)
+                grad_v += tl.sum(tl.reshape(pv * do, (BLOCK_Q, BLOCK_J, BLOCK_D)), axis=1)
+
+    rows = a0 + tl.arange(0, BLOCK_Q)
+    offsets = rows[:, None] * D + d[None, :]
+    mask = (rows < N)[:, None] & (d[None, :] < D)
+    if QUERY_STATIONARY:
+        tl.store(dq_ptr + head * N * D + offsets, (grad_a * scale).to(dq_ptr.dtype.element_ty), mask=mask)
+    else:
+        tl.store(dkr_ptr + head * N * D + offsets, (grad_a * scale).to(dkr_ptr.dtype.element_ty), mask=mask)
+        tl.store(dvr_ptr + head * N * D + offsets, grad_v.to(dvr_ptr.dtype.element_ty), mask=mask)
+
+
+# ---- backward: column-stationary pass --------------------------------------------------------------------------------
+
+
+@triton.jit
+def _columns_bwd_kernel(q_ptr, kr_ptr, kc_ptr, vr_ptr, vc_ptr, do_ptr, lse_ptr, delta_ptr, dkc_ptr, dvc_ptr,
+                        N, D, H, GROUP, WR, WC, scale2, CAUSAL: tl.constexpr, BLOCK_Q: tl.constexpr,
+                        BLOCK_J: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, DOT: tl.constexpr,
+                        IEEE: tl.constexpr, COMPUTE: tl.constexpr):
+    """Program (column block, b * Hkv + hk) writes dkc and dvc for BLOCK_N columns, from every row that sees them."""
+    k0 = tl.program_id(0).to(tl.int64) * BLOCK_N
+    kv_head = tl.program_id(1).to(tl.int64)
+    heads_kv = H // GROUP
+    first_q_head = (kv_head // heads_kv) * H + (kv_head % heads_kv) * GROUP
+    kr_ptr += kv_head * N * D
+    vr_ptr += kv_head * N * D
+    d = tl.arange(0, BLOCK_D)
+    kk = k0 + tl.arange(0, BLOCK_N)
+    col_mask = (kk < N)[:, None] & (d[None, :] < D)
+    kc = tl.load(kc_ptr + kv_head * N * D + kk[:, None] * D + d[None, :], mask=col_mask, other=0.0)
+    vc = tl.load(vc_ptr + kv_head * N * D + kk[:, None] * D + d[None, :], mask=col_mask, other=0.0)
+    kc, vc = kc.to(COMPUTE).to(DOT), vc.to(COMPUTE).to(DOT)  # [BLOCK_N, BLOCK_D]
+    # Queries that see these columns: i in [k0, k0 + BLOCK_N - 1 + wc - 1] when causal, all when not.
+    i_start = k0 if CAUSAL else k0 * 0
+    i_end = tl.minimum(k0 + BLOCK_N + WC - 1, N) if CAUSAL else k0 * 0 + N
+
+    dkc = tl.zeros([BLOCK_N, BLOCK_D], COMPUTE)
+    dvc = tl.zeros([BLOCK_N, BLOCK_D], COMPUTE)
+    for g in range(0, GROUP):
+        bh = first_q_head + g
+        for i0 in range(i_start, i_end, BLOCK_Q):
+            n_offsets = tl.minimum(WR, tl.minimum(i0 + BLOCK_Q, N)) if CAUSAL else N
+            for u0 in range(0, n_offsets, BLOCK_J):
+                i, j, valid = _row_pairs(i0, u0, N, WR, True, CAUSAL, BLOCK_Q, BLOCK_J)
+                valid = valid & (i < i_end)
+                q = _load_rows(q_ptr + bh * N * D, i, valid, d, D, COMPUTE)
+                do = _load_rows(do_ptr + bh * N * D, i, valid, d, D, COMPUTE)
+                a = (q * _load_rows(kr_ptr, j, valid, d, D, COMPUTE) * scale2).to(DOT)  # [BLOCK_M, BLOCK_D]
+                gv = (do * _load_rows(vr_ptr, j, valid, d, D, COMPUTE)).to(DOT)
+                lse2 = tl.load(lse_ptr + bh * N + i, mask=valid, other=0.0).to(COMPUTE) * LOG2E
+                delta = tl.load(delta_ptr + bh * N + i, mask=valid, other=0.0).to(COMPUTE)
+                zeros = tl.zeros([BLOCK_N, BLOCK_Q * BLOCK_J], COMPUTE)
+                s_t = _dot(kc, tl.trans(a), zeros, IEEE)  # [BLOCK_N, BLOCK_M]: logits transposed
+                mask_t = tl.trans(_score_mask(i, valid, kk, N, WC, CAUSAL))
+                p_t = tl.where(mask_t, tl.exp2(s_t - lse2[None, :]), 0.0)
+                ds_t = p_t * (_dot(vc, tl.trans(gv), zeros, IEEE) - delta[None, :])
+                dkc = _dot(ds_t.to(DOT), a, dkc, IEEE)
+                dvc = _dot(p_t.to(DOT), gv, dvc, IEEE)
+
+    offsets = kv_head * N * D + kk[:, None] * D + d[None, :]
+    tl.store(dkc_ptr + offsets, (dkc / LOG2E).to(dkc_ptr.dtype.element_ty), mask=col_mask)  # a carries log2(e)
+    tl.store(dvc_ptr + offsets, dvc.to(dvc_ptr.dtype.element_ty), mask=col_mask)
+
+
+# ---- launchers -------------------------------------------------------------------------------------------------------
+
+
+def _dot_dtype(dtype: torch.dtype):
+    """GEMM operand type: 16-bit inputs use their tensor-core type on GPU; fp32/fp64, and everything on the
+    interpreter (which computes bf16 wrongly), the compute type."""
+    if not INTERPRET and dtype in (torch.bfloat16, torch.float16):
+        return tl.bfloat16 if dtype == torch.bfloat16 else tl.float16
+    return compute_dtype(dtype)
+
+
+def _tiles(n: int, d: int, wr: int, block_m: int) -> dict:
+    """BLOCK_Q x BLOCK_J row tiles of block_m rows (BLOCK_J covers the row-side window when it fits), BLOCK_D."""
+    block_j = min(triton.next_power_of_2(max(min(wr, n), 1)), block_m // 2)
+    block_n = 64 if not INTERPRET else max(16, min(64, triton.next_power_of_2(n)))
+    return dict(BLOCK_Q=block_m // block_j, BLOCK_J=block_j, BLOCK_N=block_n,
+                BLOCK_D=max(16, triton.next_power_of_2(d)))
+
+
+def _launch_options(x: Tensor, block_m: int) -> dict:
+    if INTERPRET:
+        return {}
+    return dict(num_warps=8 if block_m >= 128 else 4, num_stages=2)
+
+
+def _common(q: Tensor, causal: bool) -> dict:
+    return dict(CAUSAL=causal, DOT=_dot_dtype(q.dtype), IEEE=q.dtype in (torch.float32, torch.float64),
+                COMPUTE=compute_dtype(q.dtype))
+
+
+def tensor_attention_fwd(q: Tensor, kr: Tensor, kc: Tensor, vr: Tensor, vc: Tensor, wr: int, wc: int,
+                         causal: bool, scale: float) -> tuple[Tensor, Tensor]:
+    """q [B, H, n, d], kr/kc/vr/vc [B, Hkv, n, d], all contiguous and of one dtype; wr, wc the row- and
+    column-side windows (n when there is none; the caller puts the smaller window on the row side).
+
+    Returns (out [B, H, n, d] in q.dtype, lse [B, H, n] fp32, fp64 for fp64 inputs, natural log).
+    """
+    B, H, n, d = q.shape
+    out = torch.empty_like(q)
+    lse = torch.empty((B, H, n), dtype=accumulator_dtype(q.dtype), device=q.device)
+    block_m = 64 if INTERPRET else 128
+    tiles = _tiles(n, d, wr, block_m)
+    grid = (triton.cdiv(n, tiles["BLOCK_Q"]), B * H)
+    _tensor_attention_fwd_kernel[grid](q, kr, kc, vr, vc, out, lse, n, d, H, H // kr.shape[1], wr, wc,
+                                       scale * LOG2E, **tiles, **_common(q, causal),
+                                       **_launch_options(q, block_m))
+    return out, lse
+
+
+def tensor_attention_bwd(grad_out: Tensor, delta: Tensor, q: Tensor, kr: Tensor, kc: Tensor, vr: Tensor,
+                         vc: Tensor, lse: Tensor, wr: int, wc: int, causal: bool,
+                         scale: float) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """grad_out [B, H, n, d] contiguous; delta [B, H, n] = <dO_i, o_i> - dlse_i and lse from the forward (fp32 or
+    fp64); the rest as in ``tensor_attention_fwd``. Returns (dq, dkr, dkc, dvr, dvc) in the inputs' dtype."""
+    B, H, n, d = q.shape
+    heads_kv = kr.shape[1]
+    group = H // heads_kv
+    dq = torch.empty_like(q)
+    dkr, dkc, dvr, dvc = (torch.empty_like(x) for x in (kr, kc, vr, vc))
+    block_m = 32 if INTERPRET else 64
+    tiles = _tiles(n, d, wr, block_m)
+    common = dict(**tiles, **_common(q, causal), **_launch_options(q, block_m))
+    tensors = (q, kr, kc, vr, vc, grad_out, lse, delta)
+    for query_stationary in (True, False):
+        heads = B * H if query_stationary else B * heads_kv
+        _rows_bwd_kernel[(triton.cdiv(n, tiles["BLOCK_Q"]), heads)](
+            *tensors, dq, dkr, dvr, n, d, H, group, wr, wc, scale, scale * LOG2E,
+            QUERY_STATIONARY=query_stationary, **common)
+    _columns_bwd_kernel[(triton.cdiv(n, tiles["BLOCK_N"]), B * heads_kv)](
+        *tensors, dkc, dvc, n, d, H, group, wr, wc, scale * LOG2E, **common)
+    return dq, dkr, dkc, dvr, dvc
