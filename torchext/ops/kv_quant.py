@@ -1,0 +1,293 @@
+"""KVQuant (arXiv 2401.18079) as torch.library custom ops: quantize-and-append into a packed cache (CUDA C++) and
+decode attention over it (Triton split-K flash decoding with in-register dequantization and RoPE).
+
+The cache of one layer is a `Codebook` (fixed: per-layer levels, per-channel key normalisation) and a `Storage`
+(preallocated buffers, see torchext/reference/kv_quant.py for the layout). `allocate_storage` builds one,
+`kv_quant_append_` fills it, `kv_quant_decode_attention` reads it. Model code uses torchext.nn.KVQuantCache.
+"""
+
+import torch
+from torch import Tensor
+
+from torchext._backend import CUDA_EXT, cuda_dtype_code, use_cuda_ext, use_triton
+from torchext.ops._checks import check_same_device, check_shape, check_tensor
+from torchext.reference import kv_quant as ref
+from torchext.reference.kv_quant import Codebook, Storage
+
+# What kind of kernel backs each op on CUDA (read by `python -m torchext info`).
+KERNELS = {"kv_quant_append_": "cuda", "kv_quant_decode_attention": "triton"}
+
+CACHE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+HEAD_DIMS = (32, 64, 128, 256)
+
+
+def make_codebook(key_bits: int, value_bits: int, key_offset: Tensor, key_scale: Tensor,
+                  key_levels: Tensor | None = None, value_levels: Tensor | None = None,
+                  key_boundaries: Tensor | None = None, value_boundaries: Tensor | None = None) -> Codebook:
+    """A layer's Codebook. Levels default to uniform (intX); boundaries to the levels' midpoints.
+
+    key_offset, key_scale: [kv_heads, head_dim] (centre and half-width of each channel's range, scale > 0).
+    key_levels/value_levels: [2^bits] ascending (nuqX from torchext.nn.calibrate). All moved to fp32.
+    """
+    for name, bits in (("key_bits", key_bits), ("value_bits", value_bits)):
+        if bits not in ref.SUPPORTED_BITS:
+            raise ValueError(f"make_codebook: {name} must be one of {ref.SUPPORTED_BITS}, got {bits}")
+    if key_offset.shape != key_scale.shape or key_offset.dim() != 2:
+        raise ValueError(f"make_codebook: key_offset and key_scale must both be [kv_heads, head_dim], got "
+                         f"{tuple(key_offset.shape)} and {tuple(key_scale.shape)}")
+    if not (key_scale > 0).all():
+        raise ValueError("make_codebook: key_scale must be > 0 in every channel")
+    device = key_offset.device
+    levels = [(ref.uniform_levels(b) if lv is None else lv).float().to(device)
+              for b, lv in ((key_bits, key_levels), (value_bits, value_levels))]
+    bounds = [ref.midpoints(lv) if bd is None else bd.float().to(device)
+              for lv, bd in zip(levels, (key_boundaries, value_boundaries))]
+    for name, bits, lv, bd in (("key", key_bits, levels[0], bounds[0]), ("value", value_bits, levels[1], bounds[1])):
+        if lv.shape != (2 ** bits,) or bd.shape != (2 ** bits - 1,):
+            raise ValueError(f"make_codebook: {name} levels must be [{2 ** bits}] and boundaries "
+                             f"[{2 ** bits - 1}], got {tuple(lv.shape)} and {tuple(bd.shape)}")
+    return Codebook(key_bits, value_bits, levels[0], bounds[0], levels[1], bounds[1],
+                    key_offset.float().contiguous(), key_scale.float().contiguous())
+
+
+def allocate_storage(batch: int, kv_heads: int, head_dim: int, capacity: int, codebook: Codebook, slots: int = 1,
+                     sink: int = 0, window: int = 0, dtype: torch.dtype = torch.float16, device=None) -> Storage:
+    """Empty buffers for `capacity` positions per sequence (lengths 0). See reference.kv_quant.Storage.
+
+    slots: outlier slots per [head_dim] vector (reference.kv_quant.outlier_slots(head_dim, fraction)), 0 for none.
+    sink: leading positions kept in `dtype`; window: most recent positions kept in `dtype` (a ring buffer).
+    """
+    if head_dim not in HEAD_DIMS:
+        raise ValueError(f"allocate_storage: head_dim must be one of {HEAD_DIMS}, got {head_dim}")
+    if dtype not in CACHE_DTYPES:
+        raise TypeError(f"allocate_storage: dtype must be one of {CACHE_DTYPES}, got {dtype}")
+    if min(batch, kv_heads, capacity) < 1 or min(slots, sink, window) < 0:
+        raise ValueError(f"allocate_storage: need batch, kv_heads, capacity >= 1 and slots, sink, window >= 0, got "
+                         f"{(batch, kv_heads, capacity, slots, sink, window)}")
+    vectors = (batch, kv_heads, capacity)
+
+    def zeros(*shape, dt=dtype):
+        return torch.zeros(*shape, dtype=dt, device=device)
+
+    return Storage(
+        zeros(*vectors, ref.words_per_vector(head_dim, codebook.key_bits), dt=torch.int32),
+        zeros(*vectors, slots, dt=torch.int16) - 1, zeros(*vectors, slots),
+        zeros(*vectors, ref.words_per_vector(head_dim, codebook.value_bits), dt=torch.int32),
+        zeros(*vectors, dt=torch.float16), zeros(*vectors, dt=torch.float16),
+        zeros(*vectors, slots, dt=torch.int16) - 1, zeros(*vectors, slots),
+        zeros(batch, kv_heads, sink, head_dim), zeros(batch, kv_heads, sink, head_dim),
+        zeros(batch, kv_heads, window, head_dim), zeros(batch, kv_heads, window, head_dim),
+        zeros(batch, dt=torch.int32))
+
+
+def _check_storage(op: str, storage: Storage, codebook: Codebook) -> tuple[int, ...]:
+    """(batch, kv_heads, capacity, head_dim, slots) after checking every buffer against the layout."""
+    batch, kv_heads, capacity, _ = storage.key_codes.shape
+    head_dim, slots = storage.sink_keys.shape[-1], storage.key_outlier_index.shape[-1]
+    dtype = storage.sink_keys.dtype
+    vectors, sink, window = (batch, kv_heads, capacity), storage.sink_keys.shape[2], storage.window_keys.shape[2]
+    outliers = vectors + (slots,)
+    expected = {
+        "key_codes": (vectors + (ref.words_per_vector(head_dim, codebook.key_bits),), torch.int32),
+        "key_outlier_index": (outliers, torch.int16), "key_outlier_value": (outliers, dtype),
+        "value_codes": (vectors + (ref.words_per_vector(head_dim, codebook.value_bits),), torch.int32),
+        "value_offset": (vectors, torch.float16), "value_scale": (vectors, torch.float16),
+        "value_outlier_index": (outliers, torch.int16), "value_outlier_value": (outliers, dtype),
+        "sink_keys": ((batch, kv_heads, sink, head_dim), dtype),
+        "sink_values": ((batch, kv_heads, sink, head_dim), dtype),
+        "window_keys": ((batch, kv_heads, window, head_dim), dtype),
+        "window_values": ((batch, kv_heads, window, head_dim), dtype),
+        "lengths": ((batch,), torch.int32),
+    }
+    for name, tensor in zip(Storage._fields, storage):
+        shape, dt = expected[name]
+        check_tensor(op, f"storage.{name}", tensor, (dt,))
+        check_shape(op, f"storage.{name}", tensor, shape)
+        if not tensor.is_contiguous():
+            raise ValueError(f"{op}: storage.{name} must be contiguous")
+        check_same_device(op, **{"storage.key_codes": storage.key_codes, f"storage.{name}": tensor})
+    check_shape(op, "codebook.key_offset", codebook.key_offset, (kv_heads, head_dim))
+    check_shape(op, "codebook.key_scale", codebook.key_scale, (kv_heads, head_dim))
+    for name in ("key_levels", "key_boundaries", "value_levels", "value_boundaries", "key_offset", "key_scale"):
+        tensor = getattr(codebook, name)
+        check_tensor(op, f"codebook.{name}", tensor, (torch.float32,))
+        check_same_device(op, **{"storage.key_codes": storage.key_codes, f"codebook.{name}": tensor})
+    if head_dim not in HEAD_DIMS:
+        raise ValueError(f"{op}: head_dim must be one of {HEAD_DIMS}, got {head_dim}")
+    return batch, kv_heads, capacity, head_dim, slots
+
+
+# ---- quantize-and-append --------------------------------------------------------------------------------------------
+
+
+def _check_append(storage: Storage, codebook: Codebook, k: Tensor, v: Tensor, counts: Tensor) -> None:
+    op = "kv_quant_append_"
+    batch, kv_heads, _, head_dim, _ = _check_storage(op, storage, codebook)
+    for name, x in (("k", k), ("v", v)):
+        check_tensor(op, name, x, (storage.sink_keys.dtype,), ndim=4)
+        if x.shape[0] != batch or x.shape[1] != kv_heads or x.shape[3] != head_dim:
+            raise ValueError(f"{op}: {name} must be [batch={batch}, kv_heads={kv_heads}, n, head_dim={head_dim}], "
+                             f"got {tuple(x.shape)}")
+        if x.stride(-1) != 1:
+            raise ValueError(f"{op}: {name} must have unit stride in its last dim, got strides {x.stride()}")
+    check_shape(op, "v", v, k.shape)
+    check_tensor(op, "counts", counts, (torch.int32,), ndim=1)
+    check_shape(op, "counts", counts, (batch,))
+    check_same_device(op, k=k, v=v, counts=counts, storage=storage.key_codes)
+
+
+def _append_cuda(storage: Storage, codebook: Codebook, k: Tensor, v: Tensor, counts: Tensor) -> None:
+    batch, kv_heads, n, head_dim = k.shape
+    CUDA_EXT.kv_quant_append(
+        k.data_ptr(), v.data_ptr(), k.stride()[:3], v.stride()[:3], counts.data_ptr(), storage.lengths.data_ptr(),
+        *(t.data_ptr() for t in storage[:12]),
+        codebook.key_boundaries.data_ptr(), codebook.value_boundaries.data_ptr(), codebook.key_offset.data_ptr(),
+        codebook.key_scale.data_ptr(), batch, kv_heads, n, head_dim, storage.key_codes.shape[2],
+        storage.key_outlier_index.shape[3], storage.sink_keys.shape[2], storage.window_keys.shape[2],
+        codebook.key_bits, codebook.value_bits, cuda_dtype_code(k.dtype),
+        torch.cuda.current_stream(k.device).cuda_stream)
+
+
+_STORAGE_ARGS = ", ".join(f"Tensor(a{i}!) {name}" for i, name in enumerate(Storage._fields))
+_CODEBOOK_ARGS = "Tensor key_levels, Tensor key_boundaries, Tensor value_levels, Tensor value_boundaries, " \
+                 "Tensor key_offset, Tensor key_scale, int key_bits, int value_bits"
+torch.library.define("torchext::kv_quant_append_",
+                     f"({_STORAGE_ARGS}, {_CODEBOOK_ARGS}, Tensor k, Tensor v, Tensor counts) -> ()")
+
+
+def _codebook(key_levels, key_boundaries, value_levels, value_boundaries, key_offset, key_scale, key_bits,
+              value_bits) -> Codebook:
+    return Codebook(key_bits, value_bits, key_levels, key_boundaries, value_levels, value_boundaries, key_offset,
+                    key_scale)
+
+
+def _codebook_args(codebook: Codebook) -> tuple:
+    return (codebook.key_levels, codebook.key_boundaries, codebook.value_levels, codebook.value_boundaries,
+            codebook.key_offset, codebook.key_scale, codebook.key_bits, codebook.value_bits)
+
+
+_N_STORAGE, _N_CODEBOOK = len(Storage._fields), 8
+
+
+def _split_append_args(args) -> tuple[Storage, Codebook, Tensor, Tensor, Tensor]:
+    storage = Storage(*args[:_N_STORAGE])
+    codebook = _codebook(*args[_N_STORAGE:_N_STORAGE + _N_CODEBOOK])
+    return (storage, codebook, *args[_N_STORAGE + _N_CODEBOOK:])
+
+
+@torch.library.impl("torchext::kv_quant_append_", "CompositeExplicitAutograd")
+def _kv_quant_append_impl(*args) -> None:
+    storage, codebook, k, v, counts = _split_append_args(args)
+    _check_append(storage, codebook, k, v, counts)
+    if use_cuda_ext(k) and hasattr(CUDA_EXT, "kv_quant_append"):
+        _append_cuda(storage, codebook, k, v, counts)
+    else:
+        ref.append(storage, codebook, k, v, counts)
+
+
+@torch.library.register_fake("torchext::kv_quant_append_")
+def _(*args) -> None:
+    _check_append(*_split_append_args(args))
+
+
+def kv_quant_append_(storage: Storage, codebook: Codebook, k: Tensor, v: Tensor, counts: Tensor | None = None,
+                     check: bool = True) -> None:
+    """Quantize new tokens and append them to a packed cache, in place (prefill and decode alike).
+
+    Args:
+        storage: the layer's buffers (allocate_storage); mutated, lengths advanced by counts.
+        codebook: the layer's Codebook (make_codebook or torchext.nn.calibrate).
+        k: [batch, kv_heads, n, head_dim] keys BEFORE RoPE, in the cache dtype; v: the same shape.
+        counts: [batch] int32, tokens of each sequence to take (the first counts[b] of k[b]); default n each.
+        check: raise if a sequence would pass the capacity (reads lengths back: one host sync). With
+            check=False nothing syncs (CUDA-graph safe); an overflowing sequence is then silently not written.
+
+    Positions below `sink` go to the 16-bit sink, the last `window` positions to the 16-bit ring buffer, and each
+    position leaving the window is quantized (keys per channel, values per token, outliers into their slots).
+    """
+    n = k.shape[2] if k.dim() == 4 else 0
+    if counts is None:
+        counts = torch.full((storage.lengths.shape[0],), n, dtype=torch.int32, device=k.device)
+    if check:
+        capacity = storage.key_codes.shape[2]
+        over = (storage.lengths.long() + counts.long() > capacity).nonzero().flatten().tolist()
+        if over:
+            raise ValueError(f"kv_quant_append_: sequences {over} would pass the cache capacity of {capacity} "
+                             f"positions (lengths {storage.lengths.tolist()}, adding {counts.tolist()}); nothing "
+                             f"was written")
+    torch.ops.torchext.kv_quant_append_(*storage, *_codebook_args(codebook), k, v, counts)
+
+
+# ---- decode attention -----------------------------------------------------------------------------------------------
+
+
+def _check_decode(q: Tensor, storage: Storage, codebook: Codebook, inv_freq: Tensor) -> None:
+    op = "kv_quant_decode_attention"
+    batch, kv_heads, _, head_dim, _ = _check_storage(op, storage, codebook)
+    check_tensor(op, "q", q, (storage.sink_keys.dtype,), ndim=4)
+    if q.shape[0] != batch or q.shape[2] != 1 or q.shape[3] != head_dim:
+        raise ValueError(f"{op}: q must be [batch={batch}, heads, 1, head_dim={head_dim}] (one decode token per "
+                         f"sequence), got {tuple(q.shape)}")
+    if q.shape[1] % kv_heads:
+        raise ValueError(f"{op}: q has {q.shape[1]} heads, not a multiple of the cache's {kv_heads} kv heads")
+    if q.stride(-1) != 1:
+        raise ValueError(f"{op}: q must have unit stride in its last dim, got strides {q.stride()}")
+    check_tensor(op, "inv_freq", inv_freq, (torch.float32,), ndim=1)
+    check_shape(op, "inv_freq", inv_freq, (head_dim // 2,))
+    check_same_device(op, q=q, inv_freq=inv_freq, storage=storage.key_codes)
+
+
+torch.library.define("torchext::kv_quant_decode_attention",
+                     f"(Tensor q, {_STORAGE_ARGS.replace('!', '')}, {_CODEBOOK_ARGS}, Tensor inv_freq, "
+                     f"float attention_scaling, float scale, int max_length) -> Tensor")
+
+
+def _split_decode_args(args):
+    q, rest = args[0], args[1:]
+    storage, codebook = Storage(*rest[:_N_STORAGE]), _codebook(*rest[_N_STORAGE:_N_STORAGE + _N_CODEBOOK])
+    return (q, storage, codebook, *rest[_N_STORAGE + _N_CODEBOOK:])
+
+
+@torch.library.impl("torchext::kv_quant_decode_attention", "CompositeExplicitAutograd")
+def _kv_quant_decode_attention_impl(*args) -> Tensor:
+    q, storage, codebook, inv_freq, attention_scaling, scale, max_length = _split_decode_args(args)
+    _check_decode(q, storage, codebook, inv_freq)
+    if use_triton(q):
+        from torchext.triton_kernels.kv_quant import kv_quant_decode_fwd
+        return kv_quant_decode_fwd(q, storage, codebook, inv_freq, attention_scaling, scale, max_length)
+    keys, values = ref.read(storage, codebook)
+    return ref.decode_attention(q, keys, values, storage.lengths, inv_freq, attention_scaling, scale).to(q.dtype)
+
+
+@torch.library.register_fake("torchext::kv_quant_decode_attention")
+def _(*args) -> Tensor:
+    q, storage, codebook, inv_freq, *_ = _split_decode_args(args)
+    _check_decode(q, storage, codebook, inv_freq)
+    return torch.empty_like(q)
+
+
+def kv_quant_decode_attention(q: Tensor, storage: Storage, codebook: Codebook, inv_freq: Tensor,
+                              attention_scaling: float = 1.0, scale: float | None = None,
+                              max_length: int | None = None) -> Tensor:
+    """Attention of one new query token per sequence over a packed KVQuant cache (split-K flash decoding).
+
+    Args:
+        q: [batch, heads, 1, head_dim] post-RoPE queries in the cache dtype (bf16/fp16/fp32); heads a multiple
+            of the cache's kv_heads (GQA/MQA: each kv head's tiles are dequantized once for its whole group).
+        storage, codebook: the layer's cache (lengths[b] positions of sequence b are attended: append the
+            current token first).
+        inv_freq: [head_dim / 2] fp32 RoPE frequencies, with any Llama-3 / YaRN scaling already in them (as in a
+            Hugging Face rotary embedding); keys are rotated at their positions inside the kernel.
+        attention_scaling: the factor Hugging Face multiplies cos/sin by (1 for plain RoPE and Llama-3 scaling).
+        scale: softmax scale, default head_dim^-0.5.
+        max_length: an upper bound on the lengths, known on the host (KVQuantCache tracks it), to size the
+            split-K grid to the work; default the capacity (correct, but wasteful when the cache is mostly empty).
+
+    Returns:
+        [batch, heads, 1, head_dim] in q.dtype. Not differentiable (inference).
+    """
+    head_dim = q.shape[-1]
+    scale = head_dim ** -0.5 if scale is None else scale
+    max_length = storage.key_codes.shape[2] if max_length is None else max_length
+    return torch.ops.torchext.kv_quant_decode_attention(q, *storage, *_codebook_args(codebook), inv_freq,
+                                                        float(attention_scaling), float(scale), int(max_length))

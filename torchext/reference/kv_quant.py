@@ -1,0 +1,334 @@
+"""Pure-PyTorch reference for KVQuant (Hooper et al., arXiv 2401.18079), written from the paper.
+
+The quantized cache of one layer is a `Codebook` (fixed per layer: lookup tables and the per-channel key
+normalisation, calibrated offline, paper sec. 3.1-3.4) and a `Storage` (per-sequence buffers preallocated for
+`capacity` positions). Every function here is the ground truth the kernels are tested against and the CPU path
+of the ops:
+
+- keys are quantized per channel and before RoPE (sec. 3.1-3.2): x = (k - offset_c) / scale_c, so the
+  calibrated range of channel c maps to [-1, 1]; RoPE is applied when attention reads them;
+- values are quantized per token: offset and scale of each [head_dim] vector, after its outliers are removed;
+- each normalised element takes the code of its nearest level of a per-layer table of 2^bits levels (nuqX,
+  sec. 3.3: k-means levels; uniform levels without calibration). The code is the number of midpoints
+  (boundaries) below x: a binary search on midpoints finds the nearest level;
+- dense-and-sparse (sec. 3.4): a fixed number of slots per [head_dim] vector keeps outliers exactly (their
+  channel index and original 16-bit value), replacing the dense element on dequantization;
+- positions below `sink` and the last `window` positions of each sequence stay in 16-bit (attention sink and
+  recent window); the recent window is a ring buffer indexed by position % window.
+"""
+
+import math
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+
+WORD_BITS = 32
+SUPPORTED_BITS = (2, 3, 4)
+
+
+class Codebook(NamedTuple):
+    """What is fixed per layer. Levels are ascending fp32; boundaries[i] separates levels i and i + 1 (their
+    midpoints, or the midpoints of the levels before Q-Norm moved them)."""
+    key_bits: int
+    value_bits: int
+    key_levels: Tensor         # [2^key_bits] fp32
+    key_boundaries: Tensor     # [2^key_bits - 1] fp32
+    value_levels: Tensor       # [2^value_bits] fp32
+    value_boundaries: Tensor   # [2^value_bits - 1] fp32
+    key_offset: Tensor         # [kv_heads, head_dim] fp32, the centre of each channel's calibrated range
+    key_scale: Tensor          # [kv_heads, head_dim] fp32, its half-width (> 0)
+
+
+class Storage(NamedTuple):
+    """The per-sequence buffers of one layer, indexed by absolute position (a position held in the sink or the
+    window leaves its quantized slot unused). Outlier slots hold channel index -1 when empty."""
+    key_codes: Tensor            # [batch, kv_heads, capacity, words(head_dim, key_bits)] int32
+    key_outlier_index: Tensor    # [batch, kv_heads, capacity, slots] int16
+    key_outlier_value: Tensor    # [batch, kv_heads, capacity, slots] cache dtype
+    value_codes: Tensor          # [batch, kv_heads, capacity, words(head_dim, value_bits)] int32
+    value_offset: Tensor         # [batch, kv_heads, capacity] fp16
+    value_scale: Tensor          # [batch, kv_heads, capacity] fp16
+    value_outlier_index: Tensor  # [batch, kv_heads, capacity, slots] int16
+    value_outlier_value: Tensor  # [batch, kv_heads, capacity, slots] cache dtype
+    sink_keys: Tensor            # [batch, kv_heads, sink, head_dim] cache dtype, pre-RoPE
+    sink_values: Tensor          # [batch, kv_heads, sink, head_dim]
+    window_keys: Tensor          # [batch, kv_heads, window, head_dim] ring buffer, pre-RoPE
+    window_values: Tensor        # [batch, kv_heads, window, head_dim]
+    lengths: Tensor              # [batch] int32, tokens held per sequence
+
+
+# ---- codes and levels -----------------------------------------------------------------------------------------------
+
+
+def codes_per_word(bits: int) -> int:
+    """Codes packed in one int32 word (10 for 3 bits: 2 bits of each word stay unused)."""
+    return WORD_BITS // bits
+
+
+def words_per_vector(head_dim: int, bits: int) -> int:
+    return math.ceil(head_dim / codes_per_word(bits))
+
+
+def pack_codes(codes: Tensor, bits: int) -> Tensor:
+    """codes [..., D] in [0, 2^bits) -> int32 words [..., words]; code c sits in word c // n at bit (c % n) * bits."""
+    per_word = codes_per_word(bits)
+    n_words = words_per_vector(codes.shape[-1], bits)
+    padded = torch.zeros(*codes.shape[:-1], n_words * per_word, dtype=torch.int64, device=codes.device)
+    padded[..., :codes.shape[-1]] = codes
+    shifts = torch.arange(per_word, device=codes.device) * bits
+    words = (padded.view(*codes.shape[:-1], n_words, per_word) << shifts).sum(-1)
+    return torch.where(words >= 2 ** 31, words - 2 ** 32, words).to(torch.int32)  # the same 32 bits, signed
+
+
+def unpack_codes(words: Tensor, bits: int, head_dim: int) -> Tensor:
+    """int32 words [..., words] -> int64 codes [..., head_dim] (inverse of pack_codes)."""
+    channel = torch.arange(head_dim, device=words.device)
+    per_word = codes_per_word(bits)
+    word = words.long()[..., channel // per_word] & 0xFFFFFFFF
+    return (word >> ((channel % per_word) * bits)) & (2 ** bits - 1)
+
+
+def uniform_levels(bits: int) -> Tensor:
+    """The uncalibrated datatype: 2^bits evenly spaced levels over [-1, 1] (intX)."""
+    return torch.linspace(-1, 1, 2 ** bits)
+
+
+def midpoints(levels: Tensor) -> Tensor:
+    return (levels[1:] + levels[:-1]) / 2
+
+
+def nearest_code(x: Tensor, boundaries: Tensor) -> Tensor:
+    """The code of the nearest level: the number of boundaries strictly below x (ties go to the lower level)."""
+    return torch.bucketize(x.float().contiguous(), boundaries.float(), right=False)
+
+
+def fit_levels(samples: Tensor, bits: int, weights: Tensor | None = None, iterations: int = 50) -> Tensor:
+    """Weighted 1-D k-means (Lloyd) of normalised samples into 2^bits ascending levels (nuqX, sec. 3.3).
+
+    samples: [n] values in about [-1, 1]; weights: [n] >= 0, e.g. the Fisher information (squared gradients),
+    so the fit minimises sum_i F_i (x_i - Q(x_i))^2. Starts from weighted quantiles; an empty cluster keeps its
+    level. Returns fp32 [2^bits].
+    """
+    x = samples.flatten().double()
+    w = torch.ones_like(x) if weights is None else weights.flatten().double().clamp_min(0)
+    if x.numel() == 0 or w.sum() <= 0:
+        raise ValueError("fit_levels: needs samples with a positive total weight")
+    order = x.argsort()
+    cumulative = w[order].cumsum(0) / w.sum()
+    quantiles = (torch.arange(2 ** bits, dtype=torch.float64) + 0.5) / 2 ** bits
+    levels = x[order][torch.searchsorted(cumulative, quantiles).clamp_max(x.numel() - 1)]
+    for _ in range(iterations):
+        code = nearest_code(x, midpoints(levels))
+        mass = torch.zeros_like(levels).index_add_(0, code, w)
+        total = torch.zeros_like(levels).index_add_(0, code, w * x)
+        updated = torch.where(mass > 0, total / mass.clamp_min(1e-300), levels).sort().values
+        if torch.equal(updated, levels):
+            break
+        levels = updated
+    return levels.float()
+
+
+def q_norm_levels(samples: Tensor, levels: Tensor) -> Tensor:
+    """Q-Norm (sec. 3.6): an affine map of the levels so quantized samples keep the mean and standard deviation
+    of the originals. Codes are still assigned by the midpoints of the original levels."""
+    x = samples.flatten().double()
+    q = levels.double()[nearest_code(x, midpoints(levels))]
+    gain = x.std() / q.std().clamp_min(1e-12)
+    return (levels.double() * gain + (x.mean() - q.mean() * gain)).float()
+
+
+def outlier_slots(head_dim: int, outlier_fraction: float) -> int:
+    """Dense-and-sparse slots per vector: about outlier_fraction of head_dim, at least one when enabled."""
+    return 0 if outlier_fraction <= 0 else max(1, round(outlier_fraction * head_dim))
+
+
+# ---- quantize and dequantize one [..., head_dim] vector -------------------------------------------------------------
+
+
+def _outliers(deviation: Tensor, eligible: Tensor, slots: int) -> Tensor:
+    """Channel indices [..., slots] int64 of the largest eligible deviations (-1 where fewer are eligible)."""
+    if slots == 0:
+        return deviation.new_zeros(*deviation.shape[:-1], 0, dtype=torch.int64)
+    score = torch.where(eligible, deviation, -1.0)
+    top = score.topk(slots, dim=-1)
+    return torch.where(top.values >= 0, top.indices, -1)
+
+
+def _gather_outliers(x: Tensor, index: Tensor) -> Tensor:
+    return torch.where(index >= 0, x.gather(-1, index.clamp_min(0)), 0).to(x.dtype)
+
+
+def _replace_outliers(dense: Tensor, index: Tensor, value: Tensor) -> Tensor:
+    channel = torch.arange(dense.shape[-1], device=dense.device)
+    for slot in range(index.shape[-1]):
+        hit = channel == index[..., slot, None].long()
+        dense = torch.where(hit, value[..., slot, None].to(dense.dtype), dense)
+    return dense
+
+
+def quantize_keys(k: Tensor, codebook: Codebook, slots: int) -> tuple[Tensor, Tensor, Tensor]:
+    """k [batch, kv_heads, n, head_dim] pre-RoPE -> (codes int32 [..., words], outlier index int16 [..., slots],
+    outlier value [..., slots] in k.dtype).
+
+    Elements outside their channel's calibrated range (|x| > 1) are outliers; the `slots` largest per vector are
+    kept exactly, the rest clamp to the range.
+    """
+    x = (k.float() - codebook.key_offset[:, None]) / codebook.key_scale[:, None]
+    index = _outliers(x.abs(), x.abs() > 1, slots)
+    codes = nearest_code(x.clamp(-1, 1), codebook.key_boundaries)
+    return pack_codes(codes, codebook.key_bits), index.to(torch.int16), _gather_outliers(k, index)
+
+
+def quantize_values(v: Tensor, codebook: Codebook, slots: int) -> tuple[Tensor, ...]:
+    """v [batch, kv_heads, n, head_dim] -> (codes int32 [..., words], offset fp16 [...], scale fp16 [...],
+    outlier index int16 [..., slots], outlier value [..., slots] in v.dtype).
+
+    The `slots` elements farthest from the vector's mean are outliers; the others set the vector's range
+    [offset - scale, offset + scale] (offset and scale rounded to fp16 before quantizing, as stored).
+    """
+    vf = v.float()
+    index = _outliers((vf - vf.mean(-1, keepdim=True)).abs(), torch.ones_like(vf, dtype=torch.bool), slots)
+    inlier = _replace_outliers(torch.ones_like(vf, dtype=torch.bool), index, torch.zeros_like(index, dtype=vf.dtype))
+    hi = torch.where(inlier, vf, -math.inf).amax(-1)
+    lo = torch.where(inlier, vf, math.inf).amin(-1)
+    offset, scale = ((hi + lo) / 2).half(), ((hi - lo) / 2).half()
+    x = (vf - offset.float()[..., None]) / scale.float().clamp_min(torch.finfo(torch.float16).tiny)[..., None]
+    codes = nearest_code(x.clamp(-1, 1), codebook.value_boundaries)
+    return (pack_codes(codes, codebook.value_bits), offset, scale, index.to(torch.int16),
+            _gather_outliers(v, index))
+
+
+def dequantize_keys(codes: Tensor, outlier_index: Tensor, outlier_value: Tensor, codebook: Codebook,
+                    head_dim: int) -> Tensor:
+    """Inverse of quantize_keys: [batch, kv_heads, n, head_dim] fp32, pre-RoPE."""
+    level = codebook.key_levels[unpack_codes(codes, codebook.key_bits, head_dim)]
+    dense = level * codebook.key_scale[:, None] + codebook.key_offset[:, None]
+    return _replace_outliers(dense, outlier_index, outlier_value)
+
+
+def dequantize_values(codes: Tensor, offset: Tensor, scale: Tensor, outlier_index: Tensor, outlier_value: Tensor,
+                      codebook: Codebook, head_dim: int) -> Tensor:
+    """Inverse of quantize_values: [batch, kv_heads, n, head_dim] fp32."""
+    level = codebook.value_levels[unpack_codes(codes, codebook.value_bits, head_dim)]
+    dense = level * scale.float()[..., None] + offset.float()[..., None]
+    return _replace_outliers(dense, outlier_index, outlier_value)
+
+
+# ---- RoPE -----------------------------------------------------------------------------------------------------------
+
+
+def rope_cos_sin(positions: Tensor, inv_freq: Tensor, attention_scaling: float = 1.0) -> tuple[Tensor, Tensor]:
+    """fp32 cos, sin [..., n, head_dim / 2] of the angles position * inv_freq, times attention_scaling, computed
+    as Hugging Face's rotary embeddings do (fp32 product), so Llama-3 / YaRN scaling is whatever inv_freq holds."""
+    angles = positions.float()[..., None] * inv_freq.float()
+    return angles.cos() * attention_scaling, angles.sin() * attention_scaling
+
+
+def rotate(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Half-split ("rotate_half") RoPE of x [..., n, head_dim] in fp32: pairs (i, i + head_dim/2)."""
+    x1, x2 = x.float().chunk(2, dim=-1)
+    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+
+
+def unrotate(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Inverse of rotate (the transposed rotation, divided by the squared attention scaling)."""
+    gain = cos.square() + sin.square()
+    return rotate(x, cos / gain, -sin / gain)
+
+
+# ---- the cache: append and read back --------------------------------------------------------------------------------
+
+
+def _store_dense(storage: Storage, codebook: Codebook, b: int, positions: Tensor, k: Tensor, v: Tensor,
+                 slots: int) -> None:
+    """Quantize k, v [kv_heads, n, head_dim] into the dense-and-sparse slots of sequence b at `positions`."""
+    kc, ki, kv_ = quantize_keys(k[None], codebook, slots)
+    vc, vo, vs, vi, vv = quantize_values(v[None], codebook, slots)
+    for buffer, new in zip(storage[:8], (kc, ki, kv_, vc, vo, vs, vi, vv)):
+        buffer[b][:, positions] = new[0]
+
+
+def append(storage: Storage, codebook: Codebook, k: Tensor, v: Tensor, counts: Tensor | None = None) -> None:
+    """Quantize-and-append (in place): sequence b takes the first counts[b] tokens of k[b], v[b] at positions
+    lengths[b], lengths[b] + 1, ...; lengths grows by counts.
+
+    k: [batch, kv_heads, n, head_dim] pre-RoPE; v: the same; counts: [batch] int (default n for all).
+    A position below `sink` goes to the sink. Otherwise it enters the recent window; the position it pushes out
+    of the window (position - window, if not in the sink) is quantized into its slot. A sequence that would
+    pass the capacity is left untouched (the op checks and raises before calling this).
+    """
+    batch, _, n, head_dim = k.shape
+    sink, window = storage.sink_keys.shape[2], storage.window_keys.shape[2]
+    capacity, slots = storage.key_codes.shape[2], storage.key_outlier_index.shape[3]
+    counts = torch.full((batch,), n) if counts is None else counts.cpu()
+    for b in range(batch):
+        start, count = int(storage.lengths[b]), int(counts[b])
+        if count == 0 or start + count > capacity:
+            continue
+        history = torch.cat((read_window(storage, b, start), torch.cat((k[b:b + 1], v[b:b + 1]))[:, :, :count]), 2)
+        first = window_start(start, sink, window)  # the position history[:, :, 0] holds
+        for p in range(start, start + count):  # place the new tokens
+            if p < sink:
+                storage.sink_keys[b, :, p], storage.sink_values[b, :, p] = history[0, :, p - first], \
+                    history[1, :, p - first]
+            elif window > 0:
+                storage.window_keys[b, :, p % window], storage.window_values[b, :, p % window] = \
+                    history[0, :, p - first], history[1, :, p - first]
+        leaving = torch.arange(max(start - window, sink), max(start + count - window, sink))
+        if leaving.numel():  # positions that left the window in this append: quantize them
+            _store_dense(storage, codebook, b, leaving, history[0, :, leaving - first], history[1, :, leaving - first],
+                         slots)
+        storage.lengths[b] += count
+
+
+def window_start(length: int, sink: int, window: int) -> int:
+    """The first position the recent window holds in a sequence of `length` tokens."""
+    return min(length, max(sink, length - window))
+
+
+def read_window(storage: Storage, b: int, length: int) -> Tensor:
+    """The window's tokens of sequence b at `length`, oldest first: [2, kv_heads, n, head_dim] (keys, values)."""
+    sink, window = storage.sink_keys.shape[2], storage.window_keys.shape[2]
+    positions = torch.arange(window_start(length, sink, window), length)
+    slots = positions % max(window, 1)
+    return torch.stack((storage.window_keys[b][:, slots], storage.window_values[b][:, slots]))
+
+
+def read(storage: Storage, codebook: Codebook) -> tuple[Tensor, Tensor]:
+    """Every position of the cache as fp32 (keys pre-RoPE): [batch, kv_heads, capacity, head_dim] each. Positions
+    at or past a sequence's length hold garbage; attention masks them."""
+    head_dim = storage.sink_keys.shape[-1]
+    sink = storage.sink_keys.shape[2]
+    keys = dequantize_keys(*storage[:3], codebook, head_dim)
+    values = dequantize_values(*storage[3:8], codebook, head_dim)
+    for b in range(keys.shape[0]):
+        length = int(storage.lengths[b])
+        held = min(sink, length)
+        keys[b, :, :held], values[b, :, :held] = storage.sink_keys[b, :, :held], storage.sink_values[b, :, :held]
+        recent = read_window(storage, b, length).float()
+        keys[b, :, length - recent.shape[2]:length], values[b, :, length - recent.shape[2]:length] = recent
+    return keys, values
+
+
+# ---- decode attention -----------------------------------------------------------------------------------------------
+
+
+def decode_attention(q: Tensor, keys: Tensor, values: Tensor, lengths: Tensor, inv_freq: Tensor,
+                     attention_scaling: float = 1.0, scale: float | None = None) -> Tensor:
+    """One query token per sequence against its first lengths[b] cached positions, in fp32.
+
+    q: [batch, heads, 1, head_dim] post-RoPE at any position; keys: [batch, kv_heads, n, head_dim] pre-RoPE (key
+    at index p is rotated by position p); values: the same; heads a multiple of kv_heads (GQA); scale defaults
+    to head_dim^-0.5. Returns fp32 [batch, heads, 1, head_dim].
+    """
+    batch, heads, _, head_dim = q.shape
+    n = keys.shape[2]
+    cos, sin = rope_cos_sin(torch.arange(n, device=keys.device), inv_freq, attention_scaling)
+    group = heads // keys.shape[1]
+    k = rotate(keys, cos, sin).repeat_interleave(group, 1)
+    v = values.float().repeat_interleave(group, 1)
+    scores = (q.float() @ k.transpose(-1, -2)) * (head_dim ** -0.5 if scale is None else scale)
+    visible = torch.arange(n, device=q.device) < lengths.to(q.device)[:, None]
+    scores = scores.masked_fill(~visible[:, None, None, :], -math.inf)
+    return scores.softmax(-1) @ v
