@@ -7,6 +7,8 @@ import functools
 import pytest
 import torch
 import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from harness import check_against_reference, check_compile, check_gradcheck, check_opcheck, check_raises
 
 from torchext.nn.kronecker_attention import KroneckerAttention2d, KroneckerAttention3d
@@ -37,6 +39,15 @@ CASES = [((1, 1, 1, 1), 1), ((2, 6, 5, 7), 2), ((2, 4, 3, 5, 6), 2), ((1, 2, 9, 
 def test_matches_reference(case, mode, device):
     shape, heads = case
     check_op(randn(*shape, device=device), mode, heads)
+
+
+@settings(max_examples=5, deadline=None)
+@given(frames=st.integers(0, 3), H=st.integers(1, 20), W=st.integers(1, 20), heads=st.integers(1, 3),
+       head_dim=st.integers(1, 5), qkv=st.booleans())
+def test_any_shape(frames, H, W, heads, head_dim, qkv):
+    """Random sizes: masking must hold at every remainder of the key, query and row tiles (frames 0 = 2-D)."""
+    shape = (1, heads * head_dim, *((frames,) if frames else ()), H, W)
+    check_op(randn(*shape), "qkv" if qkv else "kv", heads)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])

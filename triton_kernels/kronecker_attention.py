@@ -1,7 +1,7 @@
 """Triton kernels for Kronecker attention operators (Gao, Wang, Ji, arXiv 2007.08442): KAO_KV and KAO_QKV on
 2-D [B, C, H, W] and 3-D [B, C, T, H, W] maps. Notation as in torchext/reference/kronecker_attention.py.
 
-Four kernels, each a single pass over the big tensors it touches:
+The kernels, each a single pass over the big tensors it touches:
     _kronecker_pool_kernel       tokens C = X M: the row, column (and time) means of every channel, x read once.
     _kronecker_attn_fwd_kernel   out = C softmax(scale C^T Q) for a tile of queries: Q = x (KV, hw queries) or
                                  Q = C (QKV, the L tokens themselves). The L keys of one head fit one tile.
@@ -14,7 +14,9 @@ HBM traffic per element of x (E bytes each; the tokens are L/N of that and ignor
     forward  KV: 3E (x read by the pooling and again as queries, out written)   QKV: 2E (x read, out written)
     backward KV: 5E (x and dO read by the reduction and again by the dx pass, dx written)
              QKV: 2E (dO read by the pooling, dx written; x is not needed, only the saved tokens)
-KV must read x twice: a query's output needs the means of the whole map.
+KV must read x twice: a query's output needs the means of the whole map. Every query tile also re-reads its
+head's L x d tokens (from L2, not HBM): that on-chip traffic grows with L / BLOCK_P and is what to tune first
+for KV on large maps (untuned: no GPU was available when these were written).
 
 Conventions: fp32 accumulation (fp64 for fp64 inputs), bf16/fp16 dot operands on GPU (tensor cores),
 int64 base offsets, every load and store masked. The spatial block of x (T, H, W) must be contiguous; batch
