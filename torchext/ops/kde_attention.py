@@ -1,0 +1,199 @@
+"""KDE attention (KDEformer, arXiv 2302.02451, fused as in HyperAttention, arXiv 2310.05869) as torch.library
+custom ops: torch.ops.torchext.kde_attention and torch.ops.torchext.kde_attention_backward.
+
+The op draws its plan (LSH hashes, sort order, blocks, samples) from an int64 seed tensor with
+torchext.reference.kde_attention.make_plan; the backward rebuilds the same plan from the same seed and inputs, so
+forward and backward see the same estimator and the gradient is its exact gradient. The seed is a tensor so that
+``seed=None`` (a fresh plan per call, from torch's default generator) traces under torch.compile.
+"""
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from torchext._backend import HAS_TRITON, use_triton
+from torchext.ops._checks import check_same_device, check_tensor, check_unit_last_stride
+from torchext.reference import kde_attention as ref
+
+if HAS_TRITON:
+    from torchext.triton_kernels import kde_attention as kernels
+
+# What kind of kernel backs each op on CUDA (read by `python -m torchext info`).
+KERNELS = {"kde_attention": "triton"}
+
+# Below these sequence lengths `kde_attention` runs exact attention (SDPA) instead of the estimator. NOT MEASURED:
+# no GPU was available while writing this. The values are the research note's starting points (HyperAttention
+# breaks even with CUDA FlashAttention-2 at about 4k tokens non-causal and 8-16k causal); measure the crossing on
+# the target GPU with bench/bench_kde_attention.py and set them there.
+MIN_SEQ_LEN = 4096
+MIN_SEQ_LEN_CAUSAL = 8192
+# Causal: exact attention inside aligned windows of this many tokens (the recursion's leaves).
+DEFAULT_EXACT_WINDOW = 2048
+MAX_HEAD_DIM = 256
+# Bound at import: torchext.nn.kde_attention.use_kde_attention may reroute F.scaled_dot_product_attention to this op.
+_sdpa = F.scaled_dot_product_attention
+
+
+def _check_inputs(op: str, q: Tensor, k: Tensor, v: Tensor) -> None:
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        check_tensor(op, name, x, ndim=4)
+        check_unit_last_stride(op, name, x)
+    check_same_device(op, q=q, k=k, v=v)
+    if k.dtype != q.dtype or v.dtype != q.dtype:
+        raise TypeError(f"{op}: q, k and v must share one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    B, H, n, D = q.shape
+    if k.shape[0] != B or k.shape[2] != n or k.shape[3] != D:
+        raise ValueError(f"{op}: k must be [B, Hk, N, D] = [{B}, Hk, {n}, {D}] like q (self-attention: equal query "
+                         f"and key lengths), got {tuple(k.shape)}")
+    if tuple(v.shape[:3]) != tuple(k.shape[:3]):
+        raise ValueError(f"{op}: v must be [B, Hk, N, Dv] = [{B}, {k.shape[1]}, {n}, Dv] like k, got {tuple(v.shape)}")
+    if k.shape[1] == 0 or H % k.shape[1]:
+        raise ValueError(f"{op}: the number of kv heads ({k.shape[1]}) must divide the number of query heads ({H})")
+    if D > MAX_HEAD_DIM or v.shape[3] > MAX_HEAD_DIM:
+        raise ValueError(f"{op}: head dims must be <= {MAX_HEAD_DIM}, got q/k {D} and v {v.shape[3]}")
+
+
+def _check_params(op: str, causal: bool, bucket_size: int, num_samples: int, num_hash_bits: int, sampling: str,
+                  exact_window: int) -> None:
+    if bucket_size < 16 or bucket_size & (bucket_size - 1):
+        raise ValueError(f"{op}: bucket_size must be a power of two >= 16, got {bucket_size}")
+    if num_samples < 0:
+        raise ValueError(f"{op}: num_samples must be >= 0, got {num_samples}")
+    if not 0 <= num_hash_bits <= ref.MAX_HASH_BITS:
+        raise ValueError(f"{op}: num_hash_bits must be in [0, {ref.MAX_HASH_BITS}], got {num_hash_bits}")
+    if sampling not in ref.SAMPLING:
+        raise ValueError(f"{op}: sampling must be one of {ref.SAMPLING}, got {sampling!r}")
+    if causal and (exact_window < bucket_size or exact_window % bucket_size):
+        raise ValueError(f"{op}: exact_window must be a positive multiple of bucket_size ({bucket_size}), "
+                         f"got {exact_window}")
+
+
+def _check(op, q, k, v, seed, causal, scale, bucket_size, num_samples, num_hash_bits, sampling, exact_window):
+    _check_inputs(op, q, k, v)
+    _check_params(op, causal, bucket_size, num_samples, num_hash_bits, sampling, exact_window)
+    if not math.isfinite(scale):
+        raise ValueError(f"{op}: scale must be finite, got {scale}")
+    if seed.dtype != torch.int64 or seed.numel() != 1:
+        raise ValueError(f"{op}: seed must be a one-element int64 tensor, got {seed.dtype} {tuple(seed.shape)}")
+
+
+def _plan(q, k, v, seed, causal, bucket_size, num_samples, num_hash_bits, sampling, exact_window) -> ref.KDEPlan:
+    return ref.make_plan(q, k, v, int(seed.item()), causal, bucket_size, num_samples, num_hash_bits, sampling,
+                         exact_window)
+
+
+def _lse_dtype(q: Tensor) -> torch.dtype:
+    return torch.float64 if q.dtype == torch.float64 else torch.float32
+
+
+@torch.library.custom_op("torchext::kde_attention", mutates_args=())
+def _kde_attention(q: Tensor, k: Tensor, v: Tensor, seed: Tensor, causal: bool, scale: float, bucket_size: int,
+                   num_samples: int, num_hash_bits: int, sampling: str, exact_window: int) -> tuple[Tensor, Tensor]:
+    args = (causal, scale, bucket_size, num_samples, num_hash_bits, sampling, exact_window)
+    _check("kde_attention", q, k, v, seed, *args)
+    B, H, n, _ = q.shape
+    if q.numel() == 0 or v.numel() == 0:
+        return q.new_zeros((B, H, n, v.shape[3])), q.new_zeros((B, H, n), dtype=_lse_dtype(q))
+    plan = _plan(q, k, v, seed, causal, bucket_size, num_samples, num_hash_bits, sampling, exact_window)
+    if use_triton(q):
+        return kernels.kde_attention_fwd(q, k, v, plan, scale)
+    out, lse = ref.kde_attention(q, k, v, plan, scale)
+    return out.contiguous(), lse
+
+
+@_kde_attention.register_fake
+def _(q, k, v, seed, causal, scale, bucket_size, num_samples, num_hash_bits, sampling, exact_window):
+    _check("kde_attention", q, k, v, seed, causal, scale, bucket_size, num_samples, num_hash_bits, sampling,
+           exact_window)
+    B, H, n, _ = q.shape
+    return q.new_empty((B, H, n, v.shape[3])), q.new_empty((B, H, n), dtype=_lse_dtype(q))
+
+
+@torch.library.custom_op("torchext::kde_attention_backward", mutates_args=())
+def _kde_attention_backward(grad_out: Tensor, grad_lse: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor,
+                            lse: Tensor, seed: Tensor, causal: bool, scale: float, bucket_size: int, num_samples: int,
+                            num_hash_bits: int, sampling: str,
+                            exact_window: int) -> tuple[Tensor, Tensor, Tensor]:
+    if q.numel() == 0 or v.numel() == 0:
+        return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
+    plan = _plan(q, k, v, seed, causal, bucket_size, num_samples, num_hash_bits, sampling, exact_window)
+    if use_triton(q):
+        return kernels.kde_attention_bwd(grad_out, grad_lse, q, k, v, out, lse, plan, scale)
+    dq, dk, dv = ref.kde_attention_backward(grad_out, grad_lse, q, k, v, plan, scale)
+    return dq.contiguous(), dk.contiguous(), dv.contiguous()
+
+
+@_kde_attention_backward.register_fake
+def _(grad_out, grad_lse, q, k, v, out, lse, seed, causal, scale, bucket_size, num_samples, num_hash_bits, sampling,
+      exact_window):
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+
+
+def _kde_attention_setup(ctx, inputs, output):
+    q, k, v, seed, *ctx.args = inputs
+    ctx.save_for_backward(q, k, v, seed, *output)
+
+
+def _kde_attention_grad(ctx, grad_out, grad_lse):
+    q, k, v, seed, out, lse = ctx.saved_tensors
+    grad_out = torch.zeros_like(out) if grad_out is None else grad_out
+    grad_lse = torch.zeros_like(lse) if grad_lse is None else grad_lse
+    dq, dk, dv = torch.ops.torchext.kde_attention_backward(grad_out, grad_lse, q, k, v, out, lse, seed, *ctx.args)
+    return dq, dk, dv, None, None, None, None, None, None, None, None
+
+
+_kde_attention.register_autograd(_kde_attention_grad, setup_context=_kde_attention_setup)
+
+
+def kde_attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False, scale: float | None = None,
+                  bucket_size: int = 256, num_samples: int = 256, num_hash_bits: int = 8,
+                  seed: int | Tensor | None = None, sampling: str = "value_norm",
+                  exact_window: int = DEFAULT_EXACT_WINDOW, min_seq_len: int | None = None,
+                  return_lse: bool = False) -> Tensor | tuple[Tensor, Tensor]:
+    """Sub-quadratic softmax attention by LSH blocks plus importance-sampled keys (KDEformer / HyperAttention).
+
+    Each query attends exactly to the keys of its SimHash block (``bucket_size`` keys of the hash-sorted order) and
+    to ``num_samples`` keys drawn with probability p_j (value-row norm mixed with uniform, or uniform), weighted
+    1 / (m p_j), keys of its own block excluded: numerator and denominator of the softmax are unbiased estimates of
+    the exact sums. Causal: exact attention in aligned windows of ``exact_window`` tokens plus HyperAttention's
+    recursive split of the rest (see torchext.reference.kde_attention). Cost O(N (bucket_size + num_samples) D)
+    per head against O(N^2 D). Below ``min_seq_len`` tokens it is exact attention (SDPA).
+
+    Args:
+        q: [B, H, N, D] float32/bfloat16/float16/float64 (unit stride on D; other strides are fine).
+        k: [B, Hk, N, D], Hk dividing H (GQA/MQA); same dtype and length as q (self-attention).
+        v: [B, Hk, N, Dv].
+        causal: causal masking (no output depends on a later token, hashing included).
+        scale: softmax scale, default 1 / sqrt(D).
+        bucket_size: keys per LSH block, a power of two >= 16.
+        num_samples: m, sampled keys per (batch, kv head) and causal piece; 0 gives block-sparse attention.
+        num_hash_bits: SimHash hyperplanes r (2^r buckets, ordered by the inverse Gray code).
+        seed: seeds hyperplanes and samples; None draws one from torch's default generator (a new plan per call).
+        sampling: "value_norm" or "uniform".
+        exact_window: causal only, a multiple of bucket_size.
+        min_seq_len: run exact attention below this length; None: MIN_SEQ_LEN (MIN_SEQ_LEN_CAUSAL when causal).
+        return_lse: also return the log-sum-exp of the (estimated) softmax denominator.
+
+    Returns:
+        out [B, H, N, Dv] in q's dtype, and with return_lse lse [B, H, N] (fp32; fp64 for fp64 inputs).
+    """
+    _check_inputs("kde_attention", q, k, v)
+    _check_params("kde_attention", causal, bucket_size, num_samples, num_hash_bits, sampling, exact_window)
+    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    n = q.shape[2]
+    threshold = (MIN_SEQ_LEN_CAUSAL if causal else MIN_SEQ_LEN) if min_seq_len is None else min_seq_len
+    if n < threshold:
+        if not return_lse:
+            return _sdpa(q, k, v, is_causal=causal, scale=scale, enable_gqa=k.shape[1] != q.shape[1])
+        # Exact attention with its lse: one block holding every key, no samples.
+        bucket_size = exact_window = max(16, 1 << max(n - 1, 0).bit_length())
+        num_samples = 0
+    if seed is None:
+        seed = torch.randint(-2**63, 2**63 - 1, (), dtype=torch.int64)
+    elif not isinstance(seed, Tensor):
+        seed = torch.tensor(seed, dtype=torch.int64)
+    out, lse = torch.ops.torchext.kde_attention(q, k, v, seed, causal, scale, bucket_size, num_samples,
+                                                num_hash_bits, sampling, exact_window)
+    return (out, lse) if return_lse else out

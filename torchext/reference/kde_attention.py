@@ -1,0 +1,307 @@
+"""Pure-PyTorch reference for KDE attention: KDEformer (Zandieh et al., ICML 2023, arXiv 2302.02451) in the fused
+form HyperAttention (Han et al., ICLR 2024, arXiv 2310.05869) gave it, written from the equations.
+
+Two parts, both used by the op and by its Triton kernels:
+
+1. ``make_plan``: the random, non-differentiable step. SimHash LSH of queries and keys with seeded hyperplanes,
+   buckets ordered by the inverse Gray code, keys sorted by bucket and cut into blocks of ``bucket_size``, every
+   query assigned to the key block its own hash falls into, and ``num_samples`` keys drawn per (batch, kv head,
+   piece) with their importance weights. The kernels take the plan as it is, so the reference below with the
+   same plan is their ground truth (forward, gradients, fp64 gradcheck).
+2. ``kde_attention``: the estimator given a plan, as one dense softmax. For query i with LSH block B(i) and keys
+   j_1..j_m drawn iid from p (s_ij = scale q_i.k_j):
+
+       num_i = sum_{j in B(i)} e^{s_ij} v_j + (1/m) sum_l [j_l not in B(i)] e^{s_{i j_l}} v_{j_l} / p_{j_l}
+       den_i = the same with v_j replaced by 1,      out_i = num_i / den_i,      lse_i = log den_i.
+
+   E[second term] = sum_{j not in B(i)} e^{s_ij} v_j, so num_i and den_i are unbiased for the exact sums (keys of
+   the query's own block are excluded from the samples: counting them again would bias the estimate). Written as
+   weights, num_i = sum_j W_ij e^{s_ij} v_j with W_ij = 1 in the block and c_j / (m p_j) outside it (c_j: how
+   often j was drawn), so out = softmax(S + log W) V: the importance weight is an additive logit bias
+   log(1 / (m p_j)) and the kernels fold it into one online softmax.
+
+Causal mode follows HyperAttention's recursive split, flattened into levels: exact causal attention inside aligned
+windows of ``exact_window`` tokens, and at level l (chunks of L = exact_window 2^l tokens) the queries of every odd
+chunk 2p+1 attend the keys of chunk 2p through the estimator above (its own hashing blocks and samples). Every
+(query, earlier key) pair lies in exactly one window or one level. A query's block depends only on its own hash
+and on earlier keys, so no output depends on a later token (HyperAttention sorts the queries of a chunk together,
+which lets a later query's hash move an earlier query to another block).
+
+Sampling probabilities ("value_norm"): p_j = (1 - VALUE_NORM_MIX) ||v_j|| / sum_k ||v_k|| + VALUE_NORM_MIX / L
+over the L keys of a piece: KDEformer's value-row-norm sampling mixed with uniform by a fixed share, so the mix is
+the same whatever the scale of V (KDEformer divides by a power-iteration estimate of ||V||^2, which is not), and
+1 / (m p_j) <= L / (m VALUE_NORM_MIX) bounds every weight. p is a function of v but is not differentiated: for a
+fixed p the estimator is unbiased for every v, so the gradient with p held fixed is unbiased for the gradient of
+the exact sums. "uniform": p_j = 1 / L (HyperAttention).
+"""
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+SAMPLING = ("value_norm", "uniform")
+VALUE_NORM_MIX = 0.5  # the uniform share of the value-norm sampling distribution (scale-free)
+MAX_HASH_BITS = 16
+
+
+@dataclass(frozen=True)
+class Level:
+    """One set of pieces that share a chunk length: piece p pairs query chunk q_chunk(p) with key chunk k_chunk(p).
+
+    Non-causal: one piece, chunk = the whole sequence (``pair`` = 0). Causal level: queries of chunk 2p+1 with keys
+    of chunk 2p (``pair`` = 1), for every p with chunk 2p+1 non-empty. Blocks are numbered within their piece.
+
+    Attributes:
+        chunk: L, tokens per chunk (the non-causal piece has N).
+        pair: 0 (non-causal) or 1 (causal: query chunk 2p+1, key chunk 2p).
+        n_pieces: P.
+        perm_k: [B, Hk, N] int64, original key index at each sorted position; the keys of piece p occupy sorted
+            positions [p L, p L + L) in hash order (keys in no piece come last).
+        k_block: [B, Hk, N] int64, block of each key (original order) within its piece, -1 outside every piece.
+        q_block: [B, H, N] int64, the block of each query (original order), -1 for queries in no piece.
+        sample_idx: [B, Hk, P, m] int64, original indices of the sampled keys of each piece.
+        sample_block: [B, Hk, P, m] int64, their blocks (a query of another block counts them).
+        sample_logw: [B, Hk, P, m] float32, log(1 / (m p_j)).
+    """
+
+    chunk: int
+    pair: int
+    n_pieces: int
+    perm_k: Tensor
+    k_block: Tensor
+    q_block: Tensor
+    sample_idx: Tensor
+    sample_block: Tensor
+    sample_logw: Tensor
+
+
+@dataclass(frozen=True)
+class KDEPlan:
+    """Hashes, blocks and samples of one call. ``window`` is the exact causal window (None: non-causal)."""
+
+    bucket: int
+    num_samples: int
+    window: int | None
+    levels: tuple[Level, ...]
+
+
+def _up(x: Tensor) -> Tensor:
+    return x if x.dtype == torch.float64 else x.float()
+
+
+def inverse_gray(code: Tensor, bits: int) -> Tensor:
+    """The position of each r-bit bucket code in the reflected Gray sequence (prefix XOR of its bits, MSB first).
+
+    Sorting by it puts buckets whose codes differ in one bit next to each other: position t holds bucket
+    gray(t) = t ^ (t >> 1), and gray(t), gray(t + 1) differ in exactly one bit. (Sorting by gray(code), as the
+    public KDEformer/HyperAttention code does, gets this backwards.)
+    """
+    rank, shift = code.clone(), 1
+    while shift < bits:
+        rank ^= rank >> shift
+        shift *= 2
+    return rank
+
+
+def simhash(x: Tensor, planes: Tensor) -> Tensor:
+    """SimHash bucket of each row: the signs of x R packed into an integer, as its inverse-Gray rank.
+
+    x: [..., D]; planes: [D, r] Gaussian hyperplane normals. Returns [...] int64 in [0, 2^r).
+    """
+    bits = planes.shape[1]
+    if bits == 0:
+        return torch.zeros(x.shape[:-1], dtype=torch.int64, device=x.device)
+    signs = (x @ planes.to(x.dtype)) > 0  # [..., r]
+    code = (signs.to(torch.int64) << torch.arange(bits, device=x.device)).sum(-1)
+    return inverse_gray(code, bits)
+
+
+def _chunk_pieces(n: int, chunk: int, pair: int, device) -> tuple[int, Tensor, Tensor]:
+    """(P, the piece of each query position or -1, the piece of each key position or -1) for one level."""
+    pos = torch.arange(n, device=device)
+    if not pair:
+        zeros = torch.zeros(n, dtype=torch.int64, device=device)
+        return 1, zeros, zeros
+    c = pos // chunk
+    n_pieces = math.ceil(n / chunk) // 2
+    q_piece = torch.where(c % 2 == 1, c // 2, -1)
+    k_piece = torch.where((c % 2 == 0) & (c // 2 < n_pieces), c // 2, -1)
+    return n_pieces, q_piece, k_piece
+
+
+def _sampling_probs(v_norm: Tensor, sampling: str) -> Tensor:
+    """[..., L] row norms of V over a piece's keys -> [..., L] sampling probabilities (see the module docstring)."""
+    uniform = torch.full_like(v_norm, 1.0 / v_norm.shape[-1])
+    if sampling == "uniform":
+        return uniform
+    total = v_norm.sum(-1, keepdim=True)
+    by_norm = torch.where(total > 0, v_norm / total.clamp_min(torch.finfo(total.dtype).tiny), uniform)
+    return (1 - VALUE_NORM_MIX) * by_norm + VALUE_NORM_MIX * uniform
+
+
+def _level(q_rank: Tensor, k_rank: Tensor, v_norm: Tensor, chunk: int, pair: int, bucket: int, num_samples: int,
+           hash_bits: int, sampling: str, generator: torch.Generator) -> Level:
+    B, H, n = q_rank.shape
+    Hk = k_rank.shape[1]
+    device = q_rank.device
+    n_pieces, q_piece, k_piece = _chunk_pieces(n, chunk, pair, device)
+    keys_per_piece = min(chunk, n)
+
+    # Keys: sort by (piece, hash rank); piece p's keys then sit at sorted positions [p L, p L + L).
+    k_key = torch.where(k_piece >= 0, k_piece, n_pieces) * (1 << hash_bits) + k_rank  # [B, Hk, N]
+    k_sorted, perm_k = torch.sort(k_key, dim=-1, stable=True)
+    sorted_block = (torch.arange(n, device=device) % keys_per_piece) // bucket
+    sorted_block = torch.where(k_sorted < n_pieces * (1 << hash_bits), sorted_block, -1)
+    k_block = torch.empty_like(perm_k).scatter_(-1, perm_k, sorted_block.expand_as(perm_k))
+
+    # Queries: the key block where the query's own (piece, hash rank) would be inserted into the sorted keys.
+    group = H // Hk
+    q_key = q_piece.clamp_min(0) * (1 << hash_bits) + q_rank  # [B, H, N]
+    insert = torch.searchsorted(k_sorted.repeat_interleave(group, dim=1), q_key)
+    in_piece = insert - q_piece.clamp_min(0) * keys_per_piece
+    q_block = torch.where(q_piece >= 0, in_piece.clamp(0, keys_per_piece - 1) // bucket, -1)
+
+    # Samples: m iid draws per (batch, kv head, piece) from the keys of the piece's key chunk (original order).
+    first_key = (torch.arange(n_pieces, device=device) * (1 + pair) * chunk)[:, None]  # [P, 1]
+    piece_keys = first_key + torch.arange(keys_per_piece, device=device)  # [P, L]: key chunks are always full
+    probs = _sampling_probs(v_norm[..., piece_keys], sampling)  # [B, Hk, P, L]
+    if num_samples == 0:
+        local = torch.zeros((B, Hk, n_pieces, 0), dtype=torch.int64, device=device)
+    elif sampling == "uniform":
+        local = torch.randint(keys_per_piece, (B, Hk, n_pieces, num_samples), generator=generator, device=device)
+    else:
+        local = torch.multinomial(probs.flatten(0, 2), num_samples, replacement=True, generator=generator)
+        local = local.view(B, Hk, n_pieces, num_samples)
+    sample_idx = first_key + local
+    sample_block = k_block.gather(-1, sample_idx.flatten(2)).view_as(sample_idx)
+    sample_logw = -torch.log(num_samples * probs.gather(-1, local).float())
+    return Level(chunk, pair, n_pieces, perm_k, k_block, q_block, sample_idx, sample_block, sample_logw)
+
+
+def make_plan(q: Tensor, k: Tensor, v: Tensor, seed: int, causal: bool = False, bucket_size: int = 256,
+              num_samples: int = 256, num_hash_bits: int = 8, sampling: str = "value_norm",
+              exact_window: int = 2048) -> KDEPlan:
+    """The shared hashing / sorting / sampling step of KDE attention (deterministic given ``seed``).
+
+    Args:
+        q: [B, H, N, D]; k: [B, Hk, N, D]; v: [B, Hk, N, Dv] with Hk dividing H (any float dtype; inputs are not
+            differentiated through the plan).
+        seed: seeds the hyperplanes and the samples (one generator on q's device).
+        causal: plan HyperAttention's causal split with exact windows of ``exact_window`` tokens.
+        bucket_size: keys per LSH block.
+        num_samples: m, sampled keys per (batch, kv head, piece).
+        num_hash_bits: r, hyperplanes of the SimHash (0: no hashing, blocks of the original order).
+        sampling: "value_norm" or "uniform".
+        exact_window: causal only; a multiple of bucket_size.
+
+    Returns:
+        A KDEPlan (see Level for the tensors).
+    """
+    q, k, v = q.detach(), k.detach(), v.detach()
+    generator = torch.Generator(device=q.device).manual_seed(seed)
+    planes = torch.randn(q.shape[-1], num_hash_bits, generator=generator, device=q.device)  # [D, r]
+    q_rank, k_rank = simhash(q, planes), simhash(k, planes)  # [B, H, N], [B, Hk, N]
+    v_norm = torch.linalg.vector_norm(v, dim=-1, dtype=_up(v).dtype).float()  # [B, Hk, N]
+    n = q.shape[2]
+    if not causal:
+        chunks, pair = [n], 0
+    else:
+        chunks, pair = [], 1
+        while exact_window * 2 ** len(chunks) < n:
+            chunks.append(exact_window * 2 ** len(chunks))
+    levels = tuple(_level(q_rank, k_rank, v_norm, c, pair, bucket_size, num_samples, num_hash_bits, sampling,
+                          generator) for c in chunks)
+    return KDEPlan(bucket_size, num_samples, exact_window if causal else None, levels)
+
+
+def log_weights(plan: KDEPlan, n_heads: int, n: int) -> Tensor:
+    """The estimator as a dense logit bias: [B, H, N, N] log W (0 exact, log(c_j / (m p_j)) sampled, -inf absent)."""
+    level0 = plan.levels[0] if plan.levels else None
+    device = level0.q_block.device if level0 else "cpu"
+    pos = torch.arange(n, device=device)
+    log_w = torch.full((n, n), -math.inf, device=device, dtype=torch.float64)
+    if plan.window is not None:  # exact causal attention inside each aligned window
+        same_window = (pos[:, None] // plan.window) == (pos[None, :] // plan.window)
+        log_w = torch.where(same_window & (pos[None, :] <= pos[:, None]), 0.0, log_w)
+    log_w = log_w.expand(*(level0.q_block.shape[:2] if level0 else (1, n_heads)), n, n)
+    for level in plan.levels:
+        group = level.q_block.shape[1] // level.k_block.shape[1]
+        _, q_piece, k_piece = _chunk_pieces(n, level.chunk, level.pair, device)
+        same_piece = (q_piece[:, None] == k_piece[None, :]) & (q_piece[:, None] >= 0)  # [N, N]
+        k_block = level.k_block.repeat_interleave(group, dim=1)
+        exact = same_piece & (level.q_block[..., :, None] == k_block[..., None, :])  # [B, H, N, N]
+        idx = level.sample_idx.flatten(2)  # [B, Hk, P m]
+        count = torch.zeros(idx.shape[:2] + (n,), dtype=torch.float64, device=device).scatter_add_(
+            -1, idx, torch.ones_like(idx, dtype=torch.float64))
+        logw = torch.zeros_like(count).scatter_(-1, idx, level.sample_logw.flatten(2).double())
+        sampled_bias = (count.log() + logw).repeat_interleave(group, dim=1)[..., None, :]  # [B, H, 1, N]
+        log_w = torch.where(exact, 0.0, torch.where(same_piece & ~exact, sampled_bias, log_w))
+    return log_w
+
+
+def _heads(x: Tensor, n_heads: int) -> Tensor:
+    """[B, Hk, N, *] -> [B, H, N, *]: each kv head serves H / Hk query heads (GQA)."""
+    return x.repeat_interleave(n_heads // x.shape[1], dim=1)
+
+
+def _probs(q: Tensor, k: Tensor, plan: KDEPlan, scale: float) -> tuple[Tensor, Tensor]:
+    """(P = softmax(S + log W) [B, H, N, N], lse [B, H, N]) in the compute dtype."""
+    H, n = q.shape[1], q.shape[2]
+    logits = (_up(q) @ _heads(_up(k), H).transpose(-1, -2)) * scale + log_weights(plan, H, n).to(_up(q).dtype)
+    lse = torch.logsumexp(logits, dim=-1)
+    return torch.exp(logits - lse[..., None]), lse
+
+
+def kde_attention(q: Tensor, k: Tensor, v: Tensor, plan: KDEPlan, scale: float | None = None) -> tuple[Tensor, Tensor]:
+    """The KDE attention estimator for a given plan, as one dense softmax (O(N^2) memory: tests and CPU).
+
+    Args:
+        q: [B, H, N, D]; k: [B, Hk, N, D]; v: [B, Hk, N, Dv], Hk dividing H.
+        plan: from ``make_plan`` on the same inputs.
+        scale: softmax scale, default 1 / sqrt(D).
+
+    Returns:
+        (out [B, H, N, Dv] in q.dtype, lse [B, H, N] in fp32, fp64 for fp64 q); differentiable in q, k, v.
+    """
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    probs, lse = _probs(q, k, plan, scale)
+    return (probs @ _heads(_up(v), q.shape[1])).to(q.dtype), lse
+
+
+def _group_sum(x: Tensor, n_kv_heads: int) -> Tensor:
+    """[B, H, ...] -> [B, Hk, ...]: the sum over the query heads that share a kv head."""
+    return x.unflatten(1, (n_kv_heads, -1)).sum(2)
+
+
+def kde_attention_backward(grad_out: Tensor, grad_lse: Tensor, q: Tensor, k: Tensor, v: Tensor, plan: KDEPlan,
+                           scale: float | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    """Explicit gradient of ``kde_attention`` (the plan held fixed): (dq, dk, dv) in the dtypes of q, k, v.
+
+    With P = softmax(S + log W): dV = P^T dO, dS = P * (dO V^T - delta) with delta_i = dO_i.O_i - dlse_i,
+    dQ = scale dS K, dK = scale dS^T Q (summed over the query heads of each kv head).
+    """
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    H, Hk = q.shape[1], k.shape[1]
+    probs, _ = _probs(q, k, plan, scale)
+    grad_out, vh = _up(grad_out), _heads(_up(v), H)
+    out = probs @ vh
+    delta = (grad_out * out).sum(-1) - _up(grad_lse)
+    dlogits = probs * (grad_out @ vh.transpose(-1, -2) - delta[..., None])
+    dq = scale * dlogits @ _heads(_up(k), H)
+    dk = _group_sum(scale * dlogits.transpose(-1, -2) @ _up(q), Hk)
+    dv = _group_sum(probs.transpose(-1, -2) @ grad_out, Hk)
+    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
+
+
+def exact_attention(q: Tensor, k: Tensor, v: Tensor, causal: bool = False,
+                    scale: float | None = None) -> tuple[Tensor, Tensor]:
+    """Exact softmax attention with GQA: (out [B, H, N, Dv] in q.dtype, lse [B, H, N] fp32/fp64), differentiable."""
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    H, n = q.shape[1], q.shape[2]
+    logits = (_up(q) @ _heads(_up(k), H).transpose(-1, -2)) * scale
+    if causal:
+        logits = logits.masked_fill(torch.ones(n, n, dtype=torch.bool, device=q.device).triu(1), -math.inf)
+    lse = torch.logsumexp(logits, dim=-1)
+    return (torch.exp(logits - lse[..., None]) @ _heads(_up(v), H)).to(q.dtype), lse

@@ -1,0 +1,588 @@
+"""Triton kernels for KDE attention (KDEformer, arXiv 2302.02451, fused as in HyperAttention, arXiv 2310.05869).
+
+The plan (hashes, sort permutations, blocks, samples) comes from torchext.reference.kde_attention.make_plan; these
+kernels evaluate the estimator of that module's docstring without materialising any N x (b + m) matrix:
+
+- forward: one program per query tile (queries of one LSH block, in sorted order) keeps a single online-softmax
+  state over the exact keys of its block, then over the m sampled keys of its piece, whose importance weight
+  log(1 / (m p_j)) is an additive logit bias and which are masked when they lie in the tile's own block. Out and
+  log-sum-exp are written at the queries' original positions. Causal mode runs one launch for the exact windows,
+  then one per level that resumes each query's state from (out, lse) of the launches before (each query is in at
+  most one piece per level, so there are no races).
+- backward (FlashAttention-2 style, recomputing P with the joint lse, so it is the exact gradient of the
+  estimator): dq per query tile over the same keys; dk, dv per key tile of each block over the queries assigned
+  to that block (and every query head of the kv head: GQA needs no atomics); dk, dv of the sampled keys per sample
+  tile over all queries of the piece, split over programs and summed, then index_add_-ed (a key may be drawn
+  twice).
+
+Conventions: fp32 accumulation (fp64 for fp64 inputs), 16-bit operands straight into tl.dot on GPU and upcast
+under the interpreter, int64 offsets, every load and store masked. Scores are kept in log2 units (exp2).
+"""
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from torchext._backend import INTERPRET
+
+from ._launch import accumulator_dtype, compute_dtype
+
+LOG2E = 1.4426950408889634
+LN2 = 0.6931471805599453
+
+
+def _dot_dtype(dtype: torch.dtype):
+    """tl.dot operand type: bf16/fp16 on GPU (fp32 accumulation); fp32 under the interpreter; fp64 for fp64."""
+    if dtype in (torch.bfloat16, torch.float16) and not INTERPRET:
+        return tl.bfloat16 if dtype == torch.bfloat16 else tl.float16
+    return compute_dtype(dtype)
+
+
+def _blocks(bucket: int, d: int) -> tuple[int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages). BLOCK_M divides the bucket (a power of two >= 16) so a query tile
+    lies in one block. Chosen for H100 from FlashAttention-2's shapes, not tuned: no GPU was available to tune."""
+    if INTERPRET:
+        return min(bucket, 64), 64, 4, 1
+    if d <= 64:
+        return min(bucket, 128), 64, 4, 3
+    return min(bucket, 128), 64, 8, 2
+
+
+# ---- shared pieces -----------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _rows(ptr, idx, ok, stride_n, cols, n_cols, COMPUTE: tl.constexpr):
+    """Gather rows idx [R] of a [N, n_cols] slab with row stride stride_n -> [R, BLOCK] in COMPUTE."""
+    mask = ok[:, None] & (cols[None, :] < n_cols)
+    return tl.load(ptr + idx.to(tl.int64)[:, None] * stride_n + cols[None, :], mask=mask, other=0.0).to(COMPUTE)
+
+
+@triton.jit
+def _query_tile(tile_start_ptr, tile_count_ptr, tile_block_ptr, perm_q_ptr, n, H, G, table_bh_stride,
+                IDENTITY: tl.constexpr, BLOCK_M: tl.constexpr):
+    """This program's query tile (axis 0: tile, axis 1: batch x head): original query indices [BLOCK_M], row mask,
+    global block id, row count, and the (batch, head, batch x kv head) it belongs to."""
+    tile = tl.program_id(0).to(tl.int64)
+    bh = tl.program_id(1).to(tl.int64)
+    b, h = bh // H, bh % H
+    entry = bh * table_bh_stride + tile
+    count = tl.load(tile_count_ptr + entry)
+    start = tl.load(tile_start_ptr + entry)
+    block = tl.load(tile_block_ptr + entry)
+    offs = tl.arange(0, BLOCK_M)
+    ok = offs < count
+    if IDENTITY:
+        qi = (start + offs).to(tl.int64)
+    else:
+        qi = tl.load(perm_q_ptr + bh * n + start + offs, mask=ok, other=0).to(tl.int64)
+    return qi, ok, block, count, b, h, b * (H // G) + h // G
+
+
+@triton.jit
+def _key_range(block, blocks_per_piece, keys_per_piece, bucket, n):
+    """Sorted key positions [lo, hi) of a global block id (piece p, block t): p L + t b, clipped to the piece."""
+    piece = block // blocks_per_piece
+    lo = piece * keys_per_piece + (block % blocks_per_piece) * bucket
+    hi = tl.minimum(tl.minimum(lo + bucket, piece * keys_per_piece + keys_per_piece), n)
+    return lo, hi, piece
+
+
+@triton.jit
+def _block_keys(perm_k_ptr, bhk, n, pos, hi, IDENTITY: tl.constexpr):
+    """Original indices of the keys at sorted positions pos [BLOCK_N] (< hi), and their mask. Masked keys point
+    at row 0, so tiles load without a row mask and the scores mask them out."""
+    ok = pos < hi
+    if IDENTITY:
+        return tl.where(ok, pos, 0).to(tl.int64), ok
+    return tl.load(perm_k_ptr + bhk * n + pos, mask=ok, other=0).to(tl.int64), ok
+
+
+@triton.jit
+def _sample_keys(s_idx_ptr, s_block_ptr, s_logw_ptr, row, slots, n_samples, log2e):
+    """(key index, block, log2 weight, mask) of sample slots [BLOCK_N] of one (batch, kv head, piece) row."""
+    ok = slots < n_samples
+    offs = row * n_samples + slots
+    idx = tl.load(s_idx_ptr + offs, mask=ok, other=0)
+    blk = tl.load(s_block_ptr + offs, mask=ok, other=-1)
+    logw = tl.load(s_logw_ptr + offs, mask=ok, other=0.0) * log2e  # log(1/(m p)) in log2 units
+    return idx, blk, logw, ok
+
+
+@triton.jit
+def _dot(a, b, DOT: tl.constexpr):
+    """a [R, K] @ b [K, C], operands cast to DOT: fp32 accumulation (true fp32 products for fp32, not TF32), fp64
+    accumulation for fp64."""
+    if DOT == tl.float64:
+        return tl.dot(a.to(DOT), b.to(DOT), out_dtype=tl.float64)
+    elif DOT == tl.float32:
+        return tl.dot(a.to(DOT), b.to(DOT), input_precision="ieee")
+    else:
+        return tl.dot(a.to(DOT), b.to(DOT))
+
+
+@triton.jit
+def _scores(a, b_t, DOT: tl.constexpr):
+    """a [R, D] . b [C, D]^T -> [R, C]."""
+    return _dot(a, tl.trans(b_t), DOT)
+
+
+@triton.jit
+def _constants(consts_ptr, COMPUTE: tl.constexpr):
+    """(scale log2(e), scale, log2(e), ln(2)) in the compute dtype: Python floats would reach the kernel as fp32,
+    which is not exact enough for fp64 inputs."""
+    return (tl.load(consts_ptr).to(COMPUTE), tl.load(consts_ptr + 1).to(COMPUTE), tl.load(consts_ptr + 2).to(COMPUTE),
+            tl.load(consts_ptr + 3).to(COMPUTE))
+
+
+@triton.jit
+def _query_keys(block, blocks_per_piece, keys_per_piece, bucket, n, qi, q_ok, CAUSAL: tl.constexpr):
+    """A query tile's exact keys: sorted positions [lo, hi) of its block (in a causal window, up to the tile's last
+    query), its piece and its block t within the piece."""
+    lo, hi, piece = _key_range(block, blocks_per_piece, keys_per_piece, bucket, n)
+    if CAUSAL:
+        hi = tl.minimum(hi, tl.max(tl.where(q_ok, qi, 0), axis=0) + 1)
+    return lo, hi, piece, block % blocks_per_piece
+
+
+@triton.jit
+def _query_block_tile(perm_k_ptr, bhk, n, start, hi, qi, IDENTITY: tl.constexpr, CAUSAL: tl.constexpr,
+                      BLOCK_N: tl.constexpr):
+    """Exact key tile at sorted positions start + [0, BLOCK_N): (key indices, [BLOCK_M, BLOCK_N] mask)."""
+    kj, k_ok = _block_keys(perm_k_ptr, bhk, n, start + tl.arange(0, BLOCK_N), hi, IDENTITY)
+    key_ok = k_ok[None, :]
+    if CAUSAL:
+        key_ok = key_ok & (kj[None, :] <= qi[:, None])
+    return kj, key_ok
+
+
+@triton.jit
+def _query_sample_tile(s_idx_ptr, s_block_ptr, s_logw_ptr, row, start, n_samples, t, log2e, COMPUTE: tl.constexpr,
+                       BLOCK_N: tl.constexpr):
+    """Sampled key tile seen from a query tile of block t: (key indices, mask without block t, logit bias)."""
+    kj, s_blk, logw, s_ok = _sample_keys(s_idx_ptr, s_block_ptr, s_logw_ptr, row, start + tl.arange(0, BLOCK_N),
+                                         n_samples, log2e)
+    return kj, (s_ok & (s_blk != t))[None, :], logw[None, :].to(COMPUTE)
+
+
+# ---- forward ------------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _online_softmax_step(q, k_ptr, v_ptr, kj, key_ok, bias, m_i, l_i, acc, stride_kn, stride_vn, cols_d, cols_dv,
+                         D, DV, qk_scale, COMPUTE: tl.constexpr, DOT: tl.constexpr):
+    """Fold one key tile into the running (max, sum, acc) of every query row (FlashAttention's online softmax)."""
+    k = _rows(k_ptr, kj, kj >= 0, stride_kn, cols_d, D, COMPUTE)  # [BLOCK_N, D]
+    s = _scores(q, k, DOT) * qk_scale + bias  # [BLOCK_M, BLOCK_N] log2 units
+    s = tl.where(key_ok, s, -float("inf"))
+    m_new = tl.maximum(m_i, tl.max(s, axis=1))
+    m_safe = tl.where(m_new == -float("inf"), 0.0, m_new)  # a row with nothing yet: exp2(-inf) = 0, not NaN
+    p = tl.exp2(s - m_safe[:, None])
+    alpha = tl.exp2(m_i - m_safe)
+    v = _rows(v_ptr, kj, kj >= 0, stride_vn, cols_dv, DV, COMPUTE)
+    acc = acc * alpha[:, None] + _dot(p, v, DOT)
+    return m_new, l_i * alpha + tl.sum(p, axis=1), acc
+
+
+@triton.jit
+def _kde_attention_fwd_kernel(
+        q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr,
+        perm_q_ptr, perm_k_ptr, tile_start_ptr, tile_count_ptr, tile_block_ptr, s_idx_ptr, s_block_ptr, s_logw_ptr,
+        n, H, G, D, DV, table_bh_stride, blocks_per_piece, keys_per_piece, bucket, n_pieces, n_samples,
+        consts_ptr, stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
+        IDENTITY: tl.constexpr, CAUSAL: tl.constexpr, ACCUMULATE: tl.constexpr, BLOCK_M: tl.constexpr,
+        BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, COMPUTE: tl.constexpr,
+        DOT: tl.constexpr):
+    qk_scale, scale, log2e, ln2 = _constants(consts_ptr, COMPUTE)
+    qi, q_ok, block, count, b, h, bhk = _query_tile(tile_start_ptr, tile_count_ptr, tile_block_ptr, perm_q_ptr, n, H,
+                                                    G, table_bh_stride, IDENTITY, BLOCK_M)
+    if count > 0:
+        cols_d = tl.arange(0, BLOCK_D)
+        cols_dv = tl.arange(0, BLOCK_DV)
+        q = _rows(q_ptr + b * stride_qb + h * stride_qh, qi, q_ok, stride_qn, cols_d, D, COMPUTE)  # [BLOCK_M, D]
+        k_base = k_ptr + b * stride_kb + (h // G) * stride_kh
+        v_base = v_ptr + b * stride_vb + (h // G) * stride_vh
+        row_out = (b * H + h) * n + qi  # [BLOCK_M]
+        if ACCUMULATE:  # resume from the launches before: m = lse, l = 1, acc = out
+            lse_old = tl.load(lse_ptr + row_out, mask=q_ok, other=-float("inf")).to(COMPUTE)
+            m_i = lse_old * log2e
+            l_i = tl.where(lse_old == -float("inf"), 0.0, 1.0).to(COMPUTE)
+            acc = tl.load(out_ptr + row_out[:, None] * DV + cols_dv[None, :],
+                          mask=q_ok[:, None] & (cols_dv[None, :] < DV), other=0.0).to(COMPUTE)
+        else:
+            m_i = tl.full([BLOCK_M], -float("inf"), dtype=COMPUTE)
+            l_i = tl.zeros([BLOCK_M], dtype=COMPUTE)
+            acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=COMPUTE)
+
+        # Exact part: the keys of the tile's own block (in causal windows only those at or before each query).
+        lo, hi, piece, t = _query_keys(block, blocks_per_piece, keys_per_piece, bucket, n, qi, q_ok, CAUSAL)
+        for start in range(lo, hi, BLOCK_N):
+            kj, key_ok = _query_block_tile(perm_k_ptr, bhk, n, start, hi, qi, IDENTITY, CAUSAL, BLOCK_N)
+            m_i, l_i, acc = _online_softmax_step(q, k_base, v_base, kj, key_ok, 0.0, m_i, l_i, acc, stride_kn,
+                                                 stride_vn, cols_d, cols_dv, D, DV, qk_scale, COMPUTE, DOT)
+        # Sampled part: m keys of the piece with bias log(1/(m p_j)), excluding those of the own block.
+        for start in range(0, n_samples, BLOCK_N):
+            kj, key_ok, bias = _query_sample_tile(s_idx_ptr, s_block_ptr, s_logw_ptr, bhk * n_pieces + piece, start,
+                                                  n_samples, t, log2e, COMPUTE, BLOCK_N)
+            m_i, l_i, acc = _online_softmax_step(q, k_base, v_base, kj, key_ok, bias, m_i, l_i, acc, stride_kn,
+                                                 stride_vn, cols_d, cols_dv, D, DV, qk_scale, COMPUTE, DOT)
+
+        l_safe = tl.where(l_i > 0, l_i, 1.0)
+        lse = tl.where(l_i > 0, (m_i + tl.log2(l_safe)) * ln2, -float("inf"))
+        tl.store(lse_ptr + row_out, lse, mask=q_ok)
+        out = acc / l_safe[:, None]
+        tl.store(out_ptr + row_out[:, None] * DV + cols_dv[None, :], out.to(out_ptr.dtype.element_ty),
+                 mask=q_ok[:, None] & (cols_dv[None, :] < DV))
+
+
+# ---- backward: dq ---------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _dq_step(q, do, lse2, delta, dq, k_ptr, v_ptr, kj, key_ok, bias, stride_kn, stride_vn, cols_d, cols_dv, D, DV,
+             qk_scale, COMPUTE: tl.constexpr, DOT: tl.constexpr):
+    """dq += dS K over one key tile, with P recomputed from the joint lse and dS = P (dO V^T - delta)."""
+    k = _rows(k_ptr, kj, kj >= 0, stride_kn, cols_d, D, COMPUTE)
+    v = _rows(v_ptr, kj, kj >= 0, stride_vn, cols_dv, DV, COMPUTE)
+    s = _scores(q, k, DOT) * qk_scale + bias
+    p = tl.where(key_ok, tl.exp2(s - lse2[:, None]), 0.0)  # [BLOCK_M, BLOCK_N]
+    ds = p * (_scores(do, v, DOT) - delta[:, None])
+    return dq + _dot(ds, k, DOT)
+
+
+@triton.jit
+def _kde_attention_bwd_dq_kernel(
+        q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr,
+        perm_q_ptr, perm_k_ptr, tile_start_ptr, tile_count_ptr, tile_block_ptr, s_idx_ptr, s_block_ptr, s_logw_ptr,
+        n, H, G, D, DV, table_bh_stride, blocks_per_piece, keys_per_piece, bucket, n_pieces, n_samples,
+        consts_ptr, stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh,
+        stride_vn,
+        IDENTITY: tl.constexpr, CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+        BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, COMPUTE: tl.constexpr, DOT: tl.constexpr):
+    qk_scale, scale, log2e, ln2 = _constants(consts_ptr, COMPUTE)
+    qi, q_ok, block, count, b, h, bhk = _query_tile(tile_start_ptr, tile_count_ptr, tile_block_ptr, perm_q_ptr, n, H,
+                                                    G, table_bh_stride, IDENTITY, BLOCK_M)
+    if count > 0:
+        cols_d = tl.arange(0, BLOCK_D)
+        cols_dv = tl.arange(0, BLOCK_DV)
+        row = (b * H + h) * n + qi
+        q = _rows(q_ptr + b * stride_qb + h * stride_qh, qi, q_ok, stride_qn, cols_d, D, COMPUTE)
+        do = _rows(do_ptr, row, q_ok, DV, cols_dv, DV, COMPUTE)  # [BLOCK_M, DV]
+        lse2 = tl.load(lse_ptr + row, mask=q_ok, other=0.0).to(COMPUTE) * log2e
+        delta = tl.load(delta_ptr + row, mask=q_ok, other=0.0).to(COMPUTE)
+        k_base = k_ptr + b * stride_kb + (h // G) * stride_kh
+        v_base = v_ptr + b * stride_vb + (h // G) * stride_vh
+        dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=COMPUTE)
+        lo, hi, piece, t = _query_keys(block, blocks_per_piece, keys_per_piece, bucket, n, qi, q_ok, CAUSAL)
+        for start in range(lo, hi, BLOCK_N):
+            kj, key_ok = _query_block_tile(perm_k_ptr, bhk, n, start, hi, qi, IDENTITY, CAUSAL, BLOCK_N)
+            dq = _dq_step(q, do, lse2, delta, dq, k_base, v_base, kj, key_ok, 0.0, stride_kn, stride_vn, cols_d,
+                          cols_dv, D, DV, qk_scale, COMPUTE, DOT)
+        for start in range(0, n_samples, BLOCK_N):
+            kj, key_ok, bias = _query_sample_tile(s_idx_ptr, s_block_ptr, s_logw_ptr, bhk * n_pieces + piece, start,
+                                                  n_samples, t, log2e, COMPUTE, BLOCK_N)
+            dq = _dq_step(q, do, lse2, delta, dq, k_base, v_base, kj, key_ok, bias, stride_kn, stride_vn, cols_d,
+                          cols_dv, D, DV, qk_scale, COMPUTE, DOT)
+        dq_ptrs = dq_ptr + row[:, None] * D + cols_d[None, :]
+        dq_mask = q_ok[:, None] & (cols_d[None, :] < D)
+        tl.store(dq_ptrs, tl.load(dq_ptrs, mask=dq_mask, other=0.0) + dq * scale, mask=dq_mask)
+
+
+# ---- backward: dk, dv -----------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _dkdv_step(k, v, dk, dv, q_ptr, do_ptr, lse_ptr, delta_ptr, qi, row, q_ok, allowed, bias, stride_qn, cols_d,
+               cols_dv, D, DV, qk_scale, log2e, COMPUTE: tl.constexpr, DOT: tl.constexpr):
+    """dv += P^T dO and dk += dS^T Q over one query tile (transposed tiles: keys are the rows here)."""
+    q = _rows(q_ptr, qi, q_ok, stride_qn, cols_d, D, COMPUTE)  # [BLOCK_M, D]
+    do = _rows(do_ptr, row, q_ok, DV, cols_dv, DV, COMPUTE)  # [BLOCK_M, DV]
+    lse2 = tl.load(lse_ptr + row, mask=q_ok, other=0.0).to(COMPUTE) * log2e
+    delta = tl.load(delta_ptr + row, mask=q_ok, other=0.0).to(COMPUTE)
+    s_t = _scores(k, q, DOT) * qk_scale + bias  # [BLOCK_N, BLOCK_M]
+    p_t = tl.where(allowed & q_ok[None, :], tl.exp2(s_t - lse2[None, :]), 0.0)
+    dv += _dot(p_t, do, DOT)
+    ds_t = p_t * (_scores(v, do, DOT) - delta[None, :])
+    dk += _dot(ds_t, q, DOT)
+    return dk, dv
+
+
+@triton.jit
+def _kde_attention_bwd_dkdv_kernel(
+        q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr,
+        perm_q_ptr, perm_k_ptr, block_q_start_ptr, block_q_count_ptr,
+        n, H, G, D, DV, table_bh_stride, blocks_per_piece, keys_per_piece, bucket, tiles_per_block,
+        consts_ptr, stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh,
+        stride_vn,
+        IDENTITY: tl.constexpr, CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+        BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, COMPUTE: tl.constexpr, DOT: tl.constexpr):
+    """One key tile of one block: dk, dv over the queries of that block in every query head of the kv head."""
+    pid = tl.program_id(0).to(tl.int64)
+    bhk = tl.program_id(1).to(tl.int64)
+    qk_scale, scale, log2e, ln2 = _constants(consts_ptr, COMPUTE)
+    Hk = H // G
+    b, hk = bhk // Hk, bhk % Hk
+    block = pid // tiles_per_block
+    lo, hi, piece = _key_range(block, blocks_per_piece, keys_per_piece, bucket, n)
+    key_start = lo + (pid % tiles_per_block) * BLOCK_N
+    if key_start < hi:
+        cols_d = tl.arange(0, BLOCK_D)
+        cols_dv = tl.arange(0, BLOCK_DV)
+        kj, k_ok = _block_keys(perm_k_ptr, bhk, n, key_start + tl.arange(0, BLOCK_N), hi, IDENTITY)
+        k = _rows(k_ptr + b * stride_kb + hk * stride_kh, kj, k_ok, stride_kn, cols_d, D, COMPUTE)  # [BLOCK_N, D]
+        v = _rows(v_ptr + b * stride_vb + hk * stride_vh, kj, k_ok, stride_vn, cols_dv, DV, COMPUTE)
+        dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=COMPUTE)
+        dv = tl.zeros([BLOCK_N, BLOCK_DV], dtype=COMPUTE)
+        for g in range(0, G):
+            bh = b * H + hk * G + g
+            entry = bh * table_bh_stride + block
+            q_lo = tl.load(block_q_start_ptr + entry)
+            q_hi = q_lo + tl.load(block_q_count_ptr + entry)
+            if CAUSAL:  # identity order: queries before the key tile see none of it
+                q_lo = tl.maximum(q_lo, key_start // BLOCK_M * BLOCK_M)
+            for q_start in range(q_lo, q_hi, BLOCK_M):
+                offs = q_start + tl.arange(0, BLOCK_M)
+                q_ok = offs < q_hi
+                if IDENTITY:
+                    qi = offs.to(tl.int64)
+                else:
+                    qi = tl.load(perm_q_ptr + bh * n + offs, mask=q_ok, other=0).to(tl.int64)
+                allowed = k_ok[:, None]
+                if CAUSAL:
+                    allowed = allowed & (kj[:, None] <= qi[None, :])
+                dk, dv = _dkdv_step(k, v, dk, dv, q_ptr + b * stride_qb + (hk * G + g) * stride_qh, do_ptr,
+                                    lse_ptr, delta_ptr, qi, bh * n + qi, q_ok, allowed, 0.0, stride_qn, cols_d,
+                                    cols_dv, D, DV, qk_scale, log2e, COMPUTE, DOT)
+        row = bhk * n + kj
+        dk_ptrs = dk_ptr + row[:, None] * D + cols_d[None, :]
+        dk_mask = k_ok[:, None] & (cols_d[None, :] < D)
+        tl.store(dk_ptrs, tl.load(dk_ptrs, mask=dk_mask, other=0.0) + dk * scale, mask=dk_mask)
+        dv_ptrs = dv_ptr + row[:, None] * DV + cols_dv[None, :]
+        dv_mask = k_ok[:, None] & (cols_dv[None, :] < DV)
+        tl.store(dv_ptrs, tl.load(dv_ptrs, mask=dv_mask, other=0.0) + dv, mask=dv_mask)
+
+
+@triton.jit
+def _kde_attention_bwd_samples_kernel(
+        q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, q_block_ptr, dk_ptr, dv_ptr,
+        s_idx_ptr, s_block_ptr, s_logw_ptr,
+        n, H, G, D, DV, chunk, pair, n_pieces, n_samples, sample_tiles, n_splits, consts_ptr,
+        stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+        COMPUTE: tl.constexpr, DOT: tl.constexpr):
+    """One tile of sampled keys of one piece, one split of its queries: partial dk, dv per sample slot."""
+    pid = tl.program_id(0).to(tl.int64)
+    bhk = tl.program_id(1).to(tl.int64)
+    qk_scale, scale, log2e, ln2 = _constants(consts_ptr, COMPUTE)
+    Hk = H // G
+    b, hk = bhk // Hk, bhk % Hk
+    split = pid % n_splits
+    piece = pid // n_splits // sample_tiles
+    slots = (pid // n_splits % sample_tiles) * BLOCK_N + tl.arange(0, BLOCK_N)
+    cols_d = tl.arange(0, BLOCK_D)
+    cols_dv = tl.arange(0, BLOCK_DV)
+    kj, s_blk, logw, s_ok = _sample_keys(s_idx_ptr, s_block_ptr, s_logw_ptr, bhk * n_pieces + piece, slots,
+                                         n_samples, log2e)
+    k = _rows(k_ptr + b * stride_kb + hk * stride_kh, kj, s_ok, stride_kn, cols_d, D, COMPUTE)  # [BLOCK_N, D]
+    v = _rows(v_ptr + b * stride_vb + hk * stride_vh, kj, s_ok, stride_vn, cols_dv, DV, COMPUTE)
+    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=COMPUTE)
+    dv = tl.zeros([BLOCK_N, BLOCK_DV], dtype=COMPUTE)
+    # The piece's queries (chunk 2p+1 causal, the whole sequence otherwise) in original order, split n_splits ways.
+    q_lo = (piece * (1 + pair) + pair) * chunk
+    q_hi = tl.minimum(q_lo + chunk, n)
+    per_split = tl.cdiv(tl.cdiv(q_hi - q_lo, n_splits), BLOCK_M) * BLOCK_M
+    split_lo = q_lo + split * per_split
+    split_hi = tl.minimum(split_lo + per_split, q_hi)
+    for g in range(0, G):
+        bh = b * H + hk * G + g
+        for q_start in range(split_lo, split_hi, BLOCK_M):
+            qi = (q_start + tl.arange(0, BLOCK_M)).to(tl.int64)
+            q_ok = qi < split_hi
+            q_blk = tl.load(q_block_ptr + bh * n + qi, mask=q_ok, other=-1)
+            allowed = s_ok[:, None] & (s_blk[:, None] != q_blk[None, :])
+            dk, dv = _dkdv_step(k, v, dk, dv, q_ptr + b * stride_qb + (hk * G + g) * stride_qh, do_ptr, lse_ptr,
+                                delta_ptr, qi, bh * n + qi, q_ok, allowed, logw[:, None].to(COMPUTE), stride_qn,
+                                cols_d, cols_dv, D, DV, qk_scale, log2e, COMPUTE, DOT)
+    out_row = (split * tl.num_programs(1) + bhk) * n_pieces * n_samples + piece * n_samples + slots  # [BLOCK_N]
+    tl.store(dk_ptr + out_row[:, None] * D + cols_d[None, :], dk * scale,
+             mask=s_ok[:, None] & (cols_d[None, :] < D))
+    tl.store(dv_ptr + out_row[:, None] * DV + cols_dv[None, :], dv, mask=s_ok[:, None] & (cols_dv[None, :] < DV))
+
+
+# ---- schedules (torch): which queries each program takes --------------------------------------------------------
+
+
+class _Schedule:
+    """Query tiles and per-block query ranges of one launch (a level of the plan, or the exact causal windows).
+
+    Each block's queries sit together in perm_q (None: original order) and are cut into BLOCK_M tiles, so a tile
+    never straddles a block. Tables are [B*H, *], or [1, *] shared by every head (``per_head`` False). The tile
+    table is sized without a host sync: at most ceil(N / BLOCK_M) + (number of blocks) tiles.
+    """
+
+    def __init__(self, perm_q: Tensor | None, counts: Tensor, blocks_per_piece: int, keys_per_piece: int,
+                 block_m: int, n: int):
+        rows, n_blocks = counts.shape  # counts: [rows, n_blocks] queries per block
+        start = torch.cumsum(counts, -1) - counts
+        tiles = (counts + block_m - 1) // block_m
+        tiles_end = torch.cumsum(tiles, -1)
+        n_tiles = triton.cdiv(n, block_m) + n_blocks
+        tau = torch.arange(n_tiles, device=counts.device).expand(rows, n_tiles).contiguous()
+        block = torch.searchsorted(tiles_end, tau, right=True).clamp_max(n_blocks - 1)  # [rows, T]
+        j = tau - (tiles_end - tiles).gather(-1, block)  # the tile's index inside its block
+        count = (counts.gather(-1, block) - j * block_m).clamp(0, block_m)
+        self.tile_count = torch.where(tau < tiles_end[:, -1:], count, 0).to(torch.int32).contiguous()
+        self.tile_start = (start.gather(-1, block) + j * block_m).to(torch.int32).contiguous()
+        self.tile_block = block.to(torch.int32).contiguous()
+        self.block_q_start, self.block_q_count = start.to(torch.int32).contiguous(), counts.to(torch.int32).contiguous()
+        self.perm_q, self.blocks_per_piece, self.keys_per_piece = perm_q, blocks_per_piece, keys_per_piece
+        self.n_blocks, self.n_tiles = n_blocks, n_tiles
+        self.tile_stride, self.block_stride = (n_tiles, n_blocks) if rows > 1 else (0, 0)
+
+
+def _window_schedule(n: int, window: int, block_m: int, device) -> _Schedule:
+    """Exact causal windows in original order: block c = window c, one schedule shared by every head."""
+    counts = (n - torch.arange(triton.cdiv(n, window), device=device) * window).clamp_max(window)[None]
+    return _Schedule(None, counts, 1, window, block_m, n)
+
+
+def _level_schedule(level, bucket: int, block_m: int) -> _Schedule:
+    """Queries sorted by (piece, block); queries in no piece (even causal chunks) go last, unscheduled."""
+    B, H, n = level.q_block.shape
+    keys_per_piece = min(level.chunk, n)
+    blocks_per_piece = triton.cdiv(keys_per_piece, bucket)
+    n_blocks = level.n_pieces * blocks_per_piece
+    pos = torch.arange(n, device=level.q_block.device)
+    piece = (pos // level.chunk) // 2 if level.pair else torch.zeros_like(pos)
+    block = torch.where(level.q_block >= 0, piece * blocks_per_piece + level.q_block, n_blocks)  # [B, H, N]
+    perm_q = torch.sort(block, dim=-1, stable=True)[1].to(torch.int32).contiguous()
+    counts = torch.zeros(B, H, n_blocks + 1, dtype=torch.int64, device=pos.device)
+    counts.scatter_add_(-1, block, torch.ones_like(block))
+    return _Schedule(perm_q, counts[..., :-1].flatten(0, 1), blocks_per_piece, keys_per_piece, block_m, n)
+
+
+class _Launch:
+    """The tensors of one launch: its schedule, key order and samples (none for the exact windows)."""
+
+    def __init__(self, plan, level, n: int, block_m: int, device):
+        self.level = level
+        if level is None:
+            self.schedule = _window_schedule(n, plan.window, block_m, device)
+            empty = torch.zeros(0, dtype=torch.int32, device=device)
+            self.perm_k, self.s_idx, self.s_block, self.s_logw = empty, empty, empty, empty.float()
+            self.bucket, self.n_pieces, self.n_samples = plan.window, 1, 0
+        else:
+            self.schedule = _level_schedule(level, plan.bucket, block_m)
+            self.perm_k = level.perm_k.to(torch.int32).contiguous()
+            self.s_idx = level.sample_idx.to(torch.int32).contiguous()
+            self.s_block = level.sample_block.to(torch.int32).contiguous()
+            self.s_logw = level.sample_logw.float().contiguous()
+            self.bucket, self.n_pieces, self.n_samples = plan.bucket, level.n_pieces, level.sample_idx.shape[-1]
+        self.identity = self.causal = level is None
+        self.perm_q = self.schedule.perm_q if self.schedule.perm_q is not None else self.perm_k
+
+
+def _launches(plan, n: int, block_m: int, device) -> list[_Launch]:
+    """The exact causal windows first (causal plans), then every level, in accumulation order."""
+    levels = ([None] if plan.window is not None else []) + list(plan.levels)
+    return [_Launch(plan, level, n, block_m, device) for level in levels]
+
+
+# ---- launchers ------------------------------------------------------------------------------------------------------
+
+
+def _strides(*xs: Tensor) -> tuple[int, ...]:
+    """(batch, head, row) strides of each [B, H, N, D] tensor."""
+    return tuple(s for x in xs for s in x.stride()[:3])
+
+
+def _meta(q: Tensor, v: Tensor, bucket: int) -> dict:
+    """Tile sizes, warps, stages and the compute and dot dtypes of one call."""
+    D, DV = q.shape[-1], v.shape[-1]
+    block_m, block_n, num_warps, num_stages = _blocks(bucket, D)
+    meta = dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=max(16, triton.next_power_of_2(D)),
+                BLOCK_DV=max(16, triton.next_power_of_2(DV)), COMPUTE=compute_dtype(q.dtype), DOT=_dot_dtype(q.dtype),
+                num_warps=num_warps, num_stages=num_stages)
+    return meta
+
+
+def _consts(scale: float, dtype: torch.dtype, device) -> Tensor:
+    return torch.tensor([scale * LOG2E, scale, LOG2E, LN2], dtype=accumulator_dtype(dtype), device=device)
+
+
+def kde_attention_fwd(q: Tensor, k: Tensor, v: Tensor, plan, scale: float) -> tuple[Tensor, Tensor]:
+    """q [B, H, N, D], k [B, Hk, N, D], v [B, Hk, N, Dv] (unit last stride), plan from make_plan ->
+    (out [B, H, N, Dv] contiguous in q.dtype, lse [B, H, N] fp32, fp64 for fp64 q)."""
+    B, H, n, D = q.shape
+    Hk, DV = k.shape[1], v.shape[-1]
+    acc_dtype = accumulator_dtype(q.dtype)
+    meta = _meta(q, v, plan.bucket)
+    launches = _launches(plan, n, meta["BLOCK_M"], q.device)
+    # One launch writes the output directly; several resume each other's state from an fp32 buffer.
+    out = torch.empty((B, H, n, DV), dtype=q.dtype if len(launches) == 1 else acc_dtype, device=q.device)
+    lse = torch.empty((B, H, n), dtype=acc_dtype, device=q.device)
+    consts = _consts(scale, q.dtype, q.device)
+    for i, launch in enumerate(launches):
+        s = launch.schedule
+        _kde_attention_fwd_kernel[(s.n_tiles, B * H)](
+            q, k, v, out, lse, launch.perm_q, launch.perm_k, s.tile_start, s.tile_count, s.tile_block, launch.s_idx,
+            launch.s_block, launch.s_logw, n, H, H // Hk, D, DV, s.tile_stride, s.blocks_per_piece, s.keys_per_piece,
+            launch.bucket, launch.n_pieces, launch.n_samples, consts, *_strides(q, k, v),
+            IDENTITY=launch.identity, CAUSAL=launch.causal, ACCUMULATE=i > 0, **meta)
+    return out.to(q.dtype), lse
+
+
+def _sample_splits(n_programs: int, query_tiles: int, device: torch.device) -> int:
+    """How many ways to split a piece's queries so the sample-gradient launch fills the GPU (4 programs per SM)."""
+    target = 4 * torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
+    return max(1, min(triton.cdiv(target, max(n_programs, 1)), query_tiles))
+
+
+def kde_attention_bwd(grad_out: Tensor, grad_lse: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
+                      plan, scale: float) -> tuple[Tensor, Tensor, Tensor]:
+    """Gradients of kde_attention_fwd for the same plan: grad_out [B, H, N, Dv], grad_lse [B, H, N], and the
+    forward's out and lse -> (dq, dk, dv) contiguous in the dtypes of q, k, v."""
+    B, H, n, D = q.shape
+    Hk, DV = k.shape[1], v.shape[-1]
+    acc_dtype = accumulator_dtype(q.dtype)
+    meta = _meta(q, v, plan.bucket)
+    block_m, block_n = meta["BLOCK_M"], meta["BLOCK_N"]
+    grad_out = grad_out.contiguous()
+    # delta_i = dO_i . O_i - dlse_i: dS = P (dP - delta) is then the gradient through both outputs.
+    delta = ((grad_out.to(acc_dtype) * out.to(acc_dtype)).sum(-1) - grad_lse.to(acc_dtype)).contiguous()
+    lse = lse.contiguous()
+    dq = torch.zeros((B, H, n, D), dtype=acc_dtype, device=q.device)
+    dk = torch.zeros((B, Hk, n, D), dtype=acc_dtype, device=q.device)
+    dv = torch.zeros((B, Hk, n, DV), dtype=acc_dtype, device=q.device)
+    consts = _consts(scale, q.dtype, q.device)
+    strides = _strides(q, k, v)
+    for launch in _launches(plan, n, block_m, q.device):
+        s = launch.schedule
+        flags = dict(IDENTITY=launch.identity, CAUSAL=launch.causal, **meta)
+        _kde_attention_bwd_dq_kernel[(s.n_tiles, B * H)](
+            q, k, v, grad_out, lse, delta, dq, launch.perm_q, launch.perm_k, s.tile_start, s.tile_count, s.tile_block,
+            launch.s_idx, launch.s_block, launch.s_logw, n, H, H // Hk, D, DV, s.tile_stride, s.blocks_per_piece,
+            s.keys_per_piece, launch.bucket, launch.n_pieces, launch.n_samples, consts, *strides, **flags)
+        tiles_per_block = triton.cdiv(launch.bucket, block_n)
+        _kde_attention_bwd_dkdv_kernel[(s.n_blocks * tiles_per_block, B * Hk)](
+            q, k, v, grad_out, lse, delta, dk, dv, launch.perm_q, launch.perm_k, s.block_q_start, s.block_q_count,
+            n, H, H // Hk, D, DV, s.block_stride, s.blocks_per_piece, s.keys_per_piece, launch.bucket,
+            tiles_per_block, consts, *strides, **flags)
+        if launch.n_samples == 0:
+            continue
+        level, n_pieces, n_samples = launch.level, launch.n_pieces, launch.n_samples
+        sample_tiles = triton.cdiv(n_samples, block_n)
+        chunk = min(level.chunk, n)
+        n_splits = _sample_splits(n_pieces * sample_tiles * B * Hk, triton.cdiv(chunk, block_m), q.device)
+        dk_s = torch.empty((n_splits, B, Hk, n_pieces, n_samples, D), dtype=acc_dtype, device=q.device)
+        dv_s = torch.empty((n_splits, B, Hk, n_pieces, n_samples, DV), dtype=acc_dtype, device=q.device)
+        _kde_attention_bwd_samples_kernel[(n_pieces * sample_tiles * n_splits, B * Hk)](
+            q, k, v, grad_out, lse, delta, level.q_block.to(torch.int32).contiguous(), dk_s, dv_s, launch.s_idx,
+            launch.s_block, launch.s_logw, n, H, H // Hk, D, DV, chunk, level.pair, n_pieces, n_samples, sample_tiles,
+            n_splits, consts, *strides, **meta)
+        # A key drawn twice gets both contributions: index_add_, not a scatter.
+        rows = (torch.arange(B * Hk, device=q.device)[:, None] * n + level.sample_idx.flatten(0, 1).flatten(1))
+        dk.view(-1, D).index_add_(0, rows.flatten(), dk_s.sum(0).view(-1, D))
+        dv.view(-1, DV).index_add_(0, rows.flatten(), dv_s.sum(0).view(-1, DV))
+    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
