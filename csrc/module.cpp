@@ -8,6 +8,7 @@
 
 #include "gram_iteration/gram_iteration.h"
 #include "int8_matmul/vectorwise_quant.h"
+#include "kv_quant/append.h"
 #include "ngpt/renormalize.h"
 
 namespace py = pybind11;
@@ -83,4 +84,50 @@ PYBIND11_MODULE(_C, m) {
       py::arg("upper"), py::arg("lower"), py::arg("stream"),
       "Gram-iteration upper and lower bounds on sigma_max of batch matrices [rows, cols] (rows >= cols, both <= "
       "GRAM_MAX_SIDE; fp32 or complex64), one block each (see csrc/gram_iteration/gram_iteration.h).");
+
+  m.attr("KV_QUANT_MAX_HEAD_DIM") = torchext::kKvQuantMaxHeadDim;
+  m.def(
+      "kv_quant_append",
+      [](std::uintptr_t k, std::uintptr_t v, const py::tuple& k_strides, const py::tuple& v_strides,
+         std::uintptr_t counts, std::uintptr_t lengths, std::uintptr_t key_codes, std::uintptr_t key_outlier_index,
+         std::uintptr_t key_outlier_value, std::uintptr_t value_codes, std::uintptr_t value_offset,
+         std::uintptr_t value_scale, std::uintptr_t value_outlier_index, std::uintptr_t value_outlier_value,
+         std::uintptr_t sink_keys, std::uintptr_t sink_values, std::uintptr_t window_keys,
+         std::uintptr_t window_values, std::uintptr_t key_boundaries, std::uintptr_t value_boundaries,
+         std::uintptr_t key_offset, std::uintptr_t key_scale, int64_t batch, int64_t kv_heads, int64_t n_new,
+         int64_t head_dim, int64_t capacity, int64_t slots, int64_t sink, int64_t window, int64_t key_bits,
+         int64_t value_bits, int64_t dtype, std::uintptr_t stream) {
+        auto strides = [](const py::tuple& t, const char* name) {
+          if (t.size() != 3) throw py::value_error(std::string("kv_quant_append: ") + name + " needs 3 strides");
+          return torchext::KvQuantStrides{t[0].cast<int64_t>(), t[1].cast<int64_t>(), t[2].cast<int64_t>()};
+        };
+        const torchext::KvQuantStorage storage{
+            as_ptr<int32_t>(key_codes),         as_ptr<int16_t>(key_outlier_index), as_ptr<void>(key_outlier_value),
+            as_ptr<int32_t>(value_codes),       as_ptr<__half>(value_offset),       as_ptr<__half>(value_scale),
+            as_ptr<int16_t>(value_outlier_index), as_ptr<void>(value_outlier_value), as_ptr<void>(sink_keys),
+            as_ptr<void>(sink_values),          as_ptr<void>(window_keys),          as_ptr<void>(window_values)};
+        const torchext::KvQuantCodebook codebook{as_ptr<const float>(key_boundaries),
+                                                 as_ptr<const float>(value_boundaries), as_ptr<const float>(key_offset),
+                                                 as_ptr<const float>(key_scale), key_bits, value_bits};
+        const torchext::KvQuantShape shape{batch, kv_heads, n_new, head_dim, capacity, slots, sink, window};
+        check(torchext::kv_quant_append(as_ptr<const void>(k), as_ptr<const void>(v), strides(k_strides, "k_strides"),
+                                        strides(v_strides, "v_strides"), as_ptr<const int32_t>(counts),
+                                        as_ptr<int32_t>(lengths), storage, codebook, shape, dtype,
+                                        as_ptr<CUstream_st>(stream)),
+              "kv_quant_append");
+      },
+      py::arg("k"), py::arg("v"), py::arg("k_strides"), py::arg("v_strides"), py::arg("counts"), py::arg("lengths"),
+      py::arg("key_codes"), py::arg("key_outlier_index"), py::arg("key_outlier_value"), py::arg("value_codes"),
+      py::arg("value_offset"), py::arg("value_scale"), py::arg("value_outlier_index"),
+      py::arg("value_outlier_value"), py::arg("sink_keys"), py::arg("sink_values"), py::arg("window_keys"),
+      py::arg("window_values"), py::arg("key_boundaries"), py::arg("value_boundaries"), py::arg("key_offset"),
+      py::arg("key_scale"), py::arg("batch"), py::arg("kv_heads"), py::arg("n_new"), py::arg("head_dim"),
+      py::arg("capacity"), py::arg("slots"), py::arg("sink"), py::arg("window"), py::arg("key_bits"),
+      py::arg("value_bits"), py::arg("dtype"), py::arg("stream"),
+      "KVQuant quantize-and-append: sequence b takes the first counts[b] tokens of k, v [batch, kv_heads, n_new, "
+      "head_dim] (dtype FLOAT32/BFLOAT16/FLOAT16, strides (batch, head, token) in elements, last stride 1) into the "
+      "sink, the recent-window ring buffer and the packed dense-and-sparse buffers of "
+      "torchext/reference/kv_quant.py::Storage (contiguous device addresses; counts, lengths int32 [batch], "
+      "lengths advanced in place; a sequence past capacity is left untouched). Codebook arrays are fp32. "
+      "Nothing is synchronised or allocated (see csrc/kv_quant/append.h).");
 }
