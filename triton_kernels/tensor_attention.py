@@ -44,10 +44,10 @@ from torch import Tensor
 
 from ._launch import INTERPRET, accumulator_dtype, compute_dtype
 
-LOG2E = 1.4426950408889634
-LN2 = 0.6931471805599453
-MAX_HEAD_DIM = 256  # a whole head row of every row-tile operand lives in registers
-NEG = -1.0e30  # masked logit (finite: exp2(NEG - NEG) would be 1, so masked probabilities are zeroed explicitly)
+# Kernels may read only constexpr globals.
+LOG2E = tl.constexpr(1.4426950408889634)
+LN2 = tl.constexpr(0.6931471805599453)
+NEG = tl.constexpr(-1.0e30)  # masked logit (finite: exp2(NEG - NEG) is 1, so masked probabilities are zeroed)
 
 
 @triton.jit
@@ -349,7 +349,7 @@ def tensor_attention_fwd(q: Tensor, kr: Tensor, kc: Tensor, vr: Tensor, vc: Tens
     tiles = _tiles(n, d, wr, block_m)
     grid = (triton.cdiv(n, tiles["BLOCK_Q"]), B * H)
     _tensor_attention_fwd_kernel[grid](q, kr, kc, vr, vc, out, lse, n, d, H, H // kr.shape[1], wr, wc,
-                                       scale * LOG2E, **tiles, **_common(q, causal),
+                                       scale * LOG2E.value, **tiles, **_common(q, causal),
                                        **_launch_options(q, block_m))
     return out, lse
 
@@ -371,8 +371,8 @@ def tensor_attention_bwd(grad_out: Tensor, delta: Tensor, q: Tensor, kr: Tensor,
     for query_stationary in (True, False):
         heads = B * H if query_stationary else B * heads_kv
         _rows_bwd_kernel[(triton.cdiv(n, tiles["BLOCK_Q"]), heads)](
-            *tensors, dq, dkr, dvr, n, d, H, group, wr, wc, scale, scale * LOG2E,
+            *tensors, dq, dkr, dvr, n, d, H, group, wr, wc, scale, scale * LOG2E.value,
             QUERY_STATIONARY=query_stationary, **common)
     _columns_bwd_kernel[(triton.cdiv(n, tiles["BLOCK_N"]), B * heads_kv)](
-        *tensors, dkc, dvc, n, d, H, group, wr, wc, scale * LOG2E, **common)
+        *tensors, dkc, dvc, n, d, H, group, wr, wc, scale * LOG2E.value, **common)
     return dq, dkr, dkc, dvr, dvc
