@@ -185,14 +185,14 @@ def estimate(q, k, v, seed, causal=False, **params):
 
 @pytest.mark.parametrize("causal", [False, True])
 def test_numerator_and_denominator_are_unbiased(causal):
-    """Over 300 seeds the mean of den = e^lse and num = out e^lse matches the exact sums within 5 standard errors at
-    every one of the ~1150 entries (unbiased: each |z| exceeds 5 with probability ~6e-7; measured max 3.0-3.8 over
+    """Over 200 seeds the mean of den = e^lse and num = out e^lse matches the exact sums within 5 standard errors at
+    every one of the ~1150 entries (unbiased: each |z| exceeds 5 with probability ~6e-7; measured max 3.0-3.7 over
     three data sets). q is scaled by 0.5 to tame the heavy tail of e^s / p, which makes z-scores unreliable."""
     q, k, v = gaussian(64, 8, seed=1)
     q = q * 0.5
     exact_out, exact_lse = ref.exact_attention(q, k, v, causal)
     dens, nums = [], []
-    for seed in range(300):
+    for seed in range(200):
         out, lse = estimate(q, k, v, seed, causal, bucket_size=16, num_samples=8, num_hash_bits=3, exact_window=16)
         dens.append(lse.exp())
         nums.append(out * lse.exp()[..., None])
@@ -204,14 +204,14 @@ def test_numerator_and_denominator_are_unbiased(causal):
 
 
 def test_error_falls_as_one_over_sqrt_m():
-    """RMS error of den over 40 seeds: 16x the samples should give about 1/4 the error (measured 0.27; allow 0.15 to
-    0.40)."""
+    """RMS error of den over 30 seeds: 16x the samples should give about 1/4 the error (measured 0.27-0.28; allow
+    0.15 to 0.40)."""
     q, k, v = gaussian(256, 16, seed=2)
     exact = ref.exact_attention(q, k, v)[1].exp()
     rms = {}
     for m in (16, 256):
         errors = [estimate(q, k, v, s, bucket_size=16, num_samples=m, num_hash_bits=5)[1].exp() - exact
-                  for s in range(40)]
+                  for s in range(30)]
         rms[m] = torch.stack(errors).pow(2).mean().sqrt().item()
     assert 0.15 < rms[256] / rms[16] < 0.40, rms
 
