@@ -61,9 +61,10 @@ def allocate_storage(batch: int, kv_heads: int, head_dim: int, capacity: int, co
         raise ValueError(f"allocate_storage: head_dim must be one of {HEAD_DIMS}, got {head_dim}")
     if dtype not in CACHE_DTYPES:
         raise TypeError(f"allocate_storage: dtype must be one of {CACHE_DTYPES}, got {dtype}")
-    if min(batch, kv_heads, capacity) < 1 or min(slots, sink, window) < 0:
-        raise ValueError(f"allocate_storage: need batch, kv_heads, capacity >= 1 and slots, sink, window >= 0, got "
-                         f"{(batch, kv_heads, capacity, slots, sink, window)}")
+    if min(batch, kv_heads, capacity) < 1 or min(slots, sink, window) < 0 or slots >= head_dim:
+        raise ValueError(f"allocate_storage: need batch, kv_heads, capacity >= 1, 0 <= slots < head_dim and sink, "
+                         f"window >= 0, got batch={batch}, kv_heads={kv_heads}, capacity={capacity}, slots={slots}, "
+                         f"sink={sink}, window={window}")
     vectors = (batch, kv_heads, capacity)
 
     def zeros(*shape, dt=dtype):
@@ -209,6 +210,8 @@ def kv_quant_append_(storage: Storage, codebook: Codebook, k: Tensor, v: Tensor,
     if counts is None:
         counts = torch.full((storage.lengths.shape[0],), n, dtype=torch.int32, device=k.device)
     if check:
+        if counts.numel() and not 0 <= int(counts.min()) <= int(counts.max()) <= n:
+            raise ValueError(f"kv_quant_append_: counts must be in [0, n={n}], got {counts.tolist()}")
         capacity = storage.key_codes.shape[2]
         over = (storage.lengths.long() + counts.long() > capacity).nonzero().flatten().tolist()
         if over:
@@ -237,8 +240,9 @@ def _check_decode(q: Tensor, storage: Storage, codebook: Codebook, inv_freq: Ten
     check_same_device(op, q=q, inv_freq=inv_freq, storage=storage.key_codes)
 
 
+_STORAGE_INPUTS = ", ".join(f"Tensor {name}" for name in Storage._fields)
 torch.library.define("torchext::kv_quant_decode_attention",
-                     f"(Tensor q, {_STORAGE_ARGS.replace('!', '')}, {_CODEBOOK_ARGS}, Tensor inv_freq, "
+                     f"(Tensor q, {_STORAGE_INPUTS}, {_CODEBOOK_ARGS}, Tensor inv_freq, "
                      f"float attention_scaling, float scale, int max_length) -> Tensor")
 
 

@@ -147,12 +147,12 @@ def outlier_slots(head_dim: int, outlier_fraction: float) -> int:
 
 
 def _outliers(deviation: Tensor, eligible: Tensor, slots: int) -> Tensor:
-    """Channel indices [..., slots] int64 of the largest eligible deviations (-1 where fewer are eligible)."""
+    """Channel indices [..., slots] int64 of the largest eligible deviations, ties to the lowest channel (as the
+    CUDA kernel breaks them; torch.topk leaves their order unspecified), -1 where fewer are eligible."""
     if slots == 0:
         return deviation.new_zeros(*deviation.shape[:-1], 0, dtype=torch.int64)
-    score = torch.where(eligible, deviation, -1.0)
-    top = score.topk(slots, dim=-1)
-    return torch.where(top.values >= 0, top.indices, -1)
+    values, indices = torch.where(eligible, deviation, -1.0).sort(dim=-1, descending=True, stable=True)
+    return torch.where(values[..., :slots] >= 0, indices[..., :slots], -1)
 
 
 def _gather_outliers(x: Tensor, index: Tensor) -> Tensor:
@@ -167,6 +167,11 @@ def _replace_outliers(dense: Tensor, index: Tensor, value: Tensor) -> Tensor:
     return dense
 
 
+def normalize_keys(k: Tensor, key_offset: Tensor, key_scale: Tensor) -> Tensor:
+    """(k - offset_c) / scale_c in fp32: k [..., kv_heads, n, head_dim], offset/scale [kv_heads, head_dim]."""
+    return (k.float() - key_offset[:, None]) / key_scale[:, None]
+
+
 def quantize_keys(k: Tensor, codebook: Codebook, slots: int) -> tuple[Tensor, Tensor, Tensor]:
     """k [batch, kv_heads, n, head_dim] pre-RoPE -> (codes int32 [..., words], outlier index int16 [..., slots],
     outlier value [..., slots] in k.dtype).
@@ -174,18 +179,18 @@ def quantize_keys(k: Tensor, codebook: Codebook, slots: int) -> tuple[Tensor, Te
     Elements outside their channel's calibrated range (|x| > 1) are outliers; the `slots` largest per vector are
     kept exactly, the rest clamp to the range.
     """
-    x = (k.float() - codebook.key_offset[:, None]) / codebook.key_scale[:, None]
+    x = normalize_keys(k, codebook.key_offset, codebook.key_scale)
     index = _outliers(x.abs(), x.abs() > 1, slots)
     codes = nearest_code(x.clamp(-1, 1), codebook.key_boundaries)
     return pack_codes(codes, codebook.key_bits), index.to(torch.int16), _gather_outliers(k, index)
 
 
-def quantize_values(v: Tensor, codebook: Codebook, slots: int) -> tuple[Tensor, ...]:
-    """v [batch, kv_heads, n, head_dim] -> (codes int32 [..., words], offset fp16 [...], scale fp16 [...],
-    outlier index int16 [..., slots], outlier value [..., slots] in v.dtype).
+def value_statistics(v: Tensor, slots: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Per-token statistics of v [..., head_dim]: (normalised fp32 [..., head_dim], inlier mask, outlier index
+    int64 [..., slots] (-1: empty), (offset, scale) fp16 [...] each as a pair).
 
     The `slots` elements farthest from the vector's mean are outliers; the others set the vector's range
-    [offset - scale, offset + scale] (offset and scale rounded to fp16 before quantizing, as stored).
+    [offset - scale, offset + scale] (offset and scale rounded to fp16 before normalising, as stored).
     """
     vf = v.float()
     index = _outliers((vf - vf.mean(-1, keepdim=True)).abs(), torch.ones_like(vf, dtype=torch.bool), slots)
@@ -194,6 +199,13 @@ def quantize_values(v: Tensor, codebook: Codebook, slots: int) -> tuple[Tensor, 
     lo = torch.where(inlier, vf, math.inf).amin(-1)
     offset, scale = ((hi + lo) / 2).half(), ((hi - lo) / 2).half()
     x = (vf - offset.float()[..., None]) / scale.float().clamp_min(torch.finfo(torch.float16).tiny)[..., None]
+    return x, inlier.bool(), index, (offset, scale)
+
+
+def quantize_values(v: Tensor, codebook: Codebook, slots: int) -> tuple[Tensor, ...]:
+    """v [batch, kv_heads, n, head_dim] -> (codes int32 [..., words], offset fp16 [...], scale fp16 [...],
+    outlier index int16 [..., slots], outlier value [..., slots] in v.dtype); see value_statistics."""
+    x, _, index, (offset, scale) = value_statistics(v, slots)
     codes = nearest_code(x.clamp(-1, 1), codebook.value_boundaries)
     return (pack_codes(codes, codebook.value_bits), offset, scale, index.to(torch.int16),
             _gather_outliers(v, index))

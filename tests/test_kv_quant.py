@@ -1,0 +1,486 @@
+"""KVQuant family: the packed layout, quantize/dequantize and quantize-and-append semantics, the fused decode
+attention against reference attention over the dequantized cache, the paper's quality orderings on synthetic KV
+with KVQuant's structure and on a small Llama built locally, the Hugging Face cache, and bad inputs.
+
+The quantize-and-append CUDA C++ kernel is checked against the reference on a GPU (`gpu` marker); on CPU the
+reference is the append path and the decode kernel runs through the Triton interpreter.
+"""
+
+import math
+
+import pytest
+import torch
+from harness import TOLERANCES, check_opcheck, check_raises
+
+from torchext import ops
+from torchext._backend import CUDA_EXT
+from torchext.nn.kv_quant import KVQuantConfig, key_ranges, layer_calibration
+from torchext.reference import kv_quant as ref
+
+# Decode attention vs the reference over the same dequantized cache. fp32: the kernel builds RoPE angles by angle
+# addition (cos(a + b) from cos a, sin a, cos b, sin b) where the reference evaluates cos(p theta) directly, a few
+# fp32 ulps of the angle apart. 16-bit: the operands of both products are rounded to the 16-bit format for the
+# tensor cores (as flash attention does) and the output once; the interpreter also sums fp16 products in fp16.
+DECODE_TOLERANCES = {**TOLERANCES, torch.float32: dict(atol=2e-5, rtol=2e-5),
+                     torch.float16: dict(atol=5e-3, rtol=5e-3)}
+
+
+def llama3_inv_freq(head_dim, base=500000.0, factor=8.0, low=1.0, high=4.0, original=64):
+    """Llama-3-style scaled RoPE frequencies (the scaling lives in inv_freq, as in Hugging Face), small original
+    context so that short test sequences cross all three bands."""
+    inv_freq = base ** (-torch.arange(0, head_dim, 2).float() / head_dim)
+    wavelength = 2 * math.pi / inv_freq
+    smooth = ((original / wavelength - low) / (high - low)).clamp(0, 1)
+    return (1 - smooth) * inv_freq / factor + smooth * inv_freq
+
+
+def structured_kv(batch, kv_heads, n, head_dim, seed=0):
+    """Synthetic pre-RoPE K/V with KVQuant's structure (sec. 3.1): a few heavy key channels, each with a large
+    one-signed offset, in high-frequency RoPE pairs (the same channels in every sample, as in a real layer),
+    value outlier tokens, and an attention sink at position 0 (a large key along sink_direction, which the
+    test queries share). `seed` draws the sample; the channel structure is fixed."""
+    structure = torch.Generator().manual_seed(1234)
+    heavy = torch.randperm(head_dim // 4, generator=structure)[:head_dim // 8]  # in pairs RoPE turns fast
+    channel_scale = torch.ones(kv_heads, head_dim)
+    channel_scale[:, heavy] = 4.0
+    channel_offset = torch.randn(kv_heads, head_dim, generator=structure)
+    channel_offset[:, heavy] += 12 * torch.randn(kv_heads, len(heavy), generator=structure).sign()
+    g = torch.Generator().manual_seed(seed)
+    k = torch.randn(batch, kv_heads, n, head_dim, generator=g) * channel_scale[:, None] + channel_offset[:, None]
+    v = torch.randn(batch, kv_heads, n, head_dim, generator=g)
+    v[..., torch.randperm(n, generator=g)[:max(1, n // 50)], :] *= 6  # outlier tokens
+    k[:, :, 0] = 60 * sink_direction(head_dim)
+    return k, v
+
+
+def sink_direction(head_dim):
+    return torch.nn.functional.normalize(torch.randn(head_dim, generator=torch.Generator().manual_seed(99)), dim=0)
+
+
+def fresh_cache(batch, kv_heads, head_dim, capacity, key_bits=4, value_bits=4, slots=1, sink=1, window=0,
+                dtype=torch.float32, keys=None, levels=None, device="cpu"):
+    sample = torch.randn(256, kv_heads, head_dim) * 1.5 if keys is None else keys
+    offset, scale = key_ranges(sample, 0.01)
+    codebook = ops.make_codebook(key_bits, value_bits, offset.to(device), scale.to(device), **(levels or {}))
+    return ops.allocate_storage(batch, kv_heads, head_dim, capacity, codebook, slots, sink, window, dtype, device), \
+        codebook
+
+
+def quantization_step(codebook, kind):
+    levels = getattr(codebook, f"{kind}_levels")
+    return (levels[1:] - levels[:-1]).max().item()
+
+
+# ---- layout and quantization semantics ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("bits", ref.SUPPORTED_BITS)
+@pytest.mark.parametrize("head_dim", [32, 64, 128])
+def test_packing_layout(bits, head_dim):
+    """Code c sits in word c // (32 // bits) at bit (c % (32 // bits)) * bits; 3 bits pack 10 per word."""
+    codes = torch.randint(0, 2 ** bits, (5, head_dim))
+    words = ref.pack_codes(codes, bits)
+    per_word = 32 // bits
+    assert words.dtype == torch.int32 and words.shape == (5, math.ceil(head_dim / per_word))
+    c = 13
+    assert torch.equal((words[:, c // per_word].long() & 0xFFFFFFFF) >> (c % per_word * bits) & (2 ** bits - 1),
+                       codes[:, c])
+    assert torch.equal(ref.unpack_codes(words, bits, head_dim), codes)
+
+
+def test_nearest_code_is_the_nearest_level():
+    levels = ref.fit_levels(torch.randn(4000).clamp(-1, 1), 3)
+    x = torch.linspace(-1.2, 1.2, 1001)
+    codes = ref.nearest_code(x, ref.midpoints(levels))
+    assert torch.equal(levels[codes].sub(x).abs(), (levels[None] - x[:, None]).abs().amin(1))
+
+
+def test_fit_levels_weighted_kmeans_and_q_norm():
+    x = torch.randn(20000).clamp(-1, 1) * torch.rand(20000)
+    levels = ref.fit_levels(x, 3)
+    mse = lambda lv: (lv[ref.nearest_code(x, ref.midpoints(lv))] - x).square().mean()  # noqa: E731
+    assert mse(levels) < 0.8 * mse(ref.uniform_levels(3))  # nuq beats uniform on a peaked distribution
+    weights = (x > 0).float() * 100 + 1  # Fisher weighting pulls the levels to the heavily weighted side
+    assert (ref.fit_levels(x, 3, weights) > 0).sum() > (levels > 0).sum()
+    corrected = ref.q_norm_levels(x, ref.fit_levels(x, 2))
+    q = corrected[ref.nearest_code(x, ref.midpoints(ref.fit_levels(x, 2)))]
+    torch.testing.assert_close(torch.stack((q.mean(), q.std())), torch.stack((x.mean(), x.std())), atol=1e-4,
+                               rtol=1e-3)
+
+
+@pytest.mark.parametrize("bits", ref.SUPPORTED_BITS)
+def test_quantize_round_trip_within_half_a_step_and_outliers_exact(bits):
+    storage, codebook = fresh_cache(1, 2, 64, 8, bits, bits, slots=2)
+    k, v = torch.randn(1, 2, 40, 64), torch.randn(1, 2, 40, 64)
+    k[0, 0, 3, 5], k[0, 1, 7, 60], v[0, 0, 2, 9] = 40.0, -35.0, 25.0  # planted outliers
+    codes, index, value = ref.quantize_keys(k, codebook, 2)
+    k_hat = ref.dequantize_keys(codes, index, value, codebook, 64)
+    assert k_hat[0, 0, 3, 5] == 40.0 and k_hat[0, 1, 7, 60] == -35.0
+    inside = ref.normalize_keys(k, codebook.key_offset, codebook.key_scale).abs() <= 1
+    step = quantization_step(codebook, "key") * codebook.key_scale[:, None]
+    assert ((k_hat - k).abs() <= step / 2 + 1e-5)[inside].all()
+    v_codes, offset, scale, v_index, v_value = ref.quantize_values(v, codebook, 2)
+    v_hat = ref.dequantize_values(v_codes, offset, scale, v_index, v_value, codebook, 64)
+    assert v_hat[0, 0, 2, 9] == 25.0
+    bound = quantization_step(codebook, "value") * scale.float()[..., None] / 2 + 2e-3 * v.abs().amax()
+    assert ((v_hat - v).abs() <= bound).all()
+
+
+def test_append_places_sink_window_and_packed_positions():
+    """Ragged prefill then decode steps: sink and window exact, packed positions within their step, lengths."""
+    storage, codebook = fresh_cache(2, 2, 32, 40, 4, 4, slots=1, sink=2, window=5)
+    k, v = structured_kv(2, 2, 30, 32)
+    counts = torch.tensor([30, 9], dtype=torch.int32)
+    ops.kv_quant_append_(storage, codebook, k[:, :, :24], v[:, :, :24], counts.clamp_max(24))
+    for t in range(24, 30):  # sequence 1 stops at 9 tokens
+        step = torch.tensor([1, 0], dtype=torch.int32)
+        ops.kv_quant_append_(storage, codebook, k[:, :, t:t + 1], v[:, :, t:t + 1], step)
+    assert storage.lengths.tolist() == [30, 9]
+    keys, values = ref.read(storage, codebook)
+    for b, length in enumerate((30, 9)):
+        exact = list(range(min(2, length))) + list(range(max(2, length - 5), length))
+        torch.testing.assert_close(keys[b, :, exact], k[b, :, exact], atol=0, rtol=0)
+        torch.testing.assert_close(values[b, :, exact], v[b, :, exact], atol=0, rtol=0)
+        packed = [p for p in range(length) if p not in exact]
+        if packed:
+            error = (keys[b, :, packed] - k[b, :, packed]).abs()
+            bound = quantization_step(codebook, "key") * codebook.key_scale[:, None] / 2 + 1e-5
+            outlier = ref.normalize_keys(k[b:b + 1, :, packed], codebook.key_offset, codebook.key_scale)[0].abs() > 1
+            assert ((error <= bound) | outlier).all()
+
+
+def test_one_prefill_equals_token_by_token_appends():
+    k, v = structured_kv(1, 2, 20, 64)
+    storage, codebook = fresh_cache(1, 2, 64, 32, 3, 2, slots=1, sink=1, window=4)
+    stepped = ref.Storage(*(t.clone() for t in storage))
+    ops.kv_quant_append_(storage, codebook, k, v)
+    for t in range(20):
+        ops.kv_quant_append_(stepped, codebook, k[:, :, t:t + 1], v[:, :, t:t + 1])
+    for name, a, b in zip(ref.Storage._fields, storage, stepped):
+        assert torch.equal(a, b), name
+
+
+def test_capacity_overflow_raises_and_writes_nothing():
+    storage, codebook = fresh_cache(2, 1, 32, 10)
+    k, v = torch.randn(2, 1, 8, 32), torch.randn(2, 1, 8, 32)
+    ops.kv_quant_append_(storage, codebook, k, v, torch.tensor([8, 2], dtype=torch.int32))
+    before = [t.clone() for t in storage]
+    check_raises(lambda: ops.kv_quant_append_(storage, codebook, k[:, :, :3], v[:, :, :3]), ValueError,
+                 "sequences [0] would pass the cache capacity of 10")
+    assert all(torch.equal(a, b) for a, b in zip(before, storage))
+
+
+# ---- fused decode attention vs the reference ------------------------------------------------------------------------
+
+
+def decode_case(batch, kv_heads, group, head_dim, lengths, key_bits, value_bits, sink, window, dtype, slots=1,
+                device="cpu", inv_freq=None, attention_scaling=1.0):
+    capacity = max(lengths) + 3
+    storage, codebook = fresh_cache(batch, kv_heads, head_dim, capacity, key_bits, value_bits, slots, sink, window,
+                                    dtype, device=device)
+    k, v = structured_kv(batch, kv_heads, max(lengths), head_dim)
+    ops.kv_quant_append_(storage, codebook, k.to(device, dtype), v.to(device, dtype),
+                         torch.tensor(lengths, dtype=torch.int32, device=device))
+    q = torch.randn(batch, kv_heads * group, 1, head_dim, device=device).to(dtype)
+    inv_freq = (10000.0 ** (-torch.arange(0, head_dim, 2).float() / head_dim) if inv_freq is None else inv_freq)
+    return q, storage, codebook, inv_freq.to(device), attention_scaling
+
+
+def check_decode(q, storage, codebook, inv_freq, attention_scaling, max_length=None):
+    out = ops.kv_quant_decode_attention(q, storage, codebook, inv_freq, attention_scaling, max_length=max_length)
+    keys, values = ref.read(storage, codebook)
+    expected = ref.decode_attention(q, keys, values, storage.lengths, inv_freq, attention_scaling).to(q.dtype)
+    assert out.shape == q.shape and out.dtype == q.dtype and not out.isnan().any()
+    torch.testing.assert_close(out, expected, **DECODE_TOLERANCES[q.dtype])
+
+
+@pytest.mark.parametrize("group", [1, 4, 8], ids=["MHA", "GQA4", "MQA8"])
+@pytest.mark.parametrize("bits", [(4, 4), (3, 3), (2, 2), (4, 2)], ids=lambda b: f"K{b[0]}V{b[1]}")
+def test_decode_matches_reference(group, bits):
+    check_decode(*decode_case(2, 8 // group if group < 8 else 1, group, 64, [70, 33], *bits, sink=1, window=0,
+                              dtype=torch.float32))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("head_dim", [64, 128])
+def test_decode_dtypes_head_dims_sink_and_window(dtype, head_dim):
+    check_decode(*decode_case(2, 2, 2, head_dim, [90, 5], 4, 3, sink=4, window=16, dtype=dtype, slots=2))
+
+
+def test_decode_ragged_batch_llama3_rope_scaling_and_many_splits():
+    inv_freq = llama3_inv_freq(32)
+    case = decode_case(3, 1, 4, 32, [150, 1, 77], 3, 2, sink=0, window=8, dtype=torch.float32, slots=0,
+                       inv_freq=inv_freq, attention_scaling=1.2)
+    check_decode(*case, max_length=150)  # several splits per sequence on the interpreter grid
+    check_decode(*case)  # the default grid, sized by the capacity
+
+
+def test_decode_opcheck_and_compile():
+    q, storage, codebook, inv_freq, scaling = decode_case(1, 2, 2, 32, [20], 4, 4, sink=1, window=4,
+                                                          dtype=torch.float32)
+    args = (q, *storage, *ops.kv_quant._codebook_args(codebook), inv_freq, 1.0, 32 ** -0.5, 20)
+    check_opcheck(torch.ops.torchext.kv_quant_decode_attention.default, args)
+    k, v = torch.randn(1, 2, 2, 32), torch.randn(1, 2, 2, 32)
+    check_opcheck(torch.ops.torchext.kv_quant_append_.default,
+                  (*[t.clone() for t in storage], *ops.kv_quant._codebook_args(codebook), k, v,
+                   torch.tensor([2], dtype=torch.int32)))
+    compiled = torch.compile(ops.kv_quant_decode_attention, fullgraph=True)
+    torch.testing.assert_close(compiled(q, storage, codebook, inv_freq), ops.kv_quant_decode_attention(
+        q, storage, codebook, inv_freq))
+
+
+def test_bad_inputs():
+    q, storage, codebook, inv_freq, _ = decode_case(1, 2, 2, 32, [10], 4, 4, sink=1, window=0, dtype=torch.float16)
+    decode = ops.kv_quant_decode_attention
+    check_raises(lambda: decode(q[:, :3], storage, codebook, inv_freq), ValueError,
+                 "q has 3 heads, not a multiple of the cache's 2 kv heads")
+    check_raises(lambda: decode(q.float(), storage, codebook, inv_freq), TypeError, "q must have dtype")
+    check_raises(lambda: decode(q.expand(1, 4, 2, 32), storage, codebook, inv_freq), ValueError,
+                 "one decode token per sequence")
+    check_raises(lambda: decode(q, storage, codebook, inv_freq[:-1]), ValueError, "inv_freq must have shape (16,)")
+    check_raises(lambda: ops.allocate_storage(1, 2, 48, 8, codebook), ValueError, "head_dim must be one of")
+    check_raises(lambda: ops.make_codebook(5, 4, codebook.key_offset, codebook.key_scale), ValueError,
+                 "key_bits must be one of (2, 3, 4)")
+    k = torch.randn(1, 2, 1, 32)
+    check_raises(lambda: ops.kv_quant_append_(storage, codebook, k, k.half()), TypeError, "k must have dtype")
+    check_raises(lambda: ops.kv_quant_append_(storage, codebook, k.half()[:, :1], k.half()[:, :1]), ValueError,
+                 "k must be [batch=1, kv_heads=2, n, head_dim=32]")
+
+
+# ---- quality: the paper's orderings on synthetic KV with KVQuant's structure ----------------------------------------
+
+
+def attention_error(config_bits, pre_rope=True, nuq=True, outlier_fraction=0.01, sink=1):
+    """(relative error of the decode attention output, KL divergence of the attention weights) over a quantized
+    structured cache, 64 queries at the last position, after calibrating on other samples of the distribution.
+    The KL isolates the keys; the output error also carries the values' quantization error."""
+    head_dim, n, inv_freq = 64, 256, 10000.0 ** (-torch.arange(0, 64, 2).float() / 64)
+    calib_k, calib_v = structured_kv(4, 1, n, head_dim, seed=1)
+    k, v = structured_kv(1, 1, n, head_dim, seed=2)
+    cos, sin = ref.rope_cos_sin(torch.arange(n), inv_freq)
+    if not pre_rope:  # quantize the rotated keys; attention then must not rotate again
+        calib_k, k = ref.rotate(calib_k, cos, sin), ref.rotate(k, cos, sin)
+    stats = layer_calibration(calib_k[:, :, sink:].transpose(1, 2).flatten(0, 1),
+                              calib_v[:, :, sink:].transpose(1, 2).flatten(0, 1), *config_bits, outlier_fraction,
+                              nuq=nuq)
+    codebook = ops.make_codebook(*config_bits, **stats)
+    storage = ops.allocate_storage(1, 1, head_dim, n, codebook, ref.outlier_slots(head_dim, outlier_fraction),
+                                   sink, 0, torch.float32)
+    ref.append(storage, codebook, k, v)
+    keys, values = ref.read(storage, codebook)
+    q = torch.randn(1, 64, 1, head_dim) * 0.05 + 0.05 * sink_direction(head_dim)  # logits std ~1, a visible sink
+    rope = inv_freq if pre_rope else torch.zeros_like(inv_freq)
+    exact = ref.decode_attention(q, k, v, storage.lengths, rope)
+    approx = ref.decode_attention(q, keys, values, storage.lengths, rope)
+    log_weights = [(q @ ref.rotate(x, *ref.rope_cos_sin(torch.arange(n), rope)).transpose(-1, -2) / 8).log_softmax(-1)
+                   for x in (k, keys)]
+    kl = (log_weights[0].exp() * (log_weights[0] - log_weights[1])).sum(-1).mean()
+    return ((approx - exact).norm() / exact.norm()).item(), kl.item()
+
+
+def test_error_falls_as_bits_grow():
+    errors = [attention_error((b, b)) for b in (2, 3, 4)]
+    assert errors[0][0] > errors[1][0] > errors[2][0] and errors[0][1] > errors[1][1] > errors[2][1], errors
+
+
+def test_pre_rope_beats_post_rope_and_nuq_beats_uniform_at_3_bits():
+    (pre_out, pre_kl), (_, post_kl) = attention_error((3, 3)), attention_error((3, 3), pre_rope=False)
+    uniform_out, uniform_kl = attention_error((3, 3), nuq=False)
+    assert pre_kl < 0.8 * post_kl, (pre_kl, post_kl)
+    assert pre_out < 0.9 * uniform_out and pre_kl < uniform_kl, (pre_out, uniform_out, pre_kl, uniform_kl)
+
+
+def test_outliers_and_sink_help():
+    assert attention_error((3, 3))[1] < attention_error((3, 3), outlier_fraction=0.0)[1]
+    assert attention_error((2, 2))[1] < attention_error((2, 2), sink=0)[1]
+
+
+def test_config_round_trips_through_safetensors(tmp_path):
+    pytest.importorskip("safetensors")
+    k, v = structured_kv(2, 2, 64, 32)
+    stats = layer_calibration(k.transpose(1, 2).flatten(0, 1), v.transpose(1, 2).flatten(0, 1), 2, 3, 0.01)
+    config = KVQuantConfig(2, 3, 0.01, 4, 16, True, [stats, stats])
+    config.save(tmp_path / "kvquant.safetensors")
+    loaded = KVQuantConfig.load(tmp_path / "kvquant.safetensors")
+    assert (loaded.key_bits, loaded.value_bits, loaded.sink_tokens, loaded.window_tokens) == (2, 3, 4, 16)
+    for a, b in zip(config.codebook(1, "cpu"), loaded.codebook(1, "cpu")):
+        assert torch.equal(a, b) if isinstance(a, torch.Tensor) else a == b
+    assert "key_boundaries" in stats  # Q-Norm at 2 bits keeps the original midpoints as boundaries
+
+
+# ---- GPU: the CUDA C++ append kernel and GPU-sized decode -----------------------------------------------------------
+
+
+# Append steps against capacity 40: a ragged prefill with an empty sequence, decodes, chunks, and a 30-token chunk
+# that overflows sequence 0 (skipped: nothing written, length unchanged).
+APPEND_STEPS = [(13, [13, 0, 7]), (1, [1, 1, 1]), (1, [1, 1, 0]), (6, [6, 2, 5]), (4, [4, 4, 4]), (30, [30, 3, 1]),
+                (1, [1, 1, 1])]
+
+
+def tie_free_inputs(batch, kv_heads, n, head_dim, slots, dtype, g, device):
+    """k with elements outside the calibrated ranges; v with slots + 1 planted distinct values per vector, so the
+    outlier ranking has no ties; both strided (views), as projections hand them over."""
+    k = torch.randn(batch, kv_heads, n + 3, head_dim, generator=g) * 1.5
+    v = torch.randn(batch, kv_heads, n, head_dim, generator=g).clamp(-3, 3)
+    channels = torch.rand(v.shape, generator=g).argsort(-1)[..., :slots + 1]
+    v.scatter_(-1, channels, (4 + 0.5 * torch.arange(slots + 1.0)).expand(channels.shape).contiguous())
+    return k.to(device, dtype)[:, :, 2:2 + n], v.to(device, dtype).transpose(1, 2).contiguous().transpose(1, 2)
+
+
+def garbage_storage(batch, kv_heads, head_dim, codebook, slots, sink, window, dtype, g, device, capacity=40):
+    """Storage full of random values, so stray or missing writes show."""
+    storage = ops.allocate_storage(batch, kv_heads, head_dim, capacity, codebook, slots, sink, window, dtype, device)
+    for t in storage[:12]:
+        t.copy_(torch.randn(t.shape, generator=g) if t.dtype.is_floating_point else
+                torch.randint(-1000, 1000, t.shape, generator=g))
+    return storage
+
+
+def assert_same_storage(got, expected, message):
+    for name, a, b in zip(ref.Storage._fields, got, expected):
+        a, b = a.cpu(), b.cpu()
+        if a.dtype.is_floating_point:  # bit for bit
+            a, b = (x.view(torch.int32 if x.dtype == torch.float32 else torch.int16) for x in (a, b))
+        assert torch.equal(a, b), f"{message}: storage.{name} differs at {(a != b).nonzero()[:4].tolist()}"
+
+
+def cpu_copy(storage, codebook):
+    return (ref.Storage(*(t.cpu().clone() for t in storage)),
+            ref.Codebook(*(x.cpu() if isinstance(x, torch.Tensor) else x for x in codebook)))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("key_bits,value_bits", [(2, 2), (3, 3), (4, 4), (4, 2), (3, 4)])
+@pytest.mark.parametrize("head_dim,dtype", [(64, torch.float16), (128, torch.bfloat16), (128, torch.float32)])
+@pytest.mark.parametrize("sink,window,slots", [(0, 0, 1), (2, 4, 1), (1, 8, 3), (5, 0, 0), (0, 16, 2)])
+def test_cuda_append_matches_reference_bit_for_bit(key_bits, value_bits, head_dim, dtype, sink, window, slots):
+    assert hasattr(CUDA_EXT, "kv_quant_append"), "torchext._C was built without kv_quant_append"
+    batch, kv_heads, device = 3, 2, "cuda"
+    g = torch.Generator().manual_seed(key_bits * 100 + value_bits * 10 + head_dim + sink + window + slots)
+    levels = [torch.rand(2 ** b, generator=g).sort().values * 2 - 1 for b in (key_bits, value_bits)]  # nuq-like
+    codebook = ops.make_codebook(key_bits, value_bits, (torch.randn(kv_heads, head_dim, generator=g) * 0.5).to(device),
+                                 (torch.rand(kv_heads, head_dim, generator=g) * 2 + 0.5).to(device),
+                                 key_levels=levels[0], value_levels=levels[1])
+    got = garbage_storage(batch, kv_heads, head_dim, codebook, slots, sink, window, dtype, g, device)
+    expected, cpu_codebook = cpu_copy(got, codebook)
+    for step, (n, counts) in enumerate(APPEND_STEPS):
+        k, v = tie_free_inputs(batch, kv_heads, n, head_dim, slots, dtype, g, device)
+        counts = torch.tensor(counts, dtype=torch.int32)
+        ops.kv_quant_append_(got, codebook, k, v, counts.to(device), check=False)
+        ref.append(expected, cpu_codebook, k.cpu(), v.cpu(), counts)
+        assert_same_storage(got, expected, f"step {step} (n={n}, counts={counts.tolist()})")
+    assert expected.lengths.tolist() == [26, 12, 19]
+
+
+@pytest.mark.gpu
+def test_cuda_append_replays_in_a_cuda_graph():
+    """A decode step captured in a CUDA graph and replayed: no host sync or allocation in the launcher."""
+    batch, kv_heads, head_dim, slots, device = 2, 2, 128, 1, "cuda"
+    g = torch.Generator().manual_seed(0)
+    codebook = ops.make_codebook(4, 4, torch.zeros(kv_heads, head_dim, device=device),
+                                 torch.ones(kv_heads, head_dim, device=device))
+    got = garbage_storage(batch, kv_heads, head_dim, codebook, slots, 1, 4, torch.float16, g, device, capacity=64)
+    expected, cpu_codebook = cpu_copy(got, codebook)
+    k, v = tie_free_inputs(batch, kv_heads, 1, head_dim, slots, torch.float16, g, device)
+    counts = torch.ones(batch, dtype=torch.int32, device=device)
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):  # warm-up outside the graph, as capture requires
+        ops.kv_quant_append_(got, codebook, k, v, counts, check=False)
+    torch.cuda.current_stream().wait_stream(stream)
+    ref.append(expected, cpu_codebook, k.cpu(), v.cpu(), counts.cpu())
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        ops.kv_quant_append_(got, codebook, k, v, counts, check=False)
+    for step in range(10):  # crosses the window: positions start leaving it at length 5
+        new_k, new_v = tie_free_inputs(batch, kv_heads, 1, head_dim, slots, torch.float16, g, device)
+        k.copy_(new_k)
+        v.copy_(new_v)
+        graph.replay()
+        ref.append(expected, cpu_codebook, k.cpu(), v.cpu(), counts.cpu())
+        torch.cuda.synchronize()
+        assert_same_storage(got, expected, f"replay {step}")
+    assert expected.lengths.tolist() == [11, 11]
+
+
+@pytest.mark.gpu
+def test_decode_long_context_on_gpu():
+    check_decode(*decode_case(4, 8, 4, 128, [8192, 300, 5000, 1], 4, 4, sink=4, window=64, dtype=torch.bfloat16,
+                              slots=2, device="cuda"))
+
+
+# ---- a small Llama built locally with transformers (no downloads) ---------------------------------------------------
+
+INDUCTION_PERIOD, INDUCTION_VOCAB = 16, 64
+
+
+def induction_batch(batch, repeats, generator):
+    """Random token blocks repeated: after the first block every token is predictable by attending back."""
+    block = torch.randint(0, INDUCTION_VOCAB, (batch, INDUCTION_PERIOD), generator=generator)
+    return block.repeat(1, repeats)
+
+
+@pytest.fixture(scope="module")
+def small_llama():
+    """A 2-layer GQA Llama (head_dim 32), random init then 300 AdamW steps on the induction task (~20 s on two
+    cores), so that greedy decoding depends on attention over the cache and its choices have margins."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(vocab_size=INDUCTION_VOCAB, hidden_size=64, intermediate_size=128,
+                                      num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=32,
+                                      max_position_embeddings=256)
+    model = transformers.LlamaForCausalLM(config)
+    model.generation_config.eos_token_id = None  # generate exactly max_new_tokens
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(300):
+        ids = induction_batch(16, 4, g)
+        loss = model(ids, labels=ids).loss
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    assert loss.item() < 1.15  # the first block is noise (ln 64 / 4 = 1.04 per token): the copy is learned
+    return model.eval(), config, g
+
+
+def greedy(model, ids, cache, new_tokens=32):
+    with torch.no_grad():
+        return model.generate(ids, max_new_tokens=new_tokens, do_sample=False, past_key_values=cache,
+                              attention_mask=torch.ones_like(ids), pad_token_id=0)[:, ids.shape[1]:]
+
+
+def test_llama_greedy_generation_identical_at_4_bits_with_outliers(small_llama):
+    """The fused decode kernel (interpreter on CPU) through model.generate, against a 16-bit DynamicCache."""
+    from transformers import DynamicCache
+
+    from torchext.nn import KVQuantCache, calibrate
+    model, config, g = small_llama
+    kvquant = calibrate(model, [induction_batch(16, 4, g)], bits=4, outlier_fraction=0.01)
+    ids = induction_batch(1, 3, g)[:, :40]
+    expected = greedy(model, ids, DynamicCache(config=config))
+    cache = KVQuantCache(kvquant, model, max_length=128)
+    try:
+        assert torch.equal(greedy(model, ids, cache), expected)
+    finally:
+        model.set_attn_implementation("sdpa")
+    report = cache.memory_report()
+    assert expected.shape == (1, 32) and report["tokens"] == 40 + 32 - 1
+    assert report["total_bytes"] < report["fp16_bytes"] / 2
+
+
+def test_llama_logit_error_falls_as_bits_grow(small_llama):
+    from transformers import DynamicCache
+
+    from torchext.nn import KVQuantCache, calibrate
+    model, config, g = small_llama
+    calibration, ids = [induction_batch(4, 4, g)], induction_batch(2, 3, g)
+    with torch.no_grad():
+        exact_cache = DynamicCache(config=config)
+        model(ids[:, :40], past_key_values=exact_cache)
+        exact = model(ids[:, 40:], past_key_values=exact_cache).logits
+        errors = []
+        for bits in (2, 3, 4):
+            cache = KVQuantCache(calibrate(model, calibration, bits=bits), model, max_length=64, fused=False)
+            model(ids[:, :40], past_key_values=cache)
+            errors.append((model(ids[:, 40:], past_key_values=cache).logits - exact).abs().max().item())
+    assert errors[0] > errors[1] > errors[2], errors
