@@ -210,7 +210,8 @@ def _fp32_copies(obj):
             return obj.clone()
         return obj.detach().to(torch.float32, copy=True).requires_grad_(obj.requires_grad)
     if isinstance(obj, (list, tuple)):
-        return type(obj)(_fp32_copies(item) for item in obj)
+        items = [_fp32_copies(item) for item in obj]
+        return type(obj)(*items) if hasattr(obj, "_fields") else type(obj)(items)  # a NamedTuple takes fields
     return obj
 
 

@@ -1,0 +1,130 @@
+"""KVQuant decode attention: one query token per sequence over a packed 4/3/2-bit cache, against fp16 SDPA over
+the same context (flash and the default backend) and the Hugging Face QuantizedCache way (dequantize the whole
+cache, then attend).
+
+    .venv/bin/python bench/run.py --family kv_quant                 # the table, JSON and PNG
+    .venv/bin/python -m pytest bench/bench_kv_quant.py -m gpu        # pytest-benchmark, GPU sizes
+
+Shapes: GQA 8:1 (32 query heads, 4 kv heads, head_dim 128), contexts 4K-128K, batch 1-32. The summary line of
+each case gives the speed-up over fp16 SDPA, the ideal speed-up 16 / b_eff (b_eff: bits per cached element counting
+codes, value scales and outlier slots) and the fraction of it reached, torchext's achieved GB/s over the packed
+bytes it reads, and the memory per token. GPU targets (issue): at >= 16K, 4-bit >= 2.5x fp16 SDPA (>= 70% of the
+ideal), 2-bit >= 4x; never slower than fp16 at 4K.
+"""
+
+from functools import partial
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from bench._harness import Case, NotApplicable, pytest_params, run_benchmark
+from torchext import ops
+from torchext.reference import kv_quant as ref
+
+HEADS, KV_HEADS, HEAD_DIM = 32, 4, 128
+SINK, SLOTS = 4, 1  # 16-bit sink positions; outlier slots per vector (1% of 128, rounded)
+APPEND_CHUNK = 16384  # tokens appended per call while building a long cache
+
+
+def _inv_freq(head_dim, device):
+    return (500000.0 ** (-torch.arange(0, head_dim, 2, device=device).float() / head_dim)).contiguous()
+
+
+def _inputs(batch, context, key_bits, value_bits, heads, kv_heads, head_dim, device, dtype):
+    """(q, storage, codebook, inv_freq, k16, v16): a packed cache of `context` tokens per sequence (built with the
+    quantize-and-append op) and the fp16 cache SDPA reads."""
+    codebook = ops.make_codebook(key_bits, value_bits, torch.zeros(kv_heads, head_dim, device=device),
+                                 torch.full((kv_heads, head_dim), 2.0, device=device))
+    storage = ops.allocate_storage(batch, kv_heads, head_dim, context, codebook, SLOTS, SINK, 0, dtype, device)
+    for first in range(0, context, APPEND_CHUNK):
+        n = min(APPEND_CHUNK, context - first)
+        k, v = (torch.randn(batch, kv_heads, n, head_dim, device=device, dtype=dtype) for _ in range(2))
+        ops.kv_quant_append_(storage, codebook, k, v, check=False)
+    q = torch.randn(batch, heads, 1, head_dim, device=device, dtype=dtype)
+    k16, v16 = (torch.randn(batch, kv_heads, context, head_dim, device=device, dtype=dtype) for _ in range(2))
+    return q, storage, codebook, _inv_freq(head_dim, device), k16, v16
+
+
+def _torchext(q, storage, codebook, inv_freq, k16, v16):
+    return ops.kv_quant_decode_attention(q, storage, codebook, inv_freq, max_length=storage.key_codes.shape[2])
+
+
+def _dequantize_then_attend(q, storage, codebook, inv_freq, k16, v16):
+    """What Hugging Face's QuantizedCache does every step: dequantize the whole cache, then ordinary attention."""
+    keys, values = ref.read(storage, codebook)
+    cos, sin = ref.rope_cos_sin(torch.arange(keys.shape[2], device=q.device), inv_freq)
+    keys = ref.rotate(keys, cos, sin).to(q.dtype)
+    return F.scaled_dot_product_attention(q, keys, values.to(q.dtype), enable_gqa=True)
+
+
+def _reference(q, storage, codebook, inv_freq, k16, v16):
+    keys, values = ref.read(storage, codebook)
+    return ref.decode_attention(q, keys, values, storage.lengths, inv_freq)
+
+
+def _sdpa(q, storage, codebook, inv_freq, k16, v16, backend=None):
+    """fp16 attention over the 16-bit cache of the same context (what the packed cache replaces)."""
+    if backend is None:
+        return F.scaled_dot_product_attention(q, k16, v16, enable_gqa=True)
+    if not q.is_cuda:
+        raise NotApplicable("the flash backend needs CUDA")
+    with sdpa_kernel(backend):
+        return F.scaled_dot_product_attention(q, k16, v16, enable_gqa=True)
+
+
+def _not_compileable(*args):
+    raise NotApplicable("dequantize-then-attend reads every sequence's length on the host (the HF QuantizedCache "
+                        "is documented as not torch.compile-able)")
+
+
+ANCHORS = {"sdpa fp16": _sdpa, "flash fp16": partial(_sdpa, backend=SDPBackend.FLASH_ATTENTION)}
+
+
+def packed_bytes_per_token(key_bits, value_bits, kv_heads=KV_HEADS, head_dim=HEAD_DIM, element_size=2):
+    """Bytes one position takes in the packed buffers: codes, value offset and scale (fp16), outlier slots."""
+    words = ref.words_per_vector(head_dim, key_bits) + ref.words_per_vector(head_dim, value_bits)
+    return kv_heads * (4 * words + 2 * 2 + 2 * SLOTS * (2 + element_size))
+
+
+def _summary(batch, context, key_bits, value_bits):
+    fp16 = 2 * KV_HEADS * HEAD_DIM * 2  # bytes per token of a 16-bit K/V cache
+    packed = packed_bytes_per_token(key_bits, value_bits)
+    ideal = fp16 / packed  # 16 / b_eff
+
+    def line(ms):
+        if "sdpa fp16" not in ms:
+            return f"b{batch} ctx{context} K{key_bits}V{value_bits}: {packed} B/token vs {fp16} fp16"
+        speedup = ms["sdpa fp16"] / ms["torchext"]
+        gbps = batch * context * packed / ms["torchext"] / 1e6
+        return (f"b{batch} ctx{context} K{key_bits}V{value_bits}: {speedup:.2f}x fp16 SDPA, ideal {ideal:.2f}x "
+                f"(b_eff {16 / ideal:.2f} bits), {speedup / ideal:.0%} of it; {gbps:.0f} GB/s over the packed "
+                f"cache; {packed} B/token vs {fp16} fp16")
+    return line
+
+
+def _decode(batch, context, key_bits, value_bits, gpu, check=False):
+    heads, kv_heads, head_dim = (HEADS, KV_HEADS, HEAD_DIM) if gpu else (8, 2, 64)
+    return Case("kv_quant", "kv_quant_decode_attention", f"b{batch}-ctx{context}-K{key_bits}V{value_bits}",
+                torch.float16, partial(_inputs, batch, context, key_bits, value_bits, heads, kv_heads, head_dim),
+                _torchext, _dequantize_then_attend, _reference if check else None, compiled=_not_compileable,
+                modes=("fwd",), count_bytes=False, gpu=gpu, summary=_summary(batch, context, key_bits, value_bits),
+                extra_providers=ANCHORS)
+
+
+CASES = [
+    # CPU smoke size: a few interpreter programs.
+    _decode(2, 96, 4, 4, gpu=False, check=True),
+    # GPU sizes: every bit width at 4K and 16K, 4-bit out to 128K, and batches.
+    *(_decode(1, context, bits, bits, gpu=True) for context in (4096, 16384) for bits in (4, 3, 2)),
+    *(_decode(1, context, 4, 4, gpu=True) for context in (65536, 131072)),
+    _decode(1, 131072, 2, 2, gpu=True),
+    *(_decode(batch, context, 4, 4, gpu=True) for batch, context in ((8, 16384), (32, 4096), (32, 16384))),
+    _decode(8, 16384, 2, 2, gpu=True),
+]
+
+
+@pytest.mark.parametrize(("case", "provider", "mode"), pytest_params(CASES))
+def test_kv_quant(benchmark, case, provider, mode):
+    run_benchmark(benchmark, case, provider, mode)
