@@ -32,9 +32,16 @@ from ._launch import INTERPRET, MAX_ROW_ELEMENTS, accumulator_dtype, compute_dty
 
 # One tile holds the scores of every key for a block of queries: [BLOCK_L, BLOCK_P] with BLOCK_P >= 16.
 MAX_TOKENS = 1024
-# Elements of one [rows, W] tile in the pooling and fold kernels, and of one score tile.
+MAX_TOKENS_FP64 = 256  # fp64 (gradcheck) tiles are twice as wide in shared memory
+# Elements of one [rows, W] tile in the pooling and fold kernels.
 _PLANE_TILE = 65536 if INTERPRET else 4096
-_SCORE_TILE = 65536 if INTERPRET else 8192
+# Shared-memory budgets of the attention kernels, in elements of their [BLOCK_L, BLOCK_D] token tile and
+# [BLOCK_L, BLOCK_P] score tile(s). Compiled for sm_90 (Triton 3.9, bf16), a kernel takes ~8.5 bytes of shared
+# memory per token-tile element and 2-4 per score element, fp64 twice that: these keep every kernel under
+# ~170 KB of the H100's 227 KB (checked by compiling each L up to MAX_TOKENS ahead of time; not yet run on a GPU).
+# The token-gradient kernel gets a wider token tile, as each extra channel chunk re-reads x and dO.
+_TOKEN_BUDGET = {"fwd": 8192, "bwd_queries": 8192, "bwd_tokens": 16384}
+_SCORE_BUDGET = {"fwd": 16384, "bwd_queries": 8192, "bwd_tokens": 4096}
 
 
 def _dot_dtype(dtype: torch.dtype):
@@ -289,16 +296,18 @@ def fold(tokens: Tensor, shape: torch.Size, dtype: torch.dtype, weights: tuple[f
     return out
 
 
-def _attention_tiles(L: int, D: int, N: int, backward: bool) -> tuple[int, int, int, int]:
-    """(BLOCK_L, BLOCK_D, BLOCK_P, num_warps): all keys in one tile, queries sized to keep the score tiles
-    (two of them in the backward) within the register budget; every dot dimension >= 16."""
-    if L > MAX_TOKENS:
-        raise ValueError(f"kronecker_attention: {L} tokens (H + W, + T in 3-D) exceed the kernels' limit of "
-                         f"{MAX_TOKENS}")
+def _attention_tiles(kernel: str, L: int, D: int, N: int, dtype: torch.dtype) -> tuple[int, int, int, int]:
+    """(BLOCK_L, BLOCK_D, BLOCK_P, num_warps) of an attention kernel: all keys in one tile, channel chunks and
+    queries sized to the kernel's shared-memory budget; every dot dimension >= 16."""
+    limit = MAX_TOKENS_FP64 if dtype == torch.float64 and not INTERPRET else MAX_TOKENS
+    if L > limit:
+        raise ValueError(f"kronecker_attention: {L} tokens (H + W, + T in 3-D) exceed the kernels' limit of {limit} "
+                         f"for {dtype}")
     block_l = max(16, triton.next_power_of_2(L))
-    budget = _SCORE_TILE // (2 if backward else 1)
-    block_p = max(16, min(128, budget // block_l, triton.next_power_of_2(N)))
-    block_d = max(16, min(64, triton.next_power_of_2(D)))
+    # fp64 tiles take twice the shared memory; the interpreter has none, and runs larger tiles in fewer programs.
+    budget = (8 if INTERPRET else 1) / (2 if dtype == torch.float64 else 1) / block_l
+    block_d = max(16, min(64, int(_TOKEN_BUDGET[kernel] * budget), triton.next_power_of_2(D)))
+    block_p = max(16, min(128, int(_SCORE_BUDGET[kernel] * budget), triton.next_power_of_2(N)))
     return block_l, block_d, block_p, 8 if block_l * block_p >= 8192 else 4
 
 
@@ -313,7 +322,7 @@ def attention_fwd(q: Tensor, kv: Tensor, heads: int, scale: float, out_dtype: to
     out = torch.empty((B, C, N), dtype=out_dtype, device=q.device)
     if out.numel() == 0:
         return out
-    block_l, block_d, block_p, num_warps = _attention_tiles(L, D, N, backward=False)
+    block_l, block_d, block_p, num_warps = _attention_tiles("fwd", L, D, N, q.dtype)
     _kronecker_attn_fwd_kernel[(B * heads, triton.cdiv(N, block_p))](
         q, kv, out, C, N, L, D, q.stride(0), q.stride(1), scale, BLOCK_L=block_l, BLOCK_D=block_d, BLOCK_P=block_p,
         DOT=_dot_dtype(q.dtype), COMPUTE=compute_dtype(kv.dtype), num_warps=num_warps)
@@ -328,7 +337,7 @@ def attention_bwd_tokens(q: Tensor, kv: Tensor, dout: Tensor, heads: int, scale:
     """
     B, C, N = q.shape
     L, D = kv.shape[2], C // heads
-    block_l, block_d, block_p, num_warps = _attention_tiles(L, D, N, backward=True)
+    block_l, block_d, block_p, num_warps = _attention_tiles("bwd_tokens", L, D, N, q.dtype)
     chunks, n_tiles = triton.cdiv(D, block_d), triton.cdiv(N, block_p)
     # Each (batch, head, chunk) splits its query tiles into n_parts slices: about 4 programs per SM in all.
     n_programs, _ = reduction_grid(B * heads * chunks * n_tiles, 1, q.device)
@@ -354,7 +363,7 @@ def attention_bwd_queries(q: Tensor, kv: Tensor, dout: Tensor, spread: Tensor, h
     L, D = kv.shape[2], C // heads
     T, H, W, has_t = _spatial(image) if image is not None else (1, 1, 1, False)
     dq = torch.empty((B, C, N), dtype=out_dtype, device=q.device)
-    block_l, block_d, block_p, num_warps = _attention_tiles(L, D, N, backward=True)
+    block_l, block_d, block_p, num_warps = _attention_tiles("bwd_queries", L, D, N, q.dtype)
     _kronecker_attn_bwd_queries_kernel[(B * heads, triton.cdiv(N, block_p))](
         q, kv, dout, spread, dq, C, N, L, D, T, H, W, q.stride(0), q.stride(1), scale, *_token_weights(T, H, W),
         IMAGE=image is not None,
