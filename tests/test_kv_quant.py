@@ -484,3 +484,15 @@ def test_llama_logit_error_falls_as_bits_grow(small_llama):
             model(ids[:, :40], past_key_values=cache)
             errors.append((model(ids[:, 40:], past_key_values=cache).logits - exact).abs().max().item())
     assert errors[0] > errors[1] > errors[2], errors
+
+
+def test_llama_fisher_calibration_weights_the_levels(small_llama):
+    """fisher=True weights k-means by squared loss gradients (sec. 3.3): the levels move, the ranges do not."""
+    from torchext.nn import calibrate
+    model, _, g = small_llama
+    batches = [induction_batch(4, 4, g)]
+    plain, weighted = calibrate(model, batches, bits=3), calibrate(model, batches, bits=3, fisher=True)
+    assert all(p.grad is None for p in model.parameters())  # calibration leaves no gradients behind
+    for a, b in zip(plain.layers, weighted.layers):
+        assert torch.equal(a["key_scale"], b["key_scale"]) and not torch.equal(a["key_levels"], b["key_levels"])
+        assert not torch.equal(a["value_levels"], b["value_levels"])
