@@ -29,10 +29,12 @@ def info() -> None:
     ext_state = f"built, CUDA runtime {ext.cuda_runtime_version()}" if ext else "absent (pure-Python install)"
     print(f"CUDA extension torchext._C: {ext_state}")
     print(f"Triton interpreter (TRITON_INTERPRET=1): {'on' if _backend.INTERPRET else 'off'}")
-    print(f"\n{'family':<16}{'op':<24}backend on {device.type}")
+    wide_family = max(map(len, FAMILIES)) + 2
+    wide_op = max(len(op) for module in FAMILIES.values() for op in module.KERNELS) + 2
+    print(f"\n{'family':<{wide_family}}{'op':<{wide_op}}backend on {device.type}")
     for family, module in FAMILIES.items():
         for op, kind in module.KERNELS.items():
-            print(f"{family:<16}{op:<24}{_backend_for(kind, device)}")
+            print(f"{family:<{wide_family}}{op:<{wide_op}}{_backend_for(kind, device)}")
 
 
 def main() -> None:
