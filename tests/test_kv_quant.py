@@ -308,6 +308,27 @@ def test_config_round_trips_through_safetensors(tmp_path):
     assert "key_boundaries" in stats  # Q-Norm at 2 bits keeps the original midpoints as boundaries
 
 
+def test_cache_unrotates_keys_with_the_cos_sin_it_is_handed():
+    """transformers 4.x hands cos/sin ([batch, n, head_dim], halves repeated) to update; 5.x hands none and the
+    cache rotates by its inv_freq at its own positions. Both store the same pre-RoPE keys; reading back gives the
+    post-RoPE keys within the quantization error."""
+    from torchext.nn import KVQuantLayer
+    inv_freq = llama3_inv_freq(32)
+    k_pre, v = structured_kv(1, 2, 20, 32)
+    cos, sin = ref.rope_cos_sin(torch.arange(20), inv_freq)
+    k_post = ref.rotate(k_pre, cos, sin)
+    # the second layer's own frequencies are wrong (zero): only the handed cos/sin can un-rotate correctly
+    layers = [KVQuantLayer(KVQuantConfig(4, 4, sink_tokens=1), 0, freq, 1.0, 32, fused=False)
+              for freq in (inv_freq, torch.zeros_like(inv_freq))]
+    layers[0].update(k_post, v)
+    layers[1].update(k_post, v, {"cos": torch.cat((cos, cos), -1)[None], "sin": torch.cat((sin, sin), -1)[None]})
+    for name, a, b in zip(ref.Storage._fields, layers[0].storage, layers[1].storage):
+        assert torch.equal(a, b), name
+    layers[0].update(k_post[:, :, :1] * 0, v[:, :, :1])  # a decode step: the read-back path
+    keys, _ = layers[0].dequantized(torch.float32)
+    assert ((keys[:, :, :20] - k_post).norm() / k_post.norm()) < 0.1
+
+
 # ---- GPU: the CUDA C++ append kernel and GPU-sized decode -----------------------------------------------------------
 
 

@@ -268,6 +268,16 @@ class KVQuantLayer(*(() if _HFLayer is None else (_HFLayer,))):
         positions = torch.arange(first, first + n, device=self.inv_freq.device)
         return ref.rope_cos_sin(positions, self.inv_freq, self.attention_scaling)
 
+    def _handed_rope(self, args: tuple, kwargs: dict, n: int) -> tuple[Tensor, Tensor]:
+        """cos, sin [..., n, head_dim / 2] to un-rotate the incoming keys: the ones the model hands over in
+        cache_kwargs (transformers 4.x: [batch, n, head_dim], halves repeated), else from inv_freq at the cache's
+        next positions (transformers 5 hands none)."""
+        handed = args[0] if args and isinstance(args[0], dict) else kwargs.get("cache_kwargs") or {}
+        if handed.get("cos") is not None and handed.get("sin") is not None:
+            half = handed["cos"].shape[-1] // 2
+            return handed["cos"][..., None, :, :half].float(), handed["sin"][..., None, :, :half].float()
+        return self._rope(self.seen, n)
+
     def update(self, key_states: Tensor, value_states: Tensor, *args, **kwargs) -> tuple[Tensor, Tensor]:
         n = key_states.shape[2]
         if self.seen + n > self.max_length:
@@ -275,7 +285,7 @@ class KVQuantLayer(*(() if _HFLayer is None else (_HFLayer,))):
                              f"(max_length={self.max_length}); nothing was written")
         keys = key_states
         if self.config.pre_rope:
-            keys = ref.unrotate(key_states, *self._rope(self.seen, n)).to(key_states.dtype)
+            keys = ref.unrotate(key_states, *self._handed_rope(args, kwargs, n)).to(key_states.dtype)
         if not self.is_initialized:
             self.lazy_initialization(keys, value_states)
         ops.kv_quant_append_(self.storage, self.codebook, keys.contiguous(), value_states.contiguous(), check=False)
