@@ -146,6 +146,7 @@ def test_plan_is_seeded_and_sampling_is_scale_free(device):
     torch.testing.assert_close(a.sample_logw, c.sample_logw)
     d = ref.make_plan(q, k, v, 8, bucket_size=16, num_samples=32).levels[0]
     assert not torch.equal(a.sample_idx, d.sample_idx)
+    assert not torch.equal(a.sample_idx[:, :, 0], a.sample_idx[:, :, 1])  # each query tile draws its own keys
     probs = torch.exp(-a.sample_logw) / 32  # p_j >= VALUE_NORM_MIX / L bounds every weight
     assert (probs >= ref.VALUE_NORM_MIX / 64 - 1e-7).all()
 
@@ -227,15 +228,16 @@ def relative_errors(estimated, exact, v):
 
 @pytest.mark.parametrize("causal", [False, True])
 def test_error_bounds_on_gaussian_data(causal):
-    """n = 512, d = 32, b = m = 64, worst of 4 seeds. Measured (non-causal / causal): spectral 0.70 / 0.34,
-    Frobenius 0.21 / 0.12, lse 0.77 / 0.58 at n = 1024; the bounds leave ~1.7x margin. With near-uniform attention
-    the output error is sampling noise shared by every query (one sample set per head), hence the size."""
+    """n = 512, d = 32, b = m = 64, worst of 4 seeds. Measured (non-causal / causal): spectral 0.30 / 0.19,
+    Frobenius 0.18 / 0.10, lse 0.90 / 0.57; the bounds leave >= 1.4x margin. With one sample set per head (all
+    queries sharing one sampling noise) the spectral error was 0.56 / 0.29 here: per-query-tile samples make the
+    errors of different tiles independent, so the spectral norm falls while the Frobenius norm stays."""
     q, k, v = gaussian(512, 32, seed=3)
     exact = ref.exact_attention(q, k, v, causal)
     worst = [max(errors) for errors in zip(*(
         relative_errors(estimate(q, k, v, s, causal, bucket_size=64, num_samples=64, exact_window=128), exact, v)
         for s in range(4)))]
-    assert worst[0] < 1.2 and worst[1] < 0.35 and worst[2] < 1.3, worst
+    assert worst[0] < 0.45 and worst[1] < 0.3 and worst[2] < 1.3, worst
 
 
 def test_lsh_finds_planted_heavy_keys():
@@ -369,9 +371,11 @@ def test_gpu_bf16_matches_reference(causal, D, device):
 
 @pytest.mark.gpu
 def test_gpu_spectral_error_at_32k(device):
-    """The issue's quality target on Gaussian bf16 inputs, n = 32K, d = 64, b = m = 256 (reported, bound loose)."""
+    """The issue's quality target on Gaussian bf16 inputs, n = 32K, d = 64, b = m = 256. Not measured on a GPU; the
+    fp64 reference measured 0.12 at n = 16K (one sample set per head: 0.45-0.49). The per-entry sampling noise,
+    about sqrt(e / m) = 0.10 of ||V|| in Frobenius, is a floor for m = 256, so the bound is not the issue's 0.1."""
     q, k, v = (torch.randn(1, 4, 32768, 64, device=device, dtype=torch.bfloat16) for _ in range(3))
     out = kde_attention(q, k, v, seed=SEED).float()
     exact = F.scaled_dot_product_attention(q, k, v).float()
     error = torch.linalg.matrix_norm(out - exact, ord=2) / torch.linalg.matrix_norm(v.float(), ord=2)
-    assert error.max() < 0.5, error
+    assert error.max() < 0.25, error

@@ -4,16 +4,16 @@ The plan (hashes, sort permutations, blocks, samples) comes from torchext.refere
 kernels evaluate the estimator of that module's docstring without materialising any N x (b + m) matrix:
 
 - forward: one program per query tile (queries of one LSH block, in sorted order) keeps a single online-softmax
-  state over the exact keys of its block, then over the m sampled keys of its piece, whose importance weight
+  state over the exact keys of its block, then over the m keys sampled for that tile, whose importance weight
   log(1 / (m p_j)) is an additive logit bias and which are masked when they lie in the tile's own block. Out and
   log-sum-exp are written at the queries' original positions. Causal mode runs one launch for the exact windows,
   then one per level that resumes each query's state from (out, lse) of the launches before (each query is in at
   most one piece per level, so there are no races).
 - backward (FlashAttention-2 style, recomputing P with the joint lse, so it is the exact gradient of the
   estimator): dq per query tile over the same keys; dk, dv per key tile of each block over the queries assigned
-  to that block (and every query head of the kv head: GQA needs no atomics); dk, dv of the sampled keys per sample
-  tile over all queries of the piece, split over programs and summed, then index_add_-ed (a key may be drawn
-  twice).
+  to that block (and every query head of the kv head: GQA needs no atomics); the dq program of a query tile also
+  writes the dk, dv contributions of its own sampled keys (each sample slot belongs to one tile), which are then
+  index_add_-ed into dk, dv (a key may be drawn by many tiles, or twice by one).
 
 Conventions: fp32 accumulation (fp64 for fp64 inputs), 16-bit operands straight into tl.dot on GPU and upcast
 under the interpreter, int64 offsets, every load and store masked. Scores are kept in log2 units (exp2).
@@ -25,6 +25,8 @@ import triton.language as tl
 from torch import Tensor
 
 from torchext._backend import INTERPRET
+
+from torchext.reference import kde_attention as ref
 
 from ._launch import accumulator_dtype, compute_dtype
 
@@ -39,14 +41,14 @@ def _dot_dtype(dtype: torch.dtype):
     return compute_dtype(dtype)
 
 
-def _blocks(bucket: int, d: int) -> tuple[int, int, int, int]:
-    """(BLOCK_M, BLOCK_N, num_warps, num_stages). BLOCK_M divides the bucket (a power of two >= 16) so a query tile
-    lies in one block. Chosen for H100 from FlashAttention-2's shapes, not tuned: no GPU was available to tune."""
+def _blocks(d: int) -> tuple[int, int, int]:
+    """(BLOCK_N, num_warps, num_stages); BLOCK_M is the plan's query tile (min(bucket, 128): a tile lies in one block
+    and owns one sample set). Chosen for H100 from FlashAttention-2's shapes, not tuned: no GPU was available."""
     if INTERPRET:
-        return min(bucket, 64), 64, 4, 1
+        return 64, 4, 1
     if d <= 64:
-        return min(bucket, 128), 64, 4, 3
-    return min(bucket, 128), 64, 8, 2
+        return 64, 4, 3
+    return 64, 8, 2
 
 
 # ---- shared pieces -----------------------------------------------------------------------------------------------
@@ -63,7 +65,8 @@ def _rows(ptr, idx, ok, stride_n, cols, n_cols, COMPUTE: tl.constexpr):
 def _query_tile(tile_start_ptr, tile_count_ptr, tile_block_ptr, perm_q_ptr, n, H, G, table_bh_stride,
                 IDENTITY: tl.constexpr, BLOCK_M: tl.constexpr):
     """This program's query tile (axis 0: tile, axis 1: batch x head): original query indices [BLOCK_M], row mask,
-    global block id, row count, and the (batch, head, batch x kv head) it belongs to."""
+    global block id, row count, the (batch, head, batch x kv head) it belongs to, and its row of the tile tables
+    (and of the per-tile samples)."""
     tile = tl.program_id(0).to(tl.int64)
     bh = tl.program_id(1).to(tl.int64)
     b, h = bh // H, bh % H
@@ -77,7 +80,7 @@ def _query_tile(tile_start_ptr, tile_count_ptr, tile_block_ptr, perm_q_ptr, n, H
         qi = (start + offs).to(tl.int64)
     else:
         qi = tl.load(perm_q_ptr + bh * n + start + offs, mask=ok, other=0).to(tl.int64)
-    return qi, ok, block, count, b, h, b * (H // G) + h // G
+    return qi, ok, block, count, b, h, b * (H // G) + h // G, entry
 
 
 @triton.jit
@@ -101,7 +104,7 @@ def _block_keys(perm_k_ptr, bhk, n, pos, hi, IDENTITY: tl.constexpr):
 
 @triton.jit
 def _sample_keys(s_idx_ptr, s_block_ptr, s_logw_ptr, row, slots, n_samples, log2e):
-    """(key index, block, log2 weight, mask) of sample slots [BLOCK_N] of one (batch, kv head, piece) row."""
+    """(key index, block, log2 weight, mask) of sample slots [BLOCK_N] of one query tile's row."""
     ok = slots < n_samples
     offs = row * n_samples + slots
     idx = tl.load(s_idx_ptr + offs, mask=ok, other=0)
@@ -189,14 +192,14 @@ def _online_softmax_step(q, k_ptr, v_ptr, kj, key_ok, bias, m_i, l_i, acc, strid
 def _kde_attention_fwd_kernel(
         q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr,
         perm_q_ptr, perm_k_ptr, tile_start_ptr, tile_count_ptr, tile_block_ptr, s_idx_ptr, s_block_ptr, s_logw_ptr,
-        n, H, G, D, DV, table_bh_stride, blocks_per_piece, keys_per_piece, bucket, n_pieces, n_samples,
+        n, H, G, D, DV, table_bh_stride, blocks_per_piece, keys_per_piece, bucket, n_samples,
         consts_ptr, stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
         IDENTITY: tl.constexpr, CAUSAL: tl.constexpr, ACCUMULATE: tl.constexpr, BLOCK_M: tl.constexpr,
         BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, COMPUTE: tl.constexpr,
         DOT: tl.constexpr):
     qk_scale, scale, log2e, ln2 = _constants(consts_ptr, COMPUTE)
-    qi, q_ok, block, count, b, h, bhk = _query_tile(tile_start_ptr, tile_count_ptr, tile_block_ptr, perm_q_ptr, n, H,
-                                                    G, table_bh_stride, IDENTITY, BLOCK_M)
+    qi, q_ok, block, count, b, h, bhk, entry = _query_tile(tile_start_ptr, tile_count_ptr, tile_block_ptr, perm_q_ptr,
+                                                           n, H, G, table_bh_stride, IDENTITY, BLOCK_M)
     if count > 0:
         cols_d = tl.arange(0, BLOCK_D)
         cols_dv = tl.arange(0, BLOCK_DV)
@@ -221,10 +224,10 @@ def _kde_attention_fwd_kernel(
             kj, key_ok = _query_block_tile(perm_k_ptr, bhk, n, start, hi, qi, IDENTITY, CAUSAL, BLOCK_N)
             m_i, l_i, acc = _online_softmax_step(q, k_base, v_base, kj, key_ok, 0.0, m_i, l_i, acc, stride_kn,
                                                  stride_vn, cols_d, cols_dv, D, DV, qk_scale, COMPUTE, DOT)
-        # Sampled part: m keys of the piece with bias log(1/(m p_j)), excluding those of the own block.
+        # Sampled part: the tile's m keys with bias log(1/(m p_j)), excluding those of the own block.
         for start in range(0, n_samples, BLOCK_N):
-            kj, key_ok, bias = _query_sample_tile(s_idx_ptr, s_block_ptr, s_logw_ptr, bhk * n_pieces + piece, start,
-                                                  n_samples, t, log2e, COMPUTE, BLOCK_N)
+            kj, key_ok, bias = _query_sample_tile(s_idx_ptr, s_block_ptr, s_logw_ptr, entry, start, n_samples, t,
+                                                  log2e, COMPUTE, BLOCK_N)
             m_i, l_i, acc = _online_softmax_step(q, k_base, v_base, kj, key_ok, bias, m_i, l_i, acc, stride_kn,
                                                  stride_vn, cols_d, cols_dv, D, DV, qk_scale, COMPUTE, DOT)
 
@@ -242,30 +245,39 @@ def _kde_attention_fwd_kernel(
 @triton.jit
 def _dq_step(q, do, lse2, delta, dq, k_ptr, v_ptr, kj, key_ok, bias, stride_kn, stride_vn, cols_d, cols_dv, D, DV,
              qk_scale, COMPUTE: tl.constexpr, DOT: tl.constexpr):
-    """dq += dS K over one key tile, with P recomputed from the joint lse and dS = P (dO V^T - delta)."""
+    """dq += dS K over one key tile, with P recomputed from the joint lse and dS = P (dO V^T - delta).
+    Returns (dq, P [BLOCK_M, BLOCK_N], dS)."""
     k = _rows(k_ptr, kj, kj >= 0, stride_kn, cols_d, D, COMPUTE)
     v = _rows(v_ptr, kj, kj >= 0, stride_vn, cols_dv, DV, COMPUTE)
     s = _scores(q, k, DOT) * qk_scale + bias
     p = tl.where(key_ok, tl.exp2(s - lse2[:, None]), 0.0)  # [BLOCK_M, BLOCK_N]
     ds = p * (_scores(do, v, DOT) - delta[:, None])
-    return dq + _dot(ds, k, DOT)
+    return dq + _dot(ds, k, DOT), p, ds
+
+
+@triton.jit
+def _store_slots(ptr, slots, ok, cols, n_cols, x):
+    """Store x [BLOCK_N, BLOCK] at rows ``slots`` of a [*, n_cols] buffer."""
+    tl.store(ptr + slots.to(tl.int64)[:, None] * n_cols + cols[None, :], x, mask=ok[:, None] & (cols[None, :] < n_cols))
 
 
 @triton.jit
 def _kde_attention_bwd_dq_kernel(
-        q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr,
+        q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr, dk_s_ptr, dv_s_ptr,
         perm_q_ptr, perm_k_ptr, tile_start_ptr, tile_count_ptr, tile_block_ptr, s_idx_ptr, s_block_ptr, s_logw_ptr,
-        n, H, G, D, DV, table_bh_stride, blocks_per_piece, keys_per_piece, bucket, n_pieces, n_samples,
+        n, H, G, D, DV, table_bh_stride, blocks_per_piece, keys_per_piece, bucket, n_samples,
         consts_ptr, stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh,
         stride_vn,
         IDENTITY: tl.constexpr, CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
         BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, COMPUTE: tl.constexpr, DOT: tl.constexpr):
+    """dq of one query tile, and the dk, dv contributions of its sampled keys: dk_s, dv_s [tile rows, m, D / DV]
+    (the slots of a tile with no queries get zeros, so the index_add_ that follows needs no mask)."""
     qk_scale, scale, log2e, ln2 = _constants(consts_ptr, COMPUTE)
-    qi, q_ok, block, count, b, h, bhk = _query_tile(tile_start_ptr, tile_count_ptr, tile_block_ptr, perm_q_ptr, n, H,
-                                                    G, table_bh_stride, IDENTITY, BLOCK_M)
+    qi, q_ok, block, count, b, h, bhk, entry = _query_tile(tile_start_ptr, tile_count_ptr, tile_block_ptr, perm_q_ptr,
+                                                           n, H, G, table_bh_stride, IDENTITY, BLOCK_M)
+    cols_d = tl.arange(0, BLOCK_D)
+    cols_dv = tl.arange(0, BLOCK_DV)
     if count > 0:
-        cols_d = tl.arange(0, BLOCK_D)
-        cols_dv = tl.arange(0, BLOCK_DV)
         row = (b * H + h) * n + qi
         q = _rows(q_ptr + b * stride_qb + h * stride_qh, qi, q_ok, stride_qn, cols_d, D, COMPUTE)
         do = _rows(do_ptr, row, q_ok, DV, cols_dv, DV, COMPUTE)  # [BLOCK_M, DV]
@@ -277,16 +289,29 @@ def _kde_attention_bwd_dq_kernel(
         lo, hi, piece, t = _query_keys(block, blocks_per_piece, keys_per_piece, bucket, n, qi, q_ok, CAUSAL)
         for start in range(lo, hi, BLOCK_N):
             kj, key_ok = _query_block_tile(perm_k_ptr, bhk, n, start, hi, qi, IDENTITY, CAUSAL, BLOCK_N)
-            dq = _dq_step(q, do, lse2, delta, dq, k_base, v_base, kj, key_ok, 0.0, stride_kn, stride_vn, cols_d,
-                          cols_dv, D, DV, qk_scale, COMPUTE, DOT)
+            dq, p, ds = _dq_step(q, do, lse2, delta, dq, k_base, v_base, kj, key_ok, 0.0, stride_kn, stride_vn,
+                                 cols_d, cols_dv, D, DV, qk_scale, COMPUTE, DOT)
         for start in range(0, n_samples, BLOCK_N):
-            kj, key_ok, bias = _query_sample_tile(s_idx_ptr, s_block_ptr, s_logw_ptr, bhk * n_pieces + piece, start,
-                                                  n_samples, t, log2e, COMPUTE, BLOCK_N)
-            dq = _dq_step(q, do, lse2, delta, dq, k_base, v_base, kj, key_ok, bias, stride_kn, stride_vn, cols_d,
-                          cols_dv, D, DV, qk_scale, COMPUTE, DOT)
+            kj, key_ok, bias = _query_sample_tile(s_idx_ptr, s_block_ptr, s_logw_ptr, entry, start, n_samples, t,
+                                                  log2e, COMPUTE, BLOCK_N)
+            dq, p, ds = _dq_step(q, do, lse2, delta, dq, k_base, v_base, kj, key_ok, bias, stride_kn, stride_vn,
+                                 cols_d, cols_dv, D, DV, qk_scale, COMPUTE, DOT)
+            # The sampled keys' gradients from this tile's queries: dk = dS^T Q, dv = P^T dO (sample slots as rows).
+            slots = start + tl.arange(0, BLOCK_N)
+            slot_ok = slots < n_samples
+            _store_slots(dk_s_ptr, entry * n_samples + slots, slot_ok, cols_d, D, _dot(tl.trans(ds), q, DOT) * scale)
+            _store_slots(dv_s_ptr, entry * n_samples + slots, slot_ok, cols_dv, DV, _dot(tl.trans(p), do, DOT))
         dq_ptrs = dq_ptr + row[:, None] * D + cols_d[None, :]
         dq_mask = q_ok[:, None] & (cols_d[None, :] < D)
         tl.store(dq_ptrs, tl.load(dq_ptrs, mask=dq_mask, other=0.0) + dq * scale, mask=dq_mask)
+    else:
+        for start in range(0, n_samples, BLOCK_N):
+            slots = start + tl.arange(0, BLOCK_N)
+            slot_ok = slots < n_samples
+            _store_slots(dk_s_ptr, entry * n_samples + slots, slot_ok, cols_d, D,
+                         tl.zeros([BLOCK_N, BLOCK_D], dtype=COMPUTE))
+            _store_slots(dv_s_ptr, entry * n_samples + slots, slot_ok, cols_dv, DV,
+                         tl.zeros([BLOCK_N, BLOCK_DV], dtype=COMPUTE))
 
 
 # ---- backward: dk, dv -----------------------------------------------------------------------------------------
@@ -363,103 +388,35 @@ def _kde_attention_bwd_dkdv_kernel(
         tl.store(dv_ptrs, tl.load(dv_ptrs, mask=dv_mask, other=0.0) + dv, mask=dv_mask)
 
 
-@triton.jit
-def _kde_attention_bwd_samples_kernel(
-        q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, q_block_ptr, dk_ptr, dv_ptr,
-        s_idx_ptr, s_block_ptr, s_logw_ptr,
-        n, H, G, D, DV, chunk, pair, n_pieces, n_samples, sample_tiles, n_splits, consts_ptr,
-        stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
-        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
-        COMPUTE: tl.constexpr, DOT: tl.constexpr):
-    """One tile of sampled keys of one piece, one split of its queries: partial dk, dv per sample slot."""
-    pid = tl.program_id(0).to(tl.int64)
-    bhk = tl.program_id(1).to(tl.int64)
-    qk_scale, scale, log2e, ln2 = _constants(consts_ptr, COMPUTE)
-    Hk = H // G
-    b, hk = bhk // Hk, bhk % Hk
-    split = pid % n_splits
-    piece = pid // n_splits // sample_tiles
-    slots = (pid // n_splits % sample_tiles) * BLOCK_N + tl.arange(0, BLOCK_N)
-    cols_d = tl.arange(0, BLOCK_D)
-    cols_dv = tl.arange(0, BLOCK_DV)
-    kj, s_blk, logw, s_ok = _sample_keys(s_idx_ptr, s_block_ptr, s_logw_ptr, bhk * n_pieces + piece, slots,
-                                         n_samples, log2e)
-    k = _rows(k_ptr + b * stride_kb + hk * stride_kh, kj, s_ok, stride_kn, cols_d, D, COMPUTE)  # [BLOCK_N, D]
-    v = _rows(v_ptr + b * stride_vb + hk * stride_vh, kj, s_ok, stride_vn, cols_dv, DV, COMPUTE)
-    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=COMPUTE)
-    dv = tl.zeros([BLOCK_N, BLOCK_DV], dtype=COMPUTE)
-    # The piece's queries (chunk 2p+1 causal, the whole sequence otherwise) in original order, split n_splits ways.
-    q_lo = (piece * (1 + pair) + pair) * chunk
-    q_hi = tl.minimum(q_lo + chunk, n)
-    per_split = tl.cdiv(tl.cdiv(q_hi - q_lo, n_splits), BLOCK_M) * BLOCK_M
-    split_lo = q_lo + split * per_split
-    split_hi = tl.minimum(split_lo + per_split, q_hi)
-    for g in range(0, G):
-        bh = b * H + hk * G + g
-        for q_start in range(split_lo, split_hi, BLOCK_M):
-            qi = (q_start + tl.arange(0, BLOCK_M)).to(tl.int64)
-            q_ok = qi < split_hi
-            q_blk = tl.load(q_block_ptr + bh * n + qi, mask=q_ok, other=-1)
-            allowed = s_ok[:, None] & (s_blk[:, None] != q_blk[None, :])
-            dk, dv = _dkdv_step(k, v, dk, dv, q_ptr + b * stride_qb + (hk * G + g) * stride_qh, do_ptr, lse_ptr,
-                                delta_ptr, qi, bh * n + qi, q_ok, allowed, logw[:, None].to(COMPUTE), stride_qn,
-                                cols_d, cols_dv, D, DV, qk_scale, log2e, COMPUTE, DOT)
-    out_row = (split * tl.num_programs(1) + bhk) * n_pieces * n_samples + piece * n_samples + slots  # [BLOCK_N]
-    tl.store(dk_ptr + out_row[:, None] * D + cols_d[None, :], dk * scale,
-             mask=s_ok[:, None] & (cols_d[None, :] < D))
-    tl.store(dv_ptr + out_row[:, None] * DV + cols_dv[None, :], dv, mask=s_ok[:, None] & (cols_dv[None, :] < DV))
-
-
 # ---- schedules (torch): which queries each program takes --------------------------------------------------------
 
 
 class _Schedule:
-    """Query tiles and per-block query ranges of one launch (a level of the plan, or the exact causal windows).
+    """Query tiles and per-block query ranges of one launch (a level of the plan, or the exact causal windows), as
+    int32 tables: each block's queries sit together in perm_q (None: original order), cut into BLOCK_M tiles (see
+    torchext.reference.kde_attention.QueryTiles). Tables are [B*H, *], or [1, *] shared by every head."""
 
-    Each block's queries sit together in perm_q (None: original order) and are cut into BLOCK_M tiles, so a tile
-    never straddles a block. Tables are [B*H, *], or [1, *] shared by every head (``per_head`` False). The tile
-    table is sized without a host sync: at most ceil(N / BLOCK_M) + (number of blocks) tiles.
-    """
-
-    def __init__(self, perm_q: Tensor | None, counts: Tensor, blocks_per_piece: int, keys_per_piece: int,
-                 block_m: int, n: int):
-        rows, n_blocks = counts.shape  # counts: [rows, n_blocks] queries per block
-        start = torch.cumsum(counts, -1) - counts
-        tiles = (counts + block_m - 1) // block_m
-        tiles_end = torch.cumsum(tiles, -1)
-        n_tiles = triton.cdiv(n, block_m) + n_blocks
-        tau = torch.arange(n_tiles, device=counts.device).expand(rows, n_tiles).contiguous()
-        block = torch.searchsorted(tiles_end, tau, right=True).clamp_max(n_blocks - 1)  # [rows, T]
-        j = tau - (tiles_end - tiles).gather(-1, block)  # the tile's index inside its block
-        count = (counts.gather(-1, block) - j * block_m).clamp(0, block_m)
-        self.tile_count = torch.where(tau < tiles_end[:, -1:], count, 0).to(torch.int32).contiguous()
-        self.tile_start = (start.gather(-1, block) + j * block_m).to(torch.int32).contiguous()
-        self.tile_block = block.to(torch.int32).contiguous()
-        self.block_q_start, self.block_q_count = start.to(torch.int32).contiguous(), counts.to(torch.int32).contiguous()
-        self.perm_q, self.blocks_per_piece, self.keys_per_piece = perm_q, blocks_per_piece, keys_per_piece
-        self.n_blocks, self.n_tiles = n_blocks, n_tiles
-        self.tile_stride, self.block_stride = (n_tiles, n_blocks) if rows > 1 else (0, 0)
+    def __init__(self, perm_q: Tensor | None, tiles, blocks_per_piece: int, keys_per_piece: int):
+        rows, self.n_tiles = tiles.count.shape
+        self.n_blocks = tiles.block_count.shape[-1]
+        self.tile_start, self.tile_count, self.tile_block, self.block_q_start, self.block_q_count = (
+            x.to(torch.int32).contiguous() for x in (tiles.start, tiles.count, tiles.block, tiles.block_start,
+                                                      tiles.block_count))
+        self.perm_q = None if perm_q is None else perm_q.to(torch.int32).contiguous()
+        self.blocks_per_piece, self.keys_per_piece = blocks_per_piece, keys_per_piece
+        self.tile_stride, self.block_stride = (self.n_tiles, self.n_blocks) if rows > 1 else (0, 0)
 
 
 def _window_schedule(n: int, window: int, block_m: int, device) -> _Schedule:
     """Exact causal windows in original order: block c = window c, one schedule shared by every head."""
     counts = (n - torch.arange(triton.cdiv(n, window), device=device) * window).clamp_max(window)[None]
-    return _Schedule(None, counts, 1, window, block_m, n)
+    return _Schedule(None, ref.query_tiles(counts, block_m, n), 1, window)
 
 
-def _level_schedule(level, bucket: int, block_m: int) -> _Schedule:
-    """Queries sorted by (piece, block); queries in no piece (even causal chunks) go last, unscheduled."""
-    B, H, n = level.q_block.shape
-    keys_per_piece = min(level.chunk, n)
-    blocks_per_piece = triton.cdiv(keys_per_piece, bucket)
-    n_blocks = level.n_pieces * blocks_per_piece
-    pos = torch.arange(n, device=level.q_block.device)
-    piece = (pos // level.chunk) // 2 if level.pair else torch.zeros_like(pos)
-    block = torch.where(level.q_block >= 0, piece * blocks_per_piece + level.q_block, n_blocks)  # [B, H, N]
-    perm_q = torch.sort(block, dim=-1, stable=True)[1].to(torch.int32).contiguous()
-    counts = torch.zeros(B, H, n_blocks + 1, dtype=torch.int64, device=pos.device)
-    counts.scatter_add_(-1, block, torch.ones_like(block))
-    return _Schedule(perm_q, counts[..., :-1].flatten(0, 1), blocks_per_piece, keys_per_piece, block_m, n)
+def _level_schedule(level, bucket: int) -> _Schedule:
+    """The plan's query order and tiles of one level (queries in no piece, the even causal chunks, unscheduled)."""
+    keys_per_piece = min(level.chunk, level.q_block.shape[-1])
+    return _Schedule(level.perm_q.flatten(0, 1), level.tiles, triton.cdiv(keys_per_piece, bucket), keys_per_piece)
 
 
 class _Launch:
@@ -471,14 +428,14 @@ class _Launch:
             self.schedule = _window_schedule(n, plan.window, block_m, device)
             empty = torch.zeros(0, dtype=torch.int32, device=device)
             self.perm_k, self.s_idx, self.s_block, self.s_logw = empty, empty, empty, empty.float()
-            self.bucket, self.n_pieces, self.n_samples = plan.window, 1, 0
+            self.bucket, self.n_samples = plan.window, 0
         else:
-            self.schedule = _level_schedule(level, plan.bucket, block_m)
+            self.schedule = _level_schedule(level, plan.bucket)
             self.perm_k = level.perm_k.to(torch.int32).contiguous()
             self.s_idx = level.sample_idx.to(torch.int32).contiguous()
             self.s_block = level.sample_block.to(torch.int32).contiguous()
             self.s_logw = level.sample_logw.float().contiguous()
-            self.bucket, self.n_pieces, self.n_samples = plan.bucket, level.n_pieces, level.sample_idx.shape[-1]
+            self.bucket, self.n_samples = plan.bucket, level.sample_idx.shape[-1]
         self.identity = self.causal = level is None
         self.perm_q = self.schedule.perm_q if self.schedule.perm_q is not None else self.perm_k
 
@@ -497,11 +454,11 @@ def _strides(*xs: Tensor) -> tuple[int, ...]:
     return tuple(s for x in xs for s in x.stride()[:3])
 
 
-def _meta(q: Tensor, v: Tensor, bucket: int) -> dict:
+def _meta(q: Tensor, v: Tensor, plan) -> dict:
     """Tile sizes, warps, stages and the compute and dot dtypes of one call."""
     D, DV = q.shape[-1], v.shape[-1]
-    block_m, block_n, num_warps, num_stages = _blocks(bucket, D)
-    meta = dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=max(16, triton.next_power_of_2(D)),
+    block_n, num_warps, num_stages = _blocks(D)
+    meta = dict(BLOCK_M=plan.tile, BLOCK_N=block_n, BLOCK_D=max(16, triton.next_power_of_2(D)),
                 BLOCK_DV=max(16, triton.next_power_of_2(DV)), COMPUTE=compute_dtype(q.dtype), DOT=_dot_dtype(q.dtype),
                 num_warps=num_warps, num_stages=num_stages)
     return meta
@@ -517,7 +474,7 @@ def kde_attention_fwd(q: Tensor, k: Tensor, v: Tensor, plan, scale: float) -> tu
     B, H, n, D = q.shape
     Hk, DV = k.shape[1], v.shape[-1]
     acc_dtype = accumulator_dtype(q.dtype)
-    meta = _meta(q, v, plan.bucket)
+    meta = _meta(q, v, plan)
     launches = _launches(plan, n, meta["BLOCK_M"], q.device)
     # One launch writes the output directly; several resume each other's state from an fp32 buffer.
     out = torch.empty((B, H, n, DV), dtype=q.dtype if len(launches) == 1 else acc_dtype, device=q.device)
@@ -528,15 +485,9 @@ def kde_attention_fwd(q: Tensor, k: Tensor, v: Tensor, plan, scale: float) -> tu
         _kde_attention_fwd_kernel[(s.n_tiles, B * H)](
             q, k, v, out, lse, launch.perm_q, launch.perm_k, s.tile_start, s.tile_count, s.tile_block, launch.s_idx,
             launch.s_block, launch.s_logw, n, H, H // Hk, D, DV, s.tile_stride, s.blocks_per_piece, s.keys_per_piece,
-            launch.bucket, launch.n_pieces, launch.n_samples, consts, *_strides(q, k, v),
+            launch.bucket, launch.n_samples, consts, *_strides(q, k, v),
             IDENTITY=launch.identity, CAUSAL=launch.causal, ACCUMULATE=i > 0, **meta)
     return out.to(q.dtype), lse
-
-
-def _sample_splits(n_programs: int, query_tiles: int, device: torch.device) -> int:
-    """How many ways to split a piece's queries so the sample-gradient launch fills the GPU (4 programs per SM)."""
-    target = 4 * torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
-    return max(1, min(triton.cdiv(target, max(n_programs, 1)), query_tiles))
 
 
 def kde_attention_bwd(grad_out: Tensor, grad_lse: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
@@ -546,7 +497,7 @@ def kde_attention_bwd(grad_out: Tensor, grad_lse: Tensor, q: Tensor, k: Tensor, 
     B, H, n, D = q.shape
     Hk, DV = k.shape[1], v.shape[-1]
     acc_dtype = accumulator_dtype(q.dtype)
-    meta = _meta(q, v, plan.bucket)
+    meta = _meta(q, v, plan)
     block_m, block_n = meta["BLOCK_M"], meta["BLOCK_N"]
     grad_out = grad_out.contiguous()
     # delta_i = dO_i . O_i - dlse_i: dS = P (dP - delta) is then the gradient through both outputs.
@@ -560,29 +511,22 @@ def kde_attention_bwd(grad_out: Tensor, grad_lse: Tensor, q: Tensor, k: Tensor, 
     for launch in _launches(plan, n, block_m, q.device):
         s = launch.schedule
         flags = dict(IDENTITY=launch.identity, CAUSAL=launch.causal, **meta)
+        # Per sample slot of every query tile: its dk, dv from that tile's queries (written by the dq kernel).
+        dk_s = torch.empty((B * H * s.n_tiles * launch.n_samples, D), dtype=acc_dtype, device=q.device)
+        dv_s = torch.empty((B * H * s.n_tiles * launch.n_samples, DV), dtype=acc_dtype, device=q.device)
         _kde_attention_bwd_dq_kernel[(s.n_tiles, B * H)](
-            q, k, v, grad_out, lse, delta, dq, launch.perm_q, launch.perm_k, s.tile_start, s.tile_count, s.tile_block,
-            launch.s_idx, launch.s_block, launch.s_logw, n, H, H // Hk, D, DV, s.tile_stride, s.blocks_per_piece,
-            s.keys_per_piece, launch.bucket, launch.n_pieces, launch.n_samples, consts, *strides, **flags)
+            q, k, v, grad_out, lse, delta, dq, dk_s, dv_s, launch.perm_q, launch.perm_k, s.tile_start, s.tile_count,
+            s.tile_block, launch.s_idx, launch.s_block, launch.s_logw, n, H, H // Hk, D, DV, s.tile_stride,
+            s.blocks_per_piece, s.keys_per_piece, launch.bucket, launch.n_samples, consts, *strides, **flags)
         tiles_per_block = triton.cdiv(launch.bucket, block_n)
         _kde_attention_bwd_dkdv_kernel[(s.n_blocks * tiles_per_block, B * Hk)](
             q, k, v, grad_out, lse, delta, dk, dv, launch.perm_q, launch.perm_k, s.block_q_start, s.block_q_count,
             n, H, H // Hk, D, DV, s.block_stride, s.blocks_per_piece, s.keys_per_piece, launch.bucket,
             tiles_per_block, consts, *strides, **flags)
-        if launch.n_samples == 0:
-            continue
-        level, n_pieces, n_samples = launch.level, launch.n_pieces, launch.n_samples
-        sample_tiles = triton.cdiv(n_samples, block_n)
-        chunk = min(level.chunk, n)
-        n_splits = _sample_splits(n_pieces * sample_tiles * B * Hk, triton.cdiv(chunk, block_m), q.device)
-        dk_s = torch.empty((n_splits, B, Hk, n_pieces, n_samples, D), dtype=acc_dtype, device=q.device)
-        dv_s = torch.empty((n_splits, B, Hk, n_pieces, n_samples, DV), dtype=acc_dtype, device=q.device)
-        _kde_attention_bwd_samples_kernel[(n_pieces * sample_tiles * n_splits, B * Hk)](
-            q, k, v, grad_out, lse, delta, level.q_block.to(torch.int32).contiguous(), dk_s, dv_s, launch.s_idx,
-            launch.s_block, launch.s_logw, n, H, H // Hk, D, DV, chunk, level.pair, n_pieces, n_samples, sample_tiles,
-            n_splits, consts, *strides, **meta)
-        # A key drawn twice gets both contributions: index_add_, not a scatter.
-        rows = (torch.arange(B * Hk, device=q.device)[:, None] * n + level.sample_idx.flatten(0, 1).flatten(1))
-        dk.view(-1, D).index_add_(0, rows.flatten(), dk_s.sum(0).view(-1, D))
-        dv.view(-1, DV).index_add_(0, rows.flatten(), dv_s.sum(0).view(-1, DV))
+        if launch.n_samples:
+            # A key drawn by several tiles (or twice by one) gets every contribution: index_add_, not a scatter.
+            kv_row = torch.arange(B, device=q.device)[:, None] * Hk + torch.arange(H, device=q.device) // (H // Hk)
+            rows = (kv_row[:, :, None, None] * n + launch.level.sample_idx).flatten()  # [B H T m]
+            dk.view(-1, D).index_add_(0, rows, dk_s)
+            dv.view(-1, DV).index_add_(0, rows, dv_s)
     return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)

@@ -168,7 +168,8 @@ def kde_attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False, scal
         causal: causal masking (no output depends on a later token, hashing included).
         scale: softmax scale, default 1 / sqrt(D).
         bucket_size: keys per LSH block, a power of two >= 16.
-        num_samples: m, sampled keys per (batch, kv head) and causal piece; 0 gives block-sparse attention.
+        num_samples: m, sampled keys per query tile (min(bucket_size, 128) queries of one LSH block, each tile
+            drawing its own keys); 0 gives block-sparse attention.
         num_hash_bits: SimHash hyperplanes r (2^r buckets, ordered by the inverse Gray code).
         seed: seeds hyperplanes and samples; None draws one from torch's default generator (a new plan per call).
         sampling: "value_norm" or "uniform".

@@ -5,8 +5,9 @@ Two parts, both used by the op and by its Triton kernels:
 
 1. ``make_plan``: the random, non-differentiable step. SimHash LSH of queries and keys with seeded hyperplanes,
    buckets ordered by the inverse Gray code, keys sorted by bucket and cut into blocks of ``bucket_size``, every
-   query assigned to the key block its own hash falls into, and ``num_samples`` keys drawn per (batch, kv head,
-   piece) with their importance weights. The kernels take the plan as it is, so the reference below with the
+   query assigned to the key block its own hash falls into, the queries of each block cut into query tiles of
+   ``min(bucket_size, QUERY_TILE)`` (the tiles the forward kernel runs), and ``num_samples`` keys drawn for each
+   query tile with their importance weights. The kernels take the plan as it is, so the reference below with the
    same plan is their ground truth (forward, gradients, fp64 gradcheck).
 2. ``kde_attention``: the estimator given a plan, as one dense softmax. For query i with LSH block B(i) and keys
    j_1..j_m drawn iid from p (s_ij = scale q_i.k_j):
@@ -19,6 +20,14 @@ Two parts, both used by the op and by its Triton kernels:
    weights, num_i = sum_j W_ij e^{s_ij} v_j with W_ij = 1 in the block and c_j / (m p_j) outside it (c_j: how
    often j was drawn), so out = softmax(S + log W) V: the importance weight is an additive logit bias
    log(1 / (m p_j)) and the kernels fold it into one online softmax.
+
+   Each query tile draws its own m keys. With one draw per head (KDEformer, HyperAttention) every query shares one
+   sampling noise: on near-uniform attention the output error is then close to rank one and its spectral norm is
+   about its Frobenius norm. Independent draws per tile make the errors of different tiles independent, and the
+   spectral norm of the error drops towards that of independent rows (each row stays unbiased). The draws of a
+   tile are a counter-based hash of (seed, batch, head, level, block, tile index inside the block, slot), not of
+   the tile's position in the sorted order: a query's tile index inside its block depends only on the earlier
+   queries of the block, so in causal mode no later token changes the samples a query sees.
 
 Causal mode follows HyperAttention's recursive split, flattened into levels: exact causal attention inside aligned
 windows of ``exact_window`` tokens, and at level l (chunks of L = exact_window 2^l tokens) the queries of every odd
@@ -39,11 +48,14 @@ import math
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 SAMPLING = ("value_norm", "uniform")
 VALUE_NORM_MIX = 0.5  # the uniform share of the value-norm sampling distribution (scale-free)
 MAX_HASH_BITS = 16
+QUERY_TILE = 128  # queries per sample set (and per forward program): min(bucket_size, QUERY_TILE)
+_MASK32 = 0xFFFFFFFF
 
 
 @dataclass(frozen=True)
@@ -61,9 +73,12 @@ class Level:
             positions [p L, p L + L) in hash order (keys in no piece come last).
         k_block: [B, Hk, N] int64, block of each key (original order) within its piece, -1 outside every piece.
         q_block: [B, H, N] int64, the block of each query (original order), -1 for queries in no piece.
-        sample_idx: [B, Hk, P, m] int64, original indices of the sampled keys of each piece.
-        sample_block: [B, Hk, P, m] int64, their blocks (a query of another block counts them).
-        sample_logw: [B, Hk, P, m] float32, log(1 / (m p_j)).
+        perm_q: [B, H, N] int64, queries sorted by (piece, block), stably (queries in no piece last).
+        tiles: the query tiles of perm_q (QueryTiles, T tiles per head); q_tile: [B, H, N] int64, each query's
+            tile, -1 for queries in no piece.
+        sample_idx: [B, H, T, m] int64, original indices of the keys sampled for each query tile (from its piece).
+        sample_block: [B, H, T, m] int64, their blocks (the tile's queries count those of other blocks only).
+        sample_logw: [B, H, T, m] float32, log(1 / (m p_j)).
     """
 
     chunk: int
@@ -72,17 +87,56 @@ class Level:
     perm_k: Tensor
     k_block: Tensor
     q_block: Tensor
+    perm_q: Tensor
+    tiles: "QueryTiles"
+    q_tile: Tensor
     sample_idx: Tensor
     sample_block: Tensor
     sample_logw: Tensor
 
 
 @dataclass(frozen=True)
+class QueryTiles:
+    """Query tiles of a query order whose blocks are contiguous: each block's queries cut into tiles of ``size``.
+
+    Block c of a row holds positions [block_start, block_start + block_count) of the order ([rows, n_blocks] int64).
+    Tile tau covers positions [start, start + count), all in block ``block``, and is tile ``index`` of that block
+    ([rows, T] int64). Sized without a host sync: T = ceil(N / size) + n_blocks tiles per row, unused ones with
+    count 0.
+    """
+
+    size: int
+    block_start: Tensor
+    block_count: Tensor
+    start: Tensor
+    count: Tensor
+    block: Tensor
+    index: Tensor
+
+
+def query_tiles(counts: Tensor, size: int, n: int) -> QueryTiles:
+    """QueryTiles of an order holding counts[r, c] queries of block c, blocks in order: [rows, n_blocks] -> T tiles."""
+    rows, n_blocks = counts.shape
+    first = torch.cumsum(counts, -1) - counts  # [rows, n_blocks] first position of each block
+    tiles = (counts + size - 1) // size
+    tiles_end = torch.cumsum(tiles, -1)
+    n_tiles = -(-n // size) + n_blocks
+    tau = torch.arange(n_tiles, device=counts.device).expand(rows, n_tiles)
+    block = torch.searchsorted(tiles_end, tau.contiguous(), right=True).clamp_max(n_blocks - 1)  # [rows, T]
+    index = tau - (tiles_end - tiles).gather(-1, block)
+    count = (counts.gather(-1, block) - index * size).clamp(0, size)
+    count = torch.where(tau < tiles_end[:, -1:], count, 0)
+    return QueryTiles(size, first, counts, first.gather(-1, block) + index * size, count, block, index)
+
+
+@dataclass(frozen=True)
 class KDEPlan:
-    """Hashes, blocks and samples of one call. ``window`` is the exact causal window (None: non-causal)."""
+    """Hashes, blocks and samples of one call. ``window`` is the exact causal window (None: non-causal); ``tile``
+    the queries per query tile."""
 
     bucket: int
     num_samples: int
+    tile: int
     window: int | None
     levels: tuple[Level, ...]
 
@@ -141,8 +195,27 @@ def _sampling_probs(v_norm: Tensor, sampling: str) -> Tensor:
     return (1 - VALUE_NORM_MIX) * by_norm + VALUE_NORM_MIX * uniform
 
 
-def _level(q_rank: Tensor, k_rank: Tensor, v_norm: Tensor, chunk: int, pair: int, bucket: int, num_samples: int,
-           hash_bits: int, sampling: str, generator: torch.Generator) -> Level:
+def _mix32(x: Tensor) -> Tensor:
+    """A 32-bit integer hash (two xor-shift-multiply rounds) of int64 tensors holding values in [0, 2^32). The
+    products are split in 16-bit halves so no int64 intermediate overflows."""
+    for shift, mult in ((16, 0x7FEB352D), (15, 0x846CA68B)):
+        x = x ^ (x >> shift)
+        x = ((((x >> 16) * mult) & 0xFFFF) << 16) + (x & 0xFFFF) * mult & _MASK32
+    return x ^ (x >> 16)
+
+
+def _uniform(seed: int, device, *counters) -> Tensor:
+    """Uniforms in (0, 1), fp64, one per element of the broadcast counters (ints or non-negative int64 tensors below
+    2^32): a hash of the seed and the counters, so each draw depends only on its own counters."""
+    h = _mix32(torch.tensor(seed & _MASK32, device=device))
+    h = _mix32(h ^ ((seed >> 32) & _MASK32))
+    for counter in counters:
+        h = _mix32(h ^ counter)
+    return (h.double() + 0.5) / 2.0**32
+
+
+def _level(q_rank: Tensor, k_rank: Tensor, v_norm: Tensor, chunk: int, pair: int, bucket: int, tile: int,
+           num_samples: int, hash_bits: int, sampling: str, seed: int, level: int) -> Level:
     B, H, n = q_rank.shape
     Hk = k_rank.shape[1]
     device = q_rank.device
@@ -163,21 +236,50 @@ def _level(q_rank: Tensor, k_rank: Tensor, v_norm: Tensor, chunk: int, pair: int
     in_piece = insert - q_piece.clamp_min(0) * keys_per_piece
     q_block = torch.where(q_piece >= 0, in_piece.clamp(0, keys_per_piece - 1) // bucket, -1)
 
-    # Samples: m iid draws per (batch, kv head, piece) from the keys of the piece's key chunk (original order).
+    # Query tiles: queries sorted by global block (piece, block), stably, each block's run cut into tiles.
+    blocks_per_piece = -(-keys_per_piece // bucket)
+    n_blocks = n_pieces * blocks_per_piece
+    global_block = torch.where(q_block >= 0, q_piece.clamp_min(0) * blocks_per_piece + q_block, n_blocks)
+    perm_q = torch.sort(global_block, dim=-1, stable=True)[1]  # [B, H, N]
+    counts = torch.zeros(B, H, n_blocks + 1, dtype=torch.int64, device=device)
+    counts.scatter_add_(-1, global_block, torch.ones_like(global_block))
+    tiles = query_tiles(counts[..., :-1].flatten(0, 1), tile, n)
+    rank = torch.empty_like(perm_q).scatter_(-1, perm_q, torch.arange(n, device=device).expand_as(perm_q))
+    first = (torch.cumsum(counts, -1) - counts).gather(-1, global_block)  # [B, H, N] first position of the block
+    n_tiles = tiles.count.shape[-1]
+    tiles_before = F.pad(torch.cumsum((counts[..., :-1] + tile - 1) // tile, -1), (1, 0))  # [B, H, n_blocks + 1]
+    q_tile = tiles_before.gather(-1, global_block) + (rank - first) // tile
+    q_tile = torch.where(q_block >= 0, q_tile, -1)
+
+    # Samples: m iid draws per query tile from the keys of its piece's key chunk (original order), by inverse CDF of
+    # a counter-based uniform of the tile's identity (block, index inside the block), not of its position.
+    tile_block, tile_index = (x.view(B, H, n_tiles) for x in (tiles.block, tiles.index))
     first_key = (torch.arange(n_pieces, device=device) * (1 + pair) * chunk)[:, None]  # [P, 1]
     piece_keys = first_key + torch.arange(keys_per_piece, device=device)  # [P, L]: key chunks are always full
     probs = _sampling_probs(v_norm[..., piece_keys], sampling)  # [B, Hk, P, L]
-    if num_samples == 0:
-        local = torch.zeros((B, Hk, n_pieces, 0), dtype=torch.int64, device=device)
-    elif sampling == "uniform":
-        local = torch.randint(keys_per_piece, (B, Hk, n_pieces, num_samples), generator=generator, device=device)
+    slot = torch.arange(num_samples, device=device)
+    batch = torch.arange(B, device=device)[:, None, None, None]
+    head = torch.arange(H, device=device)[:, None, None]
+    u = _uniform(seed, device, batch, head, level, tile_block[..., None], tile_index[..., None], slot)  # [B, H, T, m]
+    tile_piece = tile_block // blocks_per_piece  # [B, H, T]
+    if sampling == "uniform":
+        local = (u * keys_per_piece).long().clamp_max(keys_per_piece - 1)
     else:
-        local = torch.multinomial(probs.flatten(0, 2), num_samples, replacement=True, generator=generator)
-        local = local.view(B, Hk, n_pieces, num_samples)
-    sample_idx = first_key + local
-    sample_block = k_block.gather(-1, sample_idx.flatten(2)).view_as(sample_idx)
-    sample_logw = -torch.log(num_samples * probs.gather(-1, local).float())
-    return Level(chunk, pair, n_pieces, perm_k, k_block, q_block, sample_idx, sample_block, sample_logw)
+        # One CDF per piece, each shifted by its piece number so the pieces of a head make one sorted sequence.
+        cdf = torch.cumsum(probs.double(), -1)
+        cdf = cdf / cdf[..., -1:]
+        cdf[..., -1] = 1.0
+        cdf = cdf + torch.arange(n_pieces, device=device, dtype=torch.float64)[:, None]  # [B, Hk, P, L]
+        target = (u + tile_piece[..., None]).reshape(B, Hk, group * n_tiles * num_samples)  # [B, Hk, G T m]
+        pos = torch.searchsorted(cdf.flatten(2), target, right=True).view(B, H, n_tiles, num_samples)
+        local = (pos - tile_piece[..., None] * keys_per_piece).clamp(0, keys_per_piece - 1)
+    sample_idx = first_key[tile_piece, 0][..., None] + local  # [B, H, T, m]
+    sample_block = _heads(k_block, H).gather(-1, sample_idx.flatten(2)).view_as(sample_idx)
+    piece_probs = _heads(probs, H).flatten(2, 3)  # [B, H, P L]
+    sample_p = piece_probs.gather(-1, (tile_piece[..., None] * keys_per_piece + local).flatten(2))
+    sample_logw = -torch.log(num_samples * sample_p.float()).view_as(sample_idx)
+    return Level(chunk, pair, n_pieces, perm_k, k_block, q_block, perm_q, tiles, q_tile, sample_idx, sample_block,
+                 sample_logw)
 
 
 def make_plan(q: Tensor, k: Tensor, v: Tensor, seed: int, causal: bool = False, bucket_size: int = 256,
@@ -188,10 +290,10 @@ def make_plan(q: Tensor, k: Tensor, v: Tensor, seed: int, causal: bool = False, 
     Args:
         q: [B, H, N, D]; k: [B, Hk, N, D]; v: [B, Hk, N, Dv] with Hk dividing H (any float dtype; inputs are not
             differentiated through the plan).
-        seed: seeds the hyperplanes and the samples (one generator on q's device).
+        seed: seeds the hyperplanes (a generator on q's device) and the samples (a counter-based hash).
         causal: plan HyperAttention's causal split with exact windows of ``exact_window`` tokens.
         bucket_size: keys per LSH block.
-        num_samples: m, sampled keys per (batch, kv head, piece).
+        num_samples: m, sampled keys per query tile (min(bucket_size, QUERY_TILE) queries of one block).
         num_hash_bits: r, hyperplanes of the SimHash (0: no hashing, blocks of the original order).
         sampling: "value_norm" or "uniform".
         exact_window: causal only; a multiple of bucket_size.
@@ -211,9 +313,10 @@ def make_plan(q: Tensor, k: Tensor, v: Tensor, seed: int, causal: bool = False, 
         chunks, pair = [], 1
         while exact_window * 2 ** len(chunks) < n:
             chunks.append(exact_window * 2 ** len(chunks))
-    levels = tuple(_level(q_rank, k_rank, v_norm, c, pair, bucket_size, num_samples, num_hash_bits, sampling,
-                          generator) for c in chunks)
-    return KDEPlan(bucket_size, num_samples, exact_window if causal else None, levels)
+    tile = min(bucket_size, QUERY_TILE)
+    levels = tuple(_level(q_rank, k_rank, v_norm, c, pair, bucket_size, tile, num_samples, num_hash_bits, sampling,
+                          seed, i) for i, c in enumerate(chunks))
+    return KDEPlan(bucket_size, num_samples, tile, exact_window if causal else None, levels)
 
 
 def log_weights(plan: KDEPlan, n_heads: int, n: int) -> Tensor:
@@ -232,11 +335,12 @@ def log_weights(plan: KDEPlan, n_heads: int, n: int) -> Tensor:
         same_piece = (q_piece[:, None] == k_piece[None, :]) & (q_piece[:, None] >= 0)  # [N, N]
         k_block = level.k_block.repeat_interleave(group, dim=1)
         exact = same_piece & (level.q_block[..., :, None] == k_block[..., None, :])  # [B, H, N, N]
-        idx = level.sample_idx.flatten(2)  # [B, Hk, P m]
-        count = torch.zeros(idx.shape[:2] + (n,), dtype=torch.float64, device=device).scatter_add_(
+        idx = level.sample_idx  # [B, H, T, m]
+        count = torch.zeros(idx.shape[:3] + (n,), dtype=torch.float64, device=device).scatter_add_(
             -1, idx, torch.ones_like(idx, dtype=torch.float64))
-        logw = torch.zeros_like(count).scatter_(-1, idx, level.sample_logw.flatten(2).double())
-        sampled_bias = (count.log() + logw).repeat_interleave(group, dim=1)[..., None, :]  # [B, H, 1, N]
+        logw = torch.zeros_like(count).scatter_(-1, idx, level.sample_logw.double())
+        tile_bias = count.log() + logw  # [B, H, T, N]: the bias each tile's queries give each key
+        sampled_bias = tile_bias.gather(2, level.q_tile.clamp_min(0)[..., None].expand(-1, -1, -1, n))  # [B, H, N, N]
         log_w = torch.where(exact, 0.0, torch.where(same_piece & ~exact, sampled_bias, log_w))
     return log_w
 
