@@ -377,6 +377,7 @@ class KVQuantCache(*((_PlainCache,) if _HFCache is None else (_HFCache,))):
                              f"has {num_layers}")
         super().__init__(layers=[KVQuantLayer(config, i, inv_freq, attention_scaling, max_length, fused)
                                  for i in range(num_layers)])
+        _DECODING.layer = None  # a step an earlier cache left unattended (say, after an exception) is dropped
 
     def memory_report(self) -> dict:
         """True memory of the tokens held, every layer: bytes by component (codes, value scales, outliers with
