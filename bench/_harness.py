@@ -247,6 +247,22 @@ def _inputs(case: Case, device: torch.device) -> tuple:
     return case.make_inputs(device, case.dtype)
 
 
+def peak_extra_mib(case: Case, provider: str, mode: str) -> float | None:
+    """CUDA memory above the inputs at the peak of one call of a provider (outputs, saved tensors, workspace), in
+    MiB; None when the provider does not apply."""
+    args = case.make_inputs(torch.device("cuda"), case.dtype)
+    work = _make_work(case.provider_fn(provider), args, mode)
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    try:
+        work()
+    except NotApplicable:
+        return None
+    torch.cuda.synchronize()
+    return (torch.cuda.max_memory_allocated() - before) / 2**20
+
+
 def reference_outputs(case: Case, mode: str, device: torch.device) -> tuple | None:
     """The fp32 reference's outputs (and input gradients in fwd+bwd) for `max_error`; None if the case has none."""
     if case.reference is None or mode == "step":

@@ -28,7 +28,8 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from bench._harness import Case, NotApplicable, _make_work, bench_device, pytest_params, run_benchmark, time_ms
+from bench._harness import (Case, NotApplicable, bench_device, peak_extra_mib, pytest_params, run_benchmark,
+                            time_ms)
 from torchext.ops.kde_attention import DEFAULT_EXACT_WINDOW, kde_attention
 from torchext.reference import kde_attention as ref
 
@@ -75,21 +76,6 @@ def _exact(causal, q, k, v):
     return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
 
 
-def _peak_extra_mib(case: Case, provider: str, mode: str) -> float | None:
-    """CUDA memory above the inputs at the peak of one call of a provider (outputs, saved tensors, workspace)."""
-    args = case.make_inputs(torch.device("cuda"), case.dtype)
-    work = _make_work(case.provider_fn(provider), args, mode)
-    torch.cuda.synchronize()
-    baseline = torch.cuda.memory_allocated()
-    torch.cuda.reset_peak_memory_stats()
-    try:
-        work()
-    except NotApplicable:
-        return None
-    torch.cuda.synchronize()
-    return (torch.cuda.max_memory_allocated() - baseline) / 2**20
-
-
 def _summary(case: Case, causal: bool, params: dict, ms: dict[str, float]) -> str:
     (mode,) = case.modes
     label = f"kde_attention {case.shape} {mode}"
@@ -113,7 +99,7 @@ def _summary(case: Case, causal: bool, params: dict, ms: dict[str, float]) -> st
         parts.append(f"hash+sort+sample {plan_ms:.3g} ms = {100 * plan_ms / ms['kde kernel']:.0f}% of the kde "
                      f"kernel's forward")
     if device.type == "cuda":
-        memory = {p: _peak_extra_mib(case, p, mode) for p in ("torchext", "eager", *case.extra_providers)}
+        memory = {p: peak_extra_mib(case, p, mode) for p in ("torchext", "eager", *case.extra_providers)}
         parts.append("peak extra memory " + ", ".join(f"{p} {m:.4g} MiB" for p, m in memory.items() if m is not None))
     return "; ".join(parts)
 

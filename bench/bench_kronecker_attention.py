@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from bench._harness import (Case, NotApplicable, _make_work, bench_device, device_info, pytest_params,
+from bench._harness import (Case, NotApplicable, bench_device, device_info, peak_extra_mib, pytest_params,
                             run_benchmark)
 from torchext.ops.kronecker_attention import kronecker_attention
 from torchext.reference import kronecker_attention as ref
@@ -76,22 +76,6 @@ def _sdpa_flattened(heads, backend, x):
     return out.transpose(-1, -2).reshape(x.shape)
 
 
-def _peak_mib(case: Case, provider: str, mode: str) -> float | None:
-    """Extra CUDA memory at the peak of one call (outputs, saved tensors, workspace), MiB; None if n/a."""
-    device = torch.device("cuda")
-    args = case.make_inputs(device, case.dtype)
-    work = _make_work(case.provider_fn(provider), args, mode)
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    before = torch.cuda.memory_allocated()
-    try:
-        work()
-    except NotApplicable:
-        return None
-    torch.cuda.synchronize()
-    return (torch.cuda.max_memory_allocated() - before) / 2**20
-
-
 def _summary(case, mode, numel, element_size, ms):
     """Speed-up over flattened SDPA, the kernels' actual GB/s, and (CUDA) the peak memory of each provider."""
     (bench_mode,) = case.modes
@@ -109,7 +93,7 @@ def _summary(case, mode, numel, element_size, ms):
         peak = device_info(device).hbm_peak
         parts.append(f"actual traffic {KERNEL_TRAFFIC[mode, bench_mode]}E/element = {rate / 1e9:.4g} GB/s"
                      + (f" ({100 * rate / peak:.0f}% of HBM peak)" if peak else ""))
-        memory = {p: _peak_mib(case, p, bench_mode) for p in ("torchext", "eager", *case.extra_providers)}
+        memory = {p: peak_extra_mib(case, p, bench_mode) for p in ("torchext", "eager", *case.extra_providers)}
         ours = memory["torchext"]
         parts.append("peak extra memory " + ", ".join(
             f"{p} {m:.4g} MiB" + (f" ({m / ours:.3g}x torchext)" if p != "torchext" and ours else "")
