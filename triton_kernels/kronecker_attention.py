@@ -28,13 +28,11 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ._launch import INTERPRET, MAX_ROW_ELEMENTS, accumulator_dtype, compute_dtype, reduction_grid
+from ._launch import INTERPRET, accumulator_dtype, compute_dtype, reduction_grid, row_tile
 
 # One tile holds the scores of every key for a block of queries: [BLOCK_L, BLOCK_P] with BLOCK_P >= 16.
 MAX_TOKENS = 1024
 MAX_TOKENS_FP64 = 256  # fp64 (gradcheck) tiles are twice as wide in shared memory
-# Elements of one [rows, W] tile in the pooling and fold kernels.
-_PLANE_TILE = 65536 if INTERPRET else 4096
 # Shared-memory budgets of the attention kernels, in elements of their [BLOCK_L, BLOCK_D] token tile and
 # [BLOCK_L, BLOCK_P] score tile(s). Compiled for sm_90 (Triton 3.9, bf16), a kernel takes ~8.5 bytes of shared
 # memory per token-tile element and 2-4 per score element, fp64 twice that: these keep every kernel under
@@ -46,12 +44,10 @@ _SCORE_BUDGET = {"fwd": 16384, "bwd_queries": 8192, "bwd_tokens": 4096}
 
 def _dot_dtype(dtype: torch.dtype):
     """Dot operand dtype: 16-bit inputs use their tensor-core type on GPU; fp32 / fp64 stay exact (IEEE), and the
-    interpreter (which computes bf16 products wrongly) uses fp32."""
-    if dtype == torch.float64:
-        return tl.float64
-    if INTERPRET or dtype == torch.float32:
-        return tl.float32
-    return tl.bfloat16 if dtype == torch.bfloat16 else tl.float16
+    interpreter (which computes bf16 products wrongly) uses the compute type."""
+    if dtype in (torch.bfloat16, torch.float16) and not INTERPRET:
+        return tl.bfloat16 if dtype == torch.bfloat16 else tl.float16
+    return compute_dtype(dtype)
 
 
 @triton.jit
@@ -125,15 +121,15 @@ def _kronecker_fold_kernel(tok_ptr, out_ptr, T, H, W, L, w_t, w_h, w_w,
 @triton.jit
 def _tile_pointers(q_ptr, kv_ptr, C, N, L, D, q_stride_b, q_stride_c, p0, BLOCK_L: tl.constexpr,
                    BLOCK_P: tl.constexpr):
-    """(q of the head, kv of the head, the head's offset in [B, C, N] outputs, query columns, their mask, keys,
-    their mask) of program (b * heads + head, ...) for the queries p0 .. p0 + BLOCK_P."""
+    """(q of the head, kv of the head, the head's first row b * C + c0 of [B, C, n] tensors, query columns, their
+    mask, keys, their mask) of program (b * heads + head, ...) for the queries p0 .. p0 + BLOCK_P."""
     bh = tl.program_id(0).to(tl.int64)
     heads = C // D
     b, c0 = bh // heads, (bh % heads) * D  # batch, first channel of the head
     p = p0 + tl.arange(0, BLOCK_P)
     keys = tl.arange(0, BLOCK_L)
-    return (q_ptr + b * q_stride_b + c0 * q_stride_c, kv_ptr + (b * C + c0) * L, (b * C + c0) * N,
-            p, p < N, keys, keys < L)
+    row0 = b * C + c0
+    return q_ptr + b * q_stride_b + c0 * q_stride_c, kv_ptr + row0 * L, row0, p, p < N, keys, keys < L
 
 
 @triton.jit
@@ -156,7 +152,7 @@ def _softmax_over_keys(scores, key_mask):
 def _kronecker_attn_fwd_kernel(q_ptr, kv_ptr, out_ptr, C, N, L, D, q_stride_b, q_stride_c, scale,
                                BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_P: tl.constexpr,
                                DOT: tl.constexpr, COMPUTE: tl.constexpr):
-    q, kv, out_offset, p, p_mask, keys, key_mask = _tile_pointers(
+    q, kv, row0, p, p_mask, keys, key_mask = _tile_pointers(
         q_ptr, kv_ptr, C, N, L, D, q_stride_b, q_stride_c, tl.program_id(1).to(tl.int64) * BLOCK_P, BLOCK_L, BLOCK_P)
     scores = tl.zeros([BLOCK_L, BLOCK_P], dtype=COMPUTE)
     for d0 in range(0, D, BLOCK_D):  # S = C^T Q, summed over channel chunks
@@ -167,7 +163,7 @@ def _kronecker_attn_fwd_kernel(q_ptr, kv_ptr, out_ptr, C, N, L, D, q_stride_b, q
         values = _load_rows(kv, L, d0, D, keys, key_mask, BLOCK_D)  # [BLOCK_D, BLOCK_L]
         o = _dot(values, probs, tl.zeros([BLOCK_D, BLOCK_P], dtype=COMPUTE), DOT)
         d = d0 + tl.arange(0, BLOCK_D)
-        tl.store(out_ptr + out_offset + d[:, None] * N + p[None, :], o.to(out_ptr.dtype.element_ty),
+        tl.store(out_ptr + row0 * N + d[:, None] * N + p[None, :], o.to(out_ptr.dtype.element_ty),
                  mask=(d < D)[:, None] & p_mask[None, :])
 
 
@@ -200,10 +196,10 @@ def _kronecker_attn_bwd_tokens_kernel(q_ptr, kv_ptr, dout_ptr, partial_ptr, C, N
     d0 = chunk * BLOCK_D
     acc = tl.zeros([BLOCK_D, BLOCK_L], dtype=COMPUTE)
     for i in range(tiles_per_program):
-        q, kv, dout_offset, p, p_mask, keys, key_mask = _tile_pointers(
+        q, kv, row0, p, p_mask, keys, key_mask = _tile_pointers(
             q_ptr, kv_ptr, C, N, L, D, q_stride_b, q_stride_c, (part * tiles_per_program + i) * BLOCK_P, BLOCK_L,
             BLOCK_P)
-        dout = dout_ptr + dout_offset
+        dout = dout_ptr + row0 * N
         probs, grad_scores = _scores_backward(q, kv, dout, q_stride_c, N, L, D, p, p_mask, keys, key_mask, scale,
                                               BLOCK_L, BLOCK_D, BLOCK_P, DOT, COMPUTE)
         acc = _dot(_load_rows(dout, N, d0, D, p, p_mask, BLOCK_D), tl.trans(probs), acc, DOT)
@@ -223,12 +219,11 @@ def _kronecker_attn_bwd_queries_kernel(q_ptr, kv_ptr, dout_ptr, spread_ptr, dq_p
     # dQ = scale C dS, plus the token gradient G = spread [B, C, L] gathered at each query's tokens. KV (IMAGE):
     # position (t, i, j) adds w_t G[t] + w_h G[T + i] + w_w G[T + H + j] (G M^T: a token's gradient shared by the
     # positions it averages). QKV (the tokens are the queries): token p adds G[p].
-    q, kv, offset, p, p_mask, keys, key_mask = _tile_pointers(
+    q, kv, row0, p, p_mask, keys, key_mask = _tile_pointers(
         q_ptr, kv_ptr, C, N, L, D, q_stride_b, q_stride_c, tl.program_id(1).to(tl.int64) * BLOCK_P, BLOCK_L, BLOCK_P)
-    _, grad_scores = _scores_backward(q, kv, dout_ptr + offset, q_stride_c, N, L, D, p, p_mask, keys, key_mask,
+    _, grad_scores = _scores_backward(q, kv, dout_ptr + row0 * N, q_stride_c, N, L, D, p, p_mask, keys, key_mask,
                                       scale, BLOCK_L, BLOCK_D, BLOCK_P, DOT, COMPUTE)
-    bh = tl.program_id(0).to(tl.int64)
-    spread = spread_ptr + ((bh // (C // D)) * C + (bh % (C // D)) * D) * L  # the head's rows, laid out like kv
+    spread = spread_ptr + row0 * L  # the head's rows, laid out like kv
     if IMAGE:
         t0 = T if HAS_T else 0
         row_tok, col_tok = t0 + (p // W) % H, t0 + H + p % W  # [BLOCK_P]
@@ -245,7 +240,7 @@ def _kronecker_attn_bwd_queries_kernel(q_ptr, kv_ptr, dout_ptr, spread_ptr, dq_p
                 dq += w_t * tl.load(rows + (p // (H * W))[None, :], mask=mask, other=0.0)
         else:
             dq += tl.load(rows + p[None, :], mask=mask, other=0.0)
-        tl.store(dq_ptr + offset + d[:, None] * N + p[None, :], dq.to(dq_ptr.dtype.element_ty), mask=mask)
+        tl.store(dq_ptr + row0 * N + d[:, None] * N + p[None, :], dq.to(dq_ptr.dtype.element_ty), mask=mask)
 
 
 # ---- launchers -----------------------------------------------------------------------------------------------------
@@ -258,13 +253,6 @@ def _spatial(shape: torch.Size) -> tuple[int, int, int, bool]:
     return 1, *shape[2:], False
 
 
-def _plane_tile(H: int, W: int) -> tuple[int, int]:
-    block_w = triton.next_power_of_2(W)
-    if block_w > MAX_ROW_ELEMENTS:
-        raise ValueError(f"kronecker_attention: W = {W} exceeds the kernels' row limit of {MAX_ROW_ELEMENTS}")
-    return min(max(_PLANE_TILE // block_w, 1), triton.next_power_of_2(H)), block_w
-
-
 def pool(x: Tensor, means: bool = True) -> Tensor:
     """x [B, C, (T,) H, W] (contiguous spatial block) -> tokens [B, C, L]: means (or sums, means=False) over the
     positions behind each token, in the accumulator dtype (fp32, fp64 for fp64)."""
@@ -272,37 +260,29 @@ def pool(x: Tensor, means: bool = True) -> Tensor:
     T, H, W, has_t = _spatial(x.shape)
     L = (T if has_t else 0) + H + W
     tokens = torch.empty((B, C, L), dtype=accumulator_dtype(x.dtype), device=x.device)
-    if tokens.numel() == 0:
-        return tokens
-    block_h, block_w = _plane_tile(H, W)
+    block_h, block_w, num_warps = row_tile(H, W)  # [BLOCK_H, W] row tiles of one frame
     weights = _token_weights(T, H, W) if means else (1.0, 1.0, 1.0)
     _kronecker_pool_kernel[(B * C,)](
         x, tokens, C, T, H, W, L, x.stride(0), x.stride(1), *weights, HAS_T=has_t,
         BLOCK_T=triton.next_power_of_2(T) if has_t else 1, BLOCK_H=block_h, BLOCK_W=block_w,
-        COMPUTE=compute_dtype(x.dtype), num_warps=4)
+        COMPUTE=compute_dtype(x.dtype), num_warps=num_warps)
     return tokens
 
 
 def fold(tokens: Tensor, shape: torch.Size, dtype: torch.dtype, weights: tuple[float, float, float]) -> Tensor:
     """tokens [B, C, L] -> out [B, C, (T,) H, W] in dtype, out[t, i, j] = w_t tok_t + w_h tok_i + w_w tok_j."""
     out = torch.empty(shape, dtype=dtype, device=tokens.device)
-    if out.numel() == 0:
-        return out
     T, H, W, has_t = _spatial(shape)
-    block_h, block_w = _plane_tile(H, W)
+    block_h, block_w, num_warps = row_tile(H, W)
     _kronecker_fold_kernel[(shape[0] * shape[1], triton.cdiv(H, block_h))](
         tokens, out, T, H, W, tokens.shape[2], *weights, HAS_T=has_t, BLOCK_H=block_h, BLOCK_W=block_w,
-        COMPUTE=compute_dtype(tokens.dtype), num_warps=4)
+        COMPUTE=compute_dtype(tokens.dtype), num_warps=num_warps)
     return out
 
 
 def _attention_tiles(kernel: str, L: int, D: int, N: int, dtype: torch.dtype) -> tuple[int, int, int, int]:
     """(BLOCK_L, BLOCK_D, BLOCK_P, num_warps) of an attention kernel: all keys in one tile, channel chunks and
     queries sized to the kernel's shared-memory budget; every dot dimension >= 16."""
-    limit = MAX_TOKENS_FP64 if dtype == torch.float64 and not INTERPRET else MAX_TOKENS
-    if L > limit:
-        raise ValueError(f"kronecker_attention: {L} tokens (H + W, + T in 3-D) exceed the kernels' limit of {limit} "
-                         f"for {dtype}")
     block_l = max(16, triton.next_power_of_2(L))
     # fp64 tiles take twice the shared memory; the interpreter has none, and runs larger tiles in fewer programs.
     budget = (8 if INTERPRET else 1) / (2 if dtype == torch.float64 else 1) / block_l
@@ -320,8 +300,6 @@ def attention_fwd(q: Tensor, kv: Tensor, heads: int, scale: float, out_dtype: to
     B, C, N = q.shape
     L, D = kv.shape[2], C // heads
     out = torch.empty((B, C, N), dtype=out_dtype, device=q.device)
-    if out.numel() == 0:
-        return out
     block_l, block_d, block_p, num_warps = _attention_tiles("fwd", L, D, N, q.dtype)
     _kronecker_attn_fwd_kernel[(B * heads, triton.cdiv(N, block_p))](
         q, kv, out, C, N, L, D, q.stride(0), q.stride(1), scale, BLOCK_L=block_l, BLOCK_D=block_d, BLOCK_P=block_p,
@@ -378,9 +356,18 @@ def _token_weights(T: int, H: int, W: int) -> tuple[float, float, float]:
     return 1.0 / (H * W), 1.0 / (T * W), 1.0 / (T * H)
 
 
+def _check_tokens(shape: torch.Size, dtype: torch.dtype) -> None:
+    """All L keys of a head share one tile: refuse a map with more tokens before any pass over it."""
+    L, limit = sum(shape[2:]), MAX_TOKENS_FP64 if dtype == torch.float64 and not INTERPRET else MAX_TOKENS
+    if L > limit:
+        raise ValueError(f"kronecker_attention: {L} tokens (H + W, + T in 3-D) exceed the kernels' limit of {limit} "
+                         f"for {dtype}")
+
+
 def kronecker_attention_fwd(x: Tensor, mode: str, heads: int, scale: float) -> tuple[Tensor, Tensor]:
     """x [B, C, (T,) H, W] (contiguous spatial block) -> (out of x's shape, contiguous, x.dtype; tokens [B, C, L]
     fp32 / fp64, saved for the backward)."""
+    _check_tokens(x.shape, x.dtype)
     B, C = x.shape[:2]
     tokens = pool(x)
     if mode == "kv":
@@ -393,6 +380,7 @@ def kronecker_attention_bwd(grad_out: Tensor, x: Tensor | None, tokens: Tensor, 
                             scale: float) -> Tensor:
     """grad_out [B, C, (T,) H, W] contiguous; x the input (KV only, else None); tokens [B, C, L] from the forward.
     Returns dx [B, C, (T,) H, W] contiguous in grad_out's dtype."""
+    _check_tokens(grad_out.shape, grad_out.dtype)
     B, C = grad_out.shape[:2]
     if mode == "kv":
         q, dout = x.view(B, C, -1), grad_out.view(B, C, -1)
