@@ -175,10 +175,11 @@ def _tensor_attention_fwd_kernel(q_ptr, kr_ptr, kc_ptr, vr_ptr, vc_ptr, out_ptr,
 
 
 @triton.jit
-def _rows_bwd_kernel(q_ptr, kr_ptr, kc_ptr, vr_ptr, vc_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr, dkr_ptr, dvr_ptr,
-                     N, D, H, GROUP, WR, WC, scale, scale2, QUERY_STATIONARY: tl.constexpr, CAUSAL: tl.constexpr,
-                     BLOCK_Q: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-                     DOT: tl.constexpr, IEEE: tl.constexpr, COMPUTE: tl.constexpr):
+def _tensor_attention_bwd_rows_kernel(q_ptr, kr_ptr, kc_ptr, vr_ptr, vc_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr,
+                                      dkr_ptr, dvr_ptr, N, D, H, GROUP, WR, WC, scale, scale2,
+                                      QUERY_STATIONARY: tl.constexpr, CAUSAL: tl.constexpr, BLOCK_Q: tl.constexpr,
+                                      BLOCK_J: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                                      DOT: tl.constexpr, IEEE: tl.constexpr, COMPUTE: tl.constexpr):
     """QUERY_STATIONARY: program (query tile, b * H + h) writes dq. Else: program (row-side tile, b * Hkv + hk)
     writes dkr and dvr, summing the GROUP query heads of its key/value head."""
     tile = tl.program_id(0).to(tl.int64)
@@ -256,10 +257,11 @@ def _rows_bwd_kernel(q_ptr, kr_ptr, kc_ptr, vr_ptr, vc_ptr, do_ptr, lse_ptr, del
 
 
 @triton.jit
-def _columns_bwd_kernel(q_ptr, kr_ptr, kc_ptr, vr_ptr, vc_ptr, do_ptr, lse_ptr, delta_ptr, dkc_ptr, dvc_ptr,
-                        N, D, H, GROUP, WR, WC, scale2, CAUSAL: tl.constexpr, BLOCK_Q: tl.constexpr,
-                        BLOCK_J: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, DOT: tl.constexpr,
-                        IEEE: tl.constexpr, COMPUTE: tl.constexpr):
+def _tensor_attention_bwd_columns_kernel(q_ptr, kr_ptr, kc_ptr, vr_ptr, vc_ptr, do_ptr, lse_ptr, delta_ptr, dkc_ptr,
+                                         dvc_ptr, N, D, H, GROUP, WR, WC, scale2, CAUSAL: tl.constexpr,
+                                         BLOCK_Q: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_N: tl.constexpr,
+                                         BLOCK_D: tl.constexpr, DOT: tl.constexpr, IEEE: tl.constexpr,
+                                         COMPUTE: tl.constexpr):
     """Program (column block, b * Hkv + hk) writes dkc and dvc for BLOCK_N columns, from every row that sees them."""
     k0 = tl.program_id(0).to(tl.int64) * BLOCK_N
     kv_head = tl.program_id(1).to(tl.int64)
@@ -324,7 +326,7 @@ def _tiles(n: int, d: int, wr: int, block_m: int) -> dict:
                 BLOCK_D=max(16, triton.next_power_of_2(d)))
 
 
-def _launch_options(x: Tensor, block_m: int) -> dict:
+def _launch_options(block_m: int) -> dict:
     if INTERPRET:
         return {}
     return dict(num_warps=8 if block_m >= 128 else 4, num_stages=2)
@@ -350,7 +352,7 @@ def tensor_attention_fwd(q: Tensor, kr: Tensor, kc: Tensor, vr: Tensor, vc: Tens
     grid = (triton.cdiv(n, tiles["BLOCK_Q"]), B * H)
     _tensor_attention_fwd_kernel[grid](q, kr, kc, vr, vc, out, lse, n, d, H, H // kr.shape[1], wr, wc,
                                        scale * LOG2E.value, **tiles, **_common(q, causal),
-                                       **_launch_options(q, block_m))
+                                       **_launch_options(block_m))
     return out, lse
 
 
@@ -366,13 +368,13 @@ def tensor_attention_bwd(grad_out: Tensor, delta: Tensor, q: Tensor, kr: Tensor,
     dkr, dkc, dvr, dvc = (torch.empty_like(x) for x in (kr, kc, vr, vc))
     block_m = 32 if INTERPRET else 64
     tiles = _tiles(n, d, wr, block_m)
-    common = dict(**tiles, **_common(q, causal), **_launch_options(q, block_m))
+    common = dict(**tiles, **_common(q, causal), **_launch_options(block_m))
     tensors = (q, kr, kc, vr, vc, grad_out, lse, delta)
     for query_stationary in (True, False):
         heads = B * H if query_stationary else B * heads_kv
-        _rows_bwd_kernel[(triton.cdiv(n, tiles["BLOCK_Q"]), heads)](
+        _tensor_attention_bwd_rows_kernel[(triton.cdiv(n, tiles["BLOCK_Q"]), heads)](
             *tensors, dq, dkr, dvr, n, d, H, group, wr, wc, scale, scale * LOG2E.value,
             QUERY_STATIONARY=query_stationary, **common)
-    _columns_bwd_kernel[(triton.cdiv(n, tiles["BLOCK_N"]), B * heads_kv)](
+    _tensor_attention_bwd_columns_kernel[(triton.cdiv(n, tiles["BLOCK_N"]), B * heads_kv)](
         *tensors, dkc, dvc, n, d, H, group, wr, wc, scale * LOG2E.value, **common)
     return dq, dkr, dkc, dvr, dvc
