@@ -15,7 +15,7 @@ from torchext.nn.kronecker_attention import KroneckerAttention2d, KroneckerAtten
 from torchext.ops.kronecker_attention import kronecker_attention
 from torchext.reference import kronecker_attention as ref
 
-MODES = ["kv", "qkv"]
+MODES = ref.MODES
 
 
 def randn(*shape, dtype=torch.float32, device="cpu", grad=True):
