@@ -101,15 +101,15 @@ def _summary(case, mode, numel, element_size, ms):
     return "; ".join(parts)
 
 
-def _kao(mode, shape, heads, bench_mode, gpu, dtype=BF16):
+def _kao(mode, shape, heads, bench_mode, gpu):
     anchors = {"sdpa flat": partial(_sdpa_flattened, heads, None),
                "sdpa flat math": partial(_sdpa_flattened, heads, SDPBackend.MATH)}
-    case = Case("kronecker_attention", f"kronecker_{mode}", "x".join(map(str, shape)) + f"-h{heads}", dtype,
+    case = Case("kronecker_attention", f"kronecker_{mode}", "x".join(map(str, shape)) + f"-h{heads}", BF16,
                 partial(_inputs, shape), partial(kronecker_attention, mode=mode, heads=heads),
                 partial(_kao_eager, mode, heads), partial(ref.kronecker_attention, mode=mode, heads=heads),
                 modes=(bench_mode,), gpu=gpu, extra_providers=anchors)
     # One mode per case, since a summary sees the times of one mode; it measures memory on the case itself.
-    summary = partial(_summary, case, mode, math.prod(shape), torch.finfo(dtype).bits // 8)
+    summary = partial(_summary, case, mode, math.prod(shape), BF16.itemsize)
     return dataclasses.replace(case, summary=summary)
 
 
