@@ -36,7 +36,6 @@ def _check(q: Tensor, k1: Tensor, k2: Tensor, v1: Tensor, v2: Tensor, window1: i
     tensors = dict(zip(_NAMES, (q, k1, k2, v1, v2)))
     for name, x in tensors.items():
         check_tensor(op, name, x, ndim=4)
-    for name, x in tensors.items():
         if x.dtype != q.dtype:
             raise TypeError(f"{op}: {name} must have q's dtype {q.dtype}, got {x.dtype}")
     B, H, n, d = q.shape
@@ -56,10 +55,14 @@ def _check(q: Tensor, k1: Tensor, k2: Tensor, v1: Tensor, v2: Tensor, window1: i
         raise ValueError(f"{op}: scale must be finite, got {scale}")
 
 
-def _kernel_roles(window: tuple[int, int] | None, n: int) -> tuple[bool, int, int]:
-    """(swap, wr, wc): the kernels fold the pair with the smaller window into their rows (see the kernel module)."""
+def _kernel_roles(window: tuple[int, int] | None, n: int, k1: Tensor, k2: Tensor, v1: Tensor,
+                  v2: Tensor) -> tuple[bool, int, int, Tensor, Tensor, Tensor, Tensor]:
+    """(swap, wr, wc, kr, kc, vr, vc): the kernels fold the pair with the smaller window into their rows (see the
+    kernel module); swap says the row side is (k2, v2)."""
     w1, w2 = window if window is not None else (n, n)
-    return (w2 < w1, min(w1, w2), max(w1, w2))
+    if w2 < w1:
+        return True, w2, w1, k2, k1, v2, v1
+    return False, w1, w2, k1, k2, v1, v2
 
 
 def _contiguous(*xs: Tensor) -> list[Tensor]:
@@ -77,8 +80,7 @@ def _tensor_attention(q: Tensor, k1: Tensor, k2: Tensor, v1: Tensor, v2: Tensor,
         out, lse = ref.tensor_attention(q, k1, k2, v1, v2, window, causal, scale)
         return out.contiguous(), lse
     q, k1, k2, v1, v2 = _contiguous(q, k1, k2, v1, v2)
-    swap, wr, wc = _kernel_roles(window, q.shape[2])
-    (kr, vr), (kc, vc) = ((k2, v2), (k1, v1)) if swap else ((k1, v1), (k2, v2))
+    _, wr, wc, kr, kc, vr, vc = _kernel_roles(window, q.shape[2], k1, k2, v1, v2)
     return kernels.tensor_attention_fwd(q, kr, kc, vr, vc, wr, wc, causal, scale)
 
 
@@ -104,8 +106,7 @@ def _tensor_attention_backward(grad_out: Tensor, grad_lse: Tensor, q: Tensor, k1
     grad_out, q, k1, k2, v1, v2 = _contiguous(grad_out, q, k1, k2, v1, v2)
     # D_i = <dO_i, o_i> - dlse_i: the row term of the softmax Jacobian (lse's own gradient folds into it).
     delta = ((grad_out.to(lse.dtype) * out.to(lse.dtype)).sum(-1) - grad_lse.to(lse.dtype)).contiguous()
-    swap, wr, wc = _kernel_roles(window, q.shape[2])
-    (kr, vr), (kc, vc) = ((k2, v2), (k1, v1)) if swap else ((k1, v1), (k2, v2))
+    swap, wr, wc, kr, kc, vr, vc = _kernel_roles(window, q.shape[2], k1, k2, v1, v2)
     dq, dkr, dkc, dvr, dvc = kernels.tensor_attention_bwd(grad_out, delta, q, kr, kc, vr, vc, lse.contiguous(), wr,
                                                           wc, causal, scale)
     return (dq, dkc, dkr, dvc, dvr) if swap else (dq, dkr, dkc, dvr, dvc)
