@@ -2,13 +2,14 @@
 2-D [B, C, H, W] and 3-D [B, C, T, H, W] maps. Notation as in torchext/reference/kronecker_attention.py.
 
 The kernels, each a single pass over the big tensors it touches:
-    _kronecker_pool_kernel       tokens C = X M: the row, column (and time) means of every channel, x read once.
-    _kronecker_attn_fwd_kernel   out = C softmax(scale C^T Q) for a tile of queries: Q = x (KV, hw queries) or
-                                 Q = C (QKV, the L tokens themselves). The L keys of one head fit one tile.
-    _kronecker_fold_kernel       the outer sum out[t, i, j] = w_t tok[t] + w_h tok[T + i] + w_w tok[T + H + j]:
-                                 QKV's output, and the backward's spread of token gradients over positions.
-    _kronecker_attn_bwd_*        the attention backward: the token-gradient reduction over queries, and the
-                                 query gradient (plus the spread token gradient, so dx is written once).
+    _kronecker_attention_pool_kernel     tokens C = X M: the row, column (and time) means of every channel, x read
+                                         once.
+    _kronecker_attention_fwd_kernel      out = C softmax(scale C^T Q) for a tile of queries: Q = x (KV, hw queries)
+                                         or Q = C (QKV, the L tokens themselves). The L keys of one head fit one tile.
+    _kronecker_attention_fold_kernel     the outer sum out[t, i, j] = w_t tok[t] + w_h tok[T + i] + w_w tok[T + H + j]:
+                                         QKV's output, and the backward's spread of token gradients over positions.
+    _kronecker_attention_bwd_*_kernel    the attention backward: the token-gradient reduction over queries, and the
+                                         query gradient (plus the spread token gradient, so dx is written once).
 
 HBM traffic per element of x (E bytes each; the tokens are L/N of that and ignored):
     forward  KV: 3E (x read by the pooling and again as queries, out written)   QKV: 2E (x read, out written)
@@ -63,7 +64,7 @@ def _dot(a, b, acc, DOT: tl.constexpr):
 
 
 @triton.jit
-def _kronecker_pool_kernel(x_ptr, tok_ptr, C, T, H, W, L, stride_b, stride_c, w_t, w_h, w_w,
+def _kronecker_attention_pool_kernel(x_ptr, tok_ptr, C, T, H, W, L, stride_b, stride_c, w_t, w_h, w_w,
                            HAS_T: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr,
                            COMPUTE: tl.constexpr):
     # One program per (b, c) streams its T*H*W slab once in [BLOCK_H, W] row tiles: a tile's row sums are final
@@ -92,7 +93,7 @@ def _kronecker_pool_kernel(x_ptr, tok_ptr, C, T, H, W, L, stride_b, stride_c, w_
 
 
 @triton.jit
-def _kronecker_fold_kernel(tok_ptr, out_ptr, T, H, W, L, w_t, w_h, w_w,
+def _kronecker_attention_fold_kernel(tok_ptr, out_ptr, T, H, W, L, w_t, w_h, w_w,
                            HAS_T: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr, COMPUTE: tl.constexpr):
     # Program (b * C + c, row block): writes out[b, c, :, rows, :] as the outer sum of its tokens. Nothing is
     # read but the L tokens, so the write streams at full bandwidth.
@@ -149,7 +150,7 @@ def _softmax_over_keys(scores, key_mask):
 
 
 @triton.jit
-def _kronecker_attn_fwd_kernel(q_ptr, kv_ptr, out_ptr, C, N, L, D, q_stride_b, q_stride_c, scale,
+def _kronecker_attention_fwd_kernel(q_ptr, kv_ptr, out_ptr, C, N, L, D, q_stride_b, q_stride_c, scale,
                                BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_P: tl.constexpr,
                                DOT: tl.constexpr, COMPUTE: tl.constexpr):
     q, kv, row0, p, p_mask, keys, key_mask = _tile_pointers(
@@ -185,7 +186,7 @@ def _scores_backward(q, kv, dout, q_stride_c, N, L, D, p, p_mask, keys, key_mask
 
 
 @triton.jit
-def _kronecker_attn_bwd_tokens_kernel(q_ptr, kv_ptr, dout_ptr, partial_ptr, C, N, L, D, q_stride_b, q_stride_c,
+def _kronecker_attention_bwd_tokens_kernel(q_ptr, kv_ptr, dout_ptr, partial_ptr, C, N, L, D, q_stride_b, q_stride_c,
                                       tiles_per_program, scale,
                                       BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_P: tl.constexpr,
                                       DOT: tl.constexpr, COMPUTE: tl.constexpr):
@@ -211,7 +212,7 @@ def _kronecker_attn_bwd_tokens_kernel(q_ptr, kv_ptr, dout_ptr, partial_ptr, C, N
 
 
 @triton.jit
-def _kronecker_attn_bwd_queries_kernel(q_ptr, kv_ptr, dout_ptr, spread_ptr, dq_ptr, C, N, L, D, T, H, W,
+def _kronecker_attention_bwd_queries_kernel(q_ptr, kv_ptr, dout_ptr, spread_ptr, dq_ptr, C, N, L, D, T, H, W,
                                        q_stride_b, q_stride_c, scale, w_t, w_h, w_w,
                                        IMAGE: tl.constexpr, HAS_T: tl.constexpr, BLOCK_L: tl.constexpr,
                                        BLOCK_D: tl.constexpr, BLOCK_P: tl.constexpr, DOT: tl.constexpr,
@@ -262,7 +263,7 @@ def pool(x: Tensor, means: bool = True) -> Tensor:
     tokens = torch.empty((B, C, L), dtype=accumulator_dtype(x.dtype), device=x.device)
     block_h, block_w, num_warps = row_tile(H, W)  # [BLOCK_H, W] row tiles of one frame
     weights = _token_weights(T, H, W) if means else (1.0, 1.0, 1.0)
-    _kronecker_pool_kernel[(B * C,)](
+    _kronecker_attention_pool_kernel[(B * C,)](
         x, tokens, C, T, H, W, L, x.stride(0), x.stride(1), *weights, HAS_T=has_t,
         BLOCK_T=triton.next_power_of_2(T) if has_t else 1, BLOCK_H=block_h, BLOCK_W=block_w,
         COMPUTE=compute_dtype(x.dtype), num_warps=num_warps)
@@ -274,7 +275,7 @@ def fold(tokens: Tensor, shape: torch.Size, dtype: torch.dtype, weights: tuple[f
     out = torch.empty(shape, dtype=dtype, device=tokens.device)
     T, H, W, has_t = _spatial(shape)
     block_h, block_w, num_warps = row_tile(H, W)
-    _kronecker_fold_kernel[(shape[0] * shape[1], triton.cdiv(H, block_h))](
+    _kronecker_attention_fold_kernel[(shape[0] * shape[1], triton.cdiv(H, block_h))](
         tokens, out, T, H, W, tokens.shape[2], *weights, HAS_T=has_t, BLOCK_H=block_h, BLOCK_W=block_w,
         COMPUTE=compute_dtype(tokens.dtype), num_warps=num_warps)
     return out
@@ -301,7 +302,7 @@ def attention_fwd(q: Tensor, kv: Tensor, heads: int, scale: float, out_dtype: to
     L, D = kv.shape[2], C // heads
     out = torch.empty((B, C, N), dtype=out_dtype, device=q.device)
     block_l, block_d, block_p, num_warps = _attention_tiles("fwd", L, D, N, q.dtype)
-    _kronecker_attn_fwd_kernel[(B * heads, triton.cdiv(N, block_p))](
+    _kronecker_attention_fwd_kernel[(B * heads, triton.cdiv(N, block_p))](
         q, kv, out, C, N, L, D, q.stride(0), q.stride(1), scale, BLOCK_L=block_l, BLOCK_D=block_d, BLOCK_P=block_p,
         DOT=_dot_dtype(q.dtype), COMPUTE=compute_dtype(kv.dtype), num_warps=num_warps)
     return out
@@ -322,7 +323,7 @@ def attention_bwd_tokens(q: Tensor, kv: Tensor, dout: Tensor, heads: int, scale:
     n_parts = max(1, min(n_tiles, n_programs // (B * heads * chunks)))
     tiles_per_part = triton.cdiv(n_tiles, n_parts)
     partial = torch.empty((B * heads, n_parts, D, L), dtype=kv.dtype, device=q.device)
-    _kronecker_attn_bwd_tokens_kernel[(B * heads, chunks, n_parts)](
+    _kronecker_attention_bwd_tokens_kernel[(B * heads, chunks, n_parts)](
         q, kv, dout, partial, C, N, L, D, q.stride(0), q.stride(1), tiles_per_part, scale, BLOCK_L=block_l,
         BLOCK_D=block_d, BLOCK_P=block_p, DOT=_dot_dtype(q.dtype), COMPUTE=compute_dtype(kv.dtype),
         num_warps=num_warps)
@@ -342,7 +343,7 @@ def attention_bwd_queries(q: Tensor, kv: Tensor, dout: Tensor, spread: Tensor, h
     T, H, W, has_t = _spatial(image) if image is not None else (1, 1, 1, False)
     dq = torch.empty((B, C, N), dtype=out_dtype, device=q.device)
     block_l, block_d, block_p, num_warps = _attention_tiles("bwd_queries", L, D, N, q.dtype)
-    _kronecker_attn_bwd_queries_kernel[(B * heads, triton.cdiv(N, block_p))](
+    _kronecker_attention_bwd_queries_kernel[(B * heads, triton.cdiv(N, block_p))](
         q, kv, dout, spread, dq, C, N, L, D, T, H, W, q.stride(0), q.stride(1), scale, *_token_weights(T, H, W),
         IMAGE=image is not None,
         HAS_T=has_t, BLOCK_L=block_l, BLOCK_D=block_d, BLOCK_P=block_p, DOT=_dot_dtype(q.dtype),
