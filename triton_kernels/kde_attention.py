@@ -89,7 +89,7 @@ def _key_range(block, blocks_per_piece, keys_per_piece, bucket, n):
     piece = block // blocks_per_piece
     lo = piece * keys_per_piece + (block % blocks_per_piece) * bucket
     hi = tl.minimum(tl.minimum(lo + bucket, piece * keys_per_piece + keys_per_piece), n)
-    return lo, hi, piece
+    return lo, hi
 
 
 @triton.jit
@@ -142,11 +142,11 @@ def _constants(consts_ptr, COMPUTE: tl.constexpr):
 @triton.jit
 def _query_keys(block, blocks_per_piece, keys_per_piece, bucket, n, qi, q_ok, CAUSAL: tl.constexpr):
     """A query tile's exact keys: sorted positions [lo, hi) of its block (in a causal window, up to the tile's last
-    query), its piece and its block t within the piece."""
-    lo, hi, piece = _key_range(block, blocks_per_piece, keys_per_piece, bucket, n)
+    query), and its block t within the piece."""
+    lo, hi = _key_range(block, blocks_per_piece, keys_per_piece, bucket, n)
     if CAUSAL:
         hi = tl.minimum(hi, tl.max(tl.where(q_ok, qi, 0), axis=0) + 1)
-    return lo, hi, piece, block % blocks_per_piece
+    return lo, hi, block % blocks_per_piece
 
 
 @triton.jit
@@ -219,7 +219,7 @@ def _kde_attention_fwd_kernel(
             acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=COMPUTE)
 
         # Exact part: the keys of the tile's own block (in causal windows only those at or before each query).
-        lo, hi, piece, t = _query_keys(block, blocks_per_piece, keys_per_piece, bucket, n, qi, q_ok, CAUSAL)
+        lo, hi, t = _query_keys(block, blocks_per_piece, keys_per_piece, bucket, n, qi, q_ok, CAUSAL)
         for start in range(lo, hi, BLOCK_N):
             kj, key_ok = _query_block_tile(perm_k_ptr, bhk, n, start, hi, qi, IDENTITY, CAUSAL, BLOCK_N)
             m_i, l_i, acc = _online_softmax_step(q, k_base, v_base, kj, key_ok, 0.0, m_i, l_i, acc, stride_kn,
@@ -286,7 +286,7 @@ def _kde_attention_bwd_dq_kernel(
         k_base = k_ptr + b * stride_kb + (h // G) * stride_kh
         v_base = v_ptr + b * stride_vb + (h // G) * stride_vh
         dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=COMPUTE)
-        lo, hi, piece, t = _query_keys(block, blocks_per_piece, keys_per_piece, bucket, n, qi, q_ok, CAUSAL)
+        lo, hi, t = _query_keys(block, blocks_per_piece, keys_per_piece, bucket, n, qi, q_ok, CAUSAL)
         for start in range(lo, hi, BLOCK_N):
             kj, key_ok = _query_block_tile(perm_k_ptr, bhk, n, start, hi, qi, IDENTITY, CAUSAL, BLOCK_N)
             dq, p, ds = _dq_step(q, do, lse2, delta, dq, k_base, v_base, kj, key_ok, 0.0, stride_kn, stride_vn,
@@ -318,14 +318,14 @@ def _kde_attention_bwd_dq_kernel(
 
 
 @triton.jit
-def _dkdv_step(k, v, dk, dv, q_ptr, do_ptr, lse_ptr, delta_ptr, qi, row, q_ok, allowed, bias, stride_qn, cols_d,
-               cols_dv, D, DV, qk_scale, log2e, COMPUTE: tl.constexpr, DOT: tl.constexpr):
+def _dkdv_step(k, v, dk, dv, q_ptr, do_ptr, lse_ptr, delta_ptr, qi, row, q_ok, allowed, stride_qn, cols_d, cols_dv,
+               D, DV, qk_scale, log2e, COMPUTE: tl.constexpr, DOT: tl.constexpr):
     """dv += P^T dO and dk += dS^T Q over one query tile (transposed tiles: keys are the rows here)."""
     q = _rows(q_ptr, qi, q_ok, stride_qn, cols_d, D, COMPUTE)  # [BLOCK_M, D]
     do = _rows(do_ptr, row, q_ok, DV, cols_dv, DV, COMPUTE)  # [BLOCK_M, DV]
     lse2 = tl.load(lse_ptr + row, mask=q_ok, other=0.0).to(COMPUTE) * log2e
     delta = tl.load(delta_ptr + row, mask=q_ok, other=0.0).to(COMPUTE)
-    s_t = _scores(k, q, DOT) * qk_scale + bias  # [BLOCK_N, BLOCK_M]
+    s_t = _scores(k, q, DOT) * qk_scale  # [BLOCK_N, BLOCK_M]
     p_t = tl.where(allowed & q_ok[None, :], tl.exp2(s_t - lse2[None, :]), 0.0)
     dv += _dot(p_t, do, DOT)
     ds_t = p_t * (_scores(v, do, DOT) - delta[None, :])
@@ -349,7 +349,7 @@ def _kde_attention_bwd_dkdv_kernel(
     Hk = H // G
     b, hk = bhk // Hk, bhk % Hk
     block = pid // tiles_per_block
-    lo, hi, piece = _key_range(block, blocks_per_piece, keys_per_piece, bucket, n)
+    lo, hi = _key_range(block, blocks_per_piece, keys_per_piece, bucket, n)
     key_start = lo + (pid % tiles_per_block) * BLOCK_N
     if key_start < hi:
         cols_d = tl.arange(0, BLOCK_D)
@@ -377,8 +377,8 @@ def _kde_attention_bwd_dkdv_kernel(
                 if CAUSAL:
                     allowed = allowed & (kj[:, None] <= qi[None, :])
                 dk, dv = _dkdv_step(k, v, dk, dv, q_ptr + b * stride_qb + (hk * G + g) * stride_qh, do_ptr,
-                                    lse_ptr, delta_ptr, qi, bh * n + qi, q_ok, allowed, 0.0, stride_qn, cols_d,
-                                    cols_dv, D, DV, qk_scale, log2e, COMPUTE, DOT)
+                                    lse_ptr, delta_ptr, qi, bh * n + qi, q_ok, allowed, stride_qn, cols_d, cols_dv,
+                                    D, DV, qk_scale, log2e, COMPUTE, DOT)
         row = bhk * n + kj
         dk_ptrs = dk_ptr + row[:, None] * D + cols_d[None, :]
         dk_mask = k_ok[:, None] & (cols_d[None, :] < D)
@@ -458,10 +458,9 @@ def _meta(q: Tensor, v: Tensor, plan) -> dict:
     """Tile sizes, warps, stages and the compute and dot dtypes of one call."""
     D, DV = q.shape[-1], v.shape[-1]
     block_n, num_warps, num_stages = _blocks(D)
-    meta = dict(BLOCK_M=plan.tile, BLOCK_N=block_n, BLOCK_D=max(16, triton.next_power_of_2(D)),
+    return dict(BLOCK_M=plan.tile, BLOCK_N=block_n, BLOCK_D=max(16, triton.next_power_of_2(D)),
                 BLOCK_DV=max(16, triton.next_power_of_2(DV)), COMPUTE=compute_dtype(q.dtype), DOT=_dot_dtype(q.dtype),
                 num_warps=num_warps, num_stages=num_stages)
-    return meta
 
 
 def _consts(scale: float, dtype: torch.dtype, device) -> Tensor:
@@ -508,6 +507,8 @@ def kde_attention_bwd(grad_out: Tensor, grad_lse: Tensor, q: Tensor, k: Tensor, 
     dv = torch.zeros((B, Hk, n, DV), dtype=acc_dtype, device=q.device)
     consts = _consts(scale, q.dtype, q.device)
     strides = _strides(q, k, v)
+    # The kv row (batch x kv head) of every query head, for the sampled keys' index_add_.
+    kv_row = torch.arange(B, device=q.device)[:, None] * Hk + torch.arange(H, device=q.device) // (H // Hk)  # [B, H]
     for launch in _launches(plan, n, block_m, q.device):
         s = launch.schedule
         flags = dict(IDENTITY=launch.identity, CAUSAL=launch.causal, **meta)
@@ -525,7 +526,6 @@ def kde_attention_bwd(grad_out: Tensor, grad_lse: Tensor, q: Tensor, k: Tensor, 
             tiles_per_block, consts, *strides, **flags)
         if launch.n_samples:
             # A key drawn by several tiles (or twice by one) gets every contribution: index_add_, not a scatter.
-            kv_row = torch.arange(B, device=q.device)[:, None] * Hk + torch.arange(H, device=q.device) // (H // Hk)
             rows = (kv_row[:, :, None, None] * n + launch.level.sample_idx).flatten()  # [B H T m]
             dk.view(-1, D).index_add_(0, rows, dk_s)
             dv.view(-1, DV).index_add_(0, rows, dv_s)
