@@ -48,7 +48,6 @@ import math
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 SAMPLING = ("value_norm", "uniform")
@@ -99,15 +98,16 @@ class Level:
 class QueryTiles:
     """Query tiles of a query order whose blocks are contiguous: each block's queries cut into tiles of ``size``.
 
-    Block c of a row holds positions [block_start, block_start + block_count) of the order ([rows, n_blocks] int64).
-    Tile tau covers positions [start, start + count), all in block ``block``, and is tile ``index`` of that block
-    ([rows, T] int64). Sized without a host sync: T = ceil(N / size) + n_blocks tiles per row, unused ones with
-    count 0.
+    Block c of a row holds positions [block_start, block_start + block_count) of the order, and its tiles are
+    block_first_tile, block_first_tile + 1, ... ([rows, n_blocks] int64). Tile tau covers positions
+    [start, start + count), all in block ``block``, and is tile ``index`` of that block ([rows, T] int64). Sized
+    without a host sync: T = ceil(N / size) + n_blocks tiles per row, unused ones with count 0.
     """
 
     size: int
     block_start: Tensor
     block_count: Tensor
+    block_first_tile: Tensor
     start: Tensor
     count: Tensor
     block: Tensor
@@ -120,13 +120,14 @@ def query_tiles(counts: Tensor, size: int, n: int) -> QueryTiles:
     first = torch.cumsum(counts, -1) - counts  # [rows, n_blocks] first position of each block
     tiles = (counts + size - 1) // size
     tiles_end = torch.cumsum(tiles, -1)
+    first_tile = tiles_end - tiles
     n_tiles = -(-n // size) + n_blocks
     tau = torch.arange(n_tiles, device=counts.device).expand(rows, n_tiles)
     block = torch.searchsorted(tiles_end, tau.contiguous(), right=True).clamp_max(n_blocks - 1)  # [rows, T]
-    index = tau - (tiles_end - tiles).gather(-1, block)
+    index = tau - first_tile.gather(-1, block)
     count = (counts.gather(-1, block) - index * size).clamp(0, size)
     count = torch.where(tau < tiles_end[:, -1:], count, 0)
-    return QueryTiles(size, first, counts, first.gather(-1, block) + index * size, count, block, index)
+    return QueryTiles(size, first, counts, first_tile, first.gather(-1, block) + index * size, count, block, index)
 
 
 @dataclass(frozen=True)
@@ -245,11 +246,11 @@ def _level(q_rank: Tensor, k_rank: Tensor, v_norm: Tensor, chunk: int, pair: int
     counts.scatter_add_(-1, global_block, torch.ones_like(global_block))
     tiles = query_tiles(counts[..., :-1].flatten(0, 1), tile, n)
     rank = torch.empty_like(perm_q).scatter_(-1, perm_q, torch.arange(n, device=device).expand_as(perm_q))
-    first = (torch.cumsum(counts, -1) - counts).gather(-1, global_block)  # [B, H, N] first position of the block
-    n_tiles = tiles.count.shape[-1]
-    tiles_before = F.pad(torch.cumsum((counts[..., :-1] + tile - 1) // tile, -1), (1, 0))  # [B, H, n_blocks + 1]
-    q_tile = tiles_before.gather(-1, global_block) + (rank - first) // tile
+    own = global_block.clamp_max(n_blocks - 1).flatten(0, 1)  # [B H, N] (queries in no piece: masked below)
+    in_block = rank.flatten(0, 1) - tiles.block_start.gather(-1, own)  # position of the query within its block
+    q_tile = (tiles.block_first_tile.gather(-1, own) + in_block // tile).view(B, H, n)
     q_tile = torch.where(q_block >= 0, q_tile, -1)
+    n_tiles = tiles.count.shape[-1]
 
     # Samples: m iid draws per query tile from the keys of its piece's key chunk (original order), by inverse CDF of
     # a counter-based uniform of the tile's identity (block, index inside the block), not of its position.
@@ -319,10 +320,10 @@ def make_plan(q: Tensor, k: Tensor, v: Tensor, seed: int, causal: bool = False, 
     return KDEPlan(bucket_size, num_samples, tile, exact_window if causal else None, levels)
 
 
-def log_weights(plan: KDEPlan, n_heads: int, n: int) -> Tensor:
-    """The estimator as a dense logit bias: [B, H, N, N] log W (0 exact, log(c_j / (m p_j)) sampled, -inf absent)."""
+def log_weights(plan: KDEPlan, n_heads: int, n: int, device: torch.device) -> Tensor:
+    """The estimator as a dense logit bias on ``device``: [B, H, N, N] fp64 log W (0 exact, log(c_j / (m p_j))
+    sampled, -inf absent); [1, H, N, N] when the plan has no levels (causal, N <= exact_window)."""
     level0 = plan.levels[0] if plan.levels else None
-    device = level0.q_block.device if level0 else "cpu"
     pos = torch.arange(n, device=device)
     log_w = torch.full((n, n), -math.inf, device=device, dtype=torch.float64)
     if plan.window is not None:  # exact causal attention inside each aligned window
@@ -353,7 +354,7 @@ def _heads(x: Tensor, n_heads: int) -> Tensor:
 def _probs(q: Tensor, k: Tensor, plan: KDEPlan, scale: float) -> tuple[Tensor, Tensor]:
     """(P = softmax(S + log W) [B, H, N, N], lse [B, H, N]) in the compute dtype."""
     H, n = q.shape[1], q.shape[2]
-    logits = (_up(q) @ _heads(_up(k), H).transpose(-1, -2)) * scale + log_weights(plan, H, n).to(_up(q).dtype)
+    logits = (_up(q) @ _heads(_up(k), H).transpose(-1, -2)) * scale + log_weights(plan, H, n, q.device).to(_up(q).dtype)
     lse = torch.logsumexp(logits, dim=-1)
     return torch.exp(logits - lse[..., None]), lse
 
