@@ -53,6 +53,7 @@ def _torchext(causal, params, q, k, v):
 
 
 def _sdpa(causal, q, k, v, backend=None):
+    """Exact attention: the eager provider, the error column's ground truth and (with a backend) the anchors."""
     if backend is None:
         return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
     try:
@@ -69,11 +70,6 @@ def _flash_attn(causal, q, k, v):
         raise NotApplicable("flash-attn needs CUDA bf16/fp16")
     # flash-attn takes [B, N, H, D]: transposed views of the same tensors, no copies.
     return flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), causal=causal).transpose(1, 2)
-
-
-def _exact(causal, q, k, v):
-    """The error column's ground truth: exact attention (the op's estimator is measured against it)."""
-    return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
 
 
 def _summary(case: Case, causal: bool, params: dict, ms: dict[str, float]) -> str:
@@ -112,7 +108,7 @@ def _case(B, H, n, D, causal, mode, gpu, dtype=BF16):
                "kde kernel": partial(_torchext, causal, {**params, "min_seq_len": 0})}
     case = Case("kde_attention", "kde_attention" + ("_causal" if causal else ""), f"B{B}-H{H}-N{n}-D{D}", dtype,
                 partial(_inputs, B, H, n, D), partial(_torchext, causal, params), partial(_sdpa, causal),
-                partial(_exact, causal), modes=(mode,), count_bytes=False, gpu=gpu, extra_providers=anchors,
+                partial(_sdpa, causal), modes=(mode,), count_bytes=False, gpu=gpu, extra_providers=anchors,
                 flops={mode: (4 if mode == "fwd" else 14) * B * H * n * n * D // (2 if causal else 1)}, rep_ms=500)
     return dataclasses.replace(case, summary=partial(_summary, case, causal, params))
 
