@@ -23,8 +23,8 @@ CASES = [(1, 2, 1, 40, 16, 16, False, 16, 8, 16), (1, 1, 1, 1, 16, 16, False, 16
 SEED = 1234
 
 
-def randn(*shape, dtype=torch.float32, device="cpu", scale=1.0):
-    return (torch.randn(*shape, device=device) * scale).to(dtype).requires_grad_()
+def randn(*shape, dtype=torch.float32, device="cpu"):
+    return torch.randn(*shape, device=device).to(dtype).requires_grad_()
 
 
 def inputs(B, H, Hk, n, D, Dv, dtype=torch.float32, device="cpu"):
