@@ -23,6 +23,8 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
+from torchext.reference.ngpt import rotate_half_rope
+
 WORD_BITS = 32
 SUPPORTED_BITS = (2, 3, 4)
 
@@ -238,9 +240,8 @@ def rope_cos_sin(positions: Tensor, inv_freq: Tensor, attention_scaling: float =
 
 
 def rotate(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """Half-split ("rotate_half") RoPE of x [..., n, head_dim] in fp32: pairs (i, i + head_dim/2)."""
-    x1, x2 = x.float().chunk(2, dim=-1)
-    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+    """Half-split ("rotate_half") RoPE of x [..., n, head_dim] by cos, sin [..., n, head_dim / 2], in fp32."""
+    return rotate_half_rope(x.float(), cos, sin)
 
 
 def unrotate(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:

@@ -72,15 +72,21 @@ def rope_cos_sin(seq_len: int, head_dim: int, base: float = 10000.0, device=None
     return angles.cos().float(), angles.sin().float()
 
 
+def rotate_half_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Rotate pairs (x_i, x_{i + D/2}) of x [..., D] by angles whose cos, sin broadcast against [..., D/2], in
+    fp32 (fp64 for fp64 inputs): Hugging Face's "rotate_half" RoPE."""
+    x1, x2 = _up(x).chunk(2, dim=-1)
+    c, s = _up(cos), _up(sin)
+    return torch.cat((x1 * c - x2 * s, x1 * s + x2 * c), dim=-1)
+
+
 def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     """Rotate pairs (x_i, x_{i + D/2}) by the angle of each position (half-split RoPE), in fp32.
 
     x: [B, T, H, D]; cos, sin: [T, D/2]. A true rotation: it preserves ||x|| and makes q.k depend
     only on the position offset (the official nGPT code's RoPE does neither, see the research note).
     """
-    x1, x2 = _up(x).chunk(2, dim=-1)
-    c, s = _up(cos)[None, :, None, :], _up(sin)[None, :, None, :]
-    return torch.cat((x1 * c - x2 * s, x1 * s + x2 * c), dim=-1)
+    return rotate_half_rope(x, cos[None, :, None, :], sin[None, :, None, :])
 
 
 def qk_norm_rope(
