@@ -33,6 +33,21 @@ def sqnr_db(actual, expected):
     return float(10 * torch.log10(expected.pow(2).sum() / noise.clamp_min(1e-300)))
 
 
+def check_sqnr_against_fp32(xs, window, grad_lse=True):
+    """16-bit inputs xs against the fp32 reference on the same rounded values: out, lse and the five gradients (of
+    <out, random> plus, with grad_lse, sum(lse)) all >= MIN_SQNR_DB."""
+    leaves = [x.clone().requires_grad_() for x in xs]
+    out, lse = tensor_attention(*leaves, window=window)
+    fp32 = [x.float().requires_grad_() for x in xs]
+    out_ref, lse_ref = ref.tensor_attention(*fp32, window=window)
+    grad_out = torch.randn_like(out_ref)
+    grads = torch.autograd.grad((out.float() * grad_out).sum() + (lse.sum() if grad_lse else 0), leaves)
+    grads_ref = torch.autograd.grad((out_ref * grad_out).sum() + (lse_ref.sum() if grad_lse else 0), fp32)
+    for name, actual, expected in zip(("out", "lse", "dq", "dk1", "dk2", "dv1", "dv2"),
+                                      (out, lse, *grads), (out_ref, lse_ref, *grads_ref)):
+        assert sqnr_db(actual, expected) >= MIN_SQNR_DB, f"{name}: SQNR {sqnr_db(actual, expected):.1f} dB"
+
+
 # (B, H, Hkv, n, d, window, causal): one token; full causal and non-causal; windows narrower than a block and
 # with either side smaller (the kernels fold the smaller window into their rows); GQA; d not a power of two.
 DEFINITION_CASES = [
@@ -74,17 +89,7 @@ def test_matches_chunked_reference(case, device):
 def test_16_bit_sqnr(dtype, device):
     """16-bit inputs against the fp32 reference on the same rounded values: outputs and gradients >= 40 dB."""
     B, H, Hkv, n, d, window = 1, 2, 1, 40, 32, (24, 8)
-    xs = [x.detach() for x in inputs(B, H, Hkv, n, d, dtype=dtype, device=device)]
-    leaves = [x.clone().requires_grad_() for x in xs]
-    out, lse = tensor_attention(*leaves, window=window)
-    fp32 = [x.float().requires_grad_() for x in xs]
-    out_ref, lse_ref = ref.tensor_attention(*fp32, window=window)
-    grad_out = torch.randn_like(out_ref)
-    grads = torch.autograd.grad((out.float() * grad_out).sum() + lse.sum(), leaves)
-    grads_ref = torch.autograd.grad((out_ref * grad_out).sum() + lse_ref.sum(), fp32)
-    for name, actual, expected in zip(("out", "lse", "dq", "dk1", "dk2", "dv1", "dv2"),
-                                      (out, lse, *grads), (out_ref, lse_ref, *grads_ref)):
-        assert sqnr_db(actual, expected) >= MIN_SQNR_DB, f"{name}: SQNR {sqnr_db(actual, expected):.1f} dB"
+    check_sqnr_against_fp32(inputs(B, H, Hkv, n, d, dtype=dtype, device=device, grad=False), window)
 
 
 @pytest.mark.parametrize("window", [None, (2, 3)], ids=str)
@@ -213,14 +218,5 @@ def test_layer_checks_its_configuration():
 def test_gpu_sizes_sqnr(window, head_dim, device):
     """bf16 at the paper's windows and head sizes, GQA 4, a length past several blocks: >= 40 dB everywhere."""
     n = 300 if window is None else 1100
-    xs = [x.detach() for x in inputs(1, 4, 1, n, head_dim, dtype=torch.bfloat16, device=device)]
-    leaves = [x.clone().requires_grad_() for x in xs]
-    out, lse = tensor_attention(*leaves, window=window)
-    fp32 = [x.float().requires_grad_() for x in xs]
-    out_ref, lse_ref = ref.tensor_attention(*fp32, window=window)
-    grad_out = torch.randn_like(out_ref)
-    grads = torch.autograd.grad((out.float() * grad_out).sum(), leaves)
-    grads_ref = torch.autograd.grad((out_ref * grad_out).sum(), fp32)
-    for name, actual, expected in zip(("out", "lse", "dq", "dk1", "dk2", "dv1", "dv2"),
-                                      (out, lse, *grads), (out_ref, lse_ref, *grads_ref)):
-        assert sqnr_db(actual, expected) >= MIN_SQNR_DB, f"{name}: SQNR {sqnr_db(actual, expected):.1f} dB"
+    xs = inputs(1, 4, 1, n, head_dim, dtype=torch.bfloat16, device=device, grad=False)
+    check_sqnr_against_fp32(xs, window, grad_lse=False)
