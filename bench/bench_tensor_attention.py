@@ -63,9 +63,10 @@ def _windowed_eager(q, k1, k2, v1, v2, window):
     i = torch.arange(n, device=q.device)[:, None, None]
     valid = (i - window[0] + 1 + torch.arange(window[0], device=q.device)[:, None] >= 0) & \
             (i - window[1] + 1 + torch.arange(window[1], device=q.device) >= 0)  # [n, w1, w2]
-    p = torch.softmax(s.masked_fill(~valid, float("-inf")).flatten(-2), -1).view_as(s)
+    s = s.masked_fill(~valid, float("-inf")).flatten(-2)  # [B, H, n, w1 * w2]
+    p = torch.softmax(s, -1).view(B, H, n, *window)
     out = torch.einsum("bhijk,bhijd,bhikd->bhid", p, v1w.float(), v2w.float())
-    return out.to(q.dtype), torch.logsumexp(s.masked_fill(~valid, float("-inf")).flatten(-2), -1)
+    return out.to(q.dtype), torch.logsumexp(s, -1)
 
 
 def _full_eager(q, k1, k2, v1, v2):
