@@ -82,10 +82,12 @@ def _not_compileable(*args):
 ANCHORS = {"sdpa fp16": _sdpa, "flash fp16": partial(_sdpa, backend=SDPBackend.FLASH_ATTENTION)}
 
 
-def packed_bytes_per_token(key_bits, value_bits, kv_heads=KV_HEADS, head_dim=HEAD_DIM, element_size=2):
-    """Bytes one position takes in the packed buffers: codes, value offset and scale (fp16), outlier slots."""
-    words = ref.words_per_vector(head_dim, key_bits) + ref.words_per_vector(head_dim, value_bits)
-    return kv_heads * (4 * words + 2 * 2 + 2 * SLOTS * (2 + element_size))
+def packed_bytes_per_token(key_bits, value_bits):
+    """Bytes one position takes in the packed buffers (codes, fp16 value offset and scale, outlier slots), read
+    off an allocated one-position cache."""
+    codebook = ops.make_codebook(key_bits, value_bits, torch.zeros(KV_HEADS, HEAD_DIM), torch.ones(KV_HEADS, HEAD_DIM))
+    storage = ops.allocate_storage(1, KV_HEADS, HEAD_DIM, 1, codebook, SLOTS, dtype=torch.float16)
+    return sum(ops.kv_quant.bytes_per_position(storage).values())
 
 
 def _summary(batch, context, key_bits, value_bits):

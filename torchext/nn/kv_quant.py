@@ -22,7 +22,7 @@ import torch
 from torch import Tensor, nn
 
 from torchext import ops
-from torchext.ops.kv_quant import allocate_storage, make_codebook
+from torchext.ops.kv_quant import allocate_storage, bytes_per_position, make_codebook
 from torchext.reference import kv_quant as ref
 
 try:
@@ -337,16 +337,14 @@ class KVQuantLayer(*(() if _HFLayer is None else (_HFLayer,))):
         sink = min(st.sink_keys.shape[2], self.seen)
         window = self.seen - ref.window_start(self.seen, st.sink_keys.shape[2], st.window_keys.shape[2])
         packed, vectors = self.seen - sink - window, batch * kv_heads
-        per_vector = {name: getattr(st, name)[0, 0, 0].numel() * getattr(st, name).element_size()
-                      for name in ref.Storage._fields[:8]}  # the buffers of a packed position
-        report = {"codes": packed * vectors * (per_vector["key_codes"] + per_vector["value_codes"]),
-                  "value_scales": packed * vectors * (per_vector["value_offset"] + per_vector["value_scale"]),
-                  "outliers": packed * vectors * sum(per_vector[f"{kind}_outlier_{part}"]
-                                                     for kind in ("key", "value") for part in ("index", "value")),
-                  "sink": 2 * sink * vectors * head_dim * st.sink_keys.element_size(),
-                  "window": 2 * window * vectors * head_dim * st.window_keys.element_size(),
-                  "tables": sum(t.numel() * t.element_size() for t in cb if isinstance(t, Tensor))}
-        return report
+        per_position = bytes_per_position(st)  # one sequence, all heads
+        return {"codes": packed * batch * (per_position["key_codes"] + per_position["value_codes"]),
+                "value_scales": packed * batch * (per_position["value_offset"] + per_position["value_scale"]),
+                "outliers": packed * batch * sum(per_position[f"{kind}_outlier_{part}"]
+                                                 for kind in ("key", "value") for part in ("index", "value")),
+                "sink": 2 * sink * vectors * head_dim * st.sink_keys.element_size(),
+                "window": 2 * window * vectors * head_dim * st.window_keys.element_size(),
+                "tables": sum(t.numel() * t.element_size() for t in cb if isinstance(t, Tensor))}
 
 
 class KVQuantCache(*((_PlainCache,) if _HFCache is None else (_HFCache,))):

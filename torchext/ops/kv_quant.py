@@ -81,6 +81,12 @@ def allocate_storage(batch: int, kv_heads: int, head_dim: int, capacity: int, co
         zeros(batch, dt=torch.int32))
 
 
+def bytes_per_position(storage: Storage) -> dict[str, int]:
+    """Bytes one packed position of one sequence takes in each packed buffer (all kv heads): the codes, the value
+    offset and scale, and the outlier slots. The sink and window are 16-bit and counted apart."""
+    return {name: t[0, :, 0].numel() * t.element_size() for name, t in zip(Storage._fields[:8], storage[:8])}
+
+
 def _check_storage(op: str, storage: Storage, codebook: Codebook) -> tuple[int, ...]:
     """(batch, kv_heads, capacity, head_dim, slots) after checking every buffer against the layout."""
     batch, kv_heads, capacity, _ = storage.key_codes.shape
