@@ -5,6 +5,7 @@ import triton
 import triton.language as tl
 
 from torchext._backend import INTERPRET
+from torchext._dtypes import accumulator_dtype  # noqa: F401  (re-exported for the launchers)
 
 # A whole row lives in registers in the row-wise kernels; past this they would spill.
 MAX_ROW_ELEMENTS = 65536
@@ -44,11 +45,14 @@ def reduction_grid(n_rows: int, block_m: int, device: torch.device) -> tuple[int
     return n_programs, triton.cdiv(n_blocks, n_programs)
 
 
-def accumulator_dtype(dtype: torch.dtype) -> torch.dtype:
-    """fp32 for 16- and 32-bit inputs; fp64 inputs (gradcheck) keep fp64 end to end."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
 def compute_dtype(dtype: torch.dtype):
     """The Triton dtype kernels upcast every load to (the COMPUTE constexpr): see accumulator_dtype."""
     return tl.float64 if dtype == torch.float64 else tl.float32
+
+
+def dot_dtype(dtype: torch.dtype):
+    """tl.dot operand type: the 16-bit tensor-core type for bf16/fp16 on a GPU; the compute type for fp32/fp64
+    and on the interpreter (which computes bf16 products wrongly)."""
+    if dtype in (torch.bfloat16, torch.float16) and not INTERPRET:
+        return tl.bfloat16 if dtype == torch.bfloat16 else tl.float16
+    return compute_dtype(dtype)

@@ -28,17 +28,10 @@ from torchext._backend import INTERPRET
 
 from torchext.reference import kde_attention as ref
 
-from ._launch import accumulator_dtype, compute_dtype
+from ._launch import accumulator_dtype, compute_dtype, dot_dtype
 
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
-
-
-def _dot_dtype(dtype: torch.dtype):
-    """tl.dot operand type: bf16/fp16 on GPU (fp32 accumulation); fp32 under the interpreter; fp64 for fp64."""
-    if dtype in (torch.bfloat16, torch.float16) and not INTERPRET:
-        return tl.bfloat16 if dtype == torch.bfloat16 else tl.float16
-    return compute_dtype(dtype)
 
 
 def _blocks(d: int) -> tuple[int, int, int]:
@@ -459,7 +452,7 @@ def _meta(q: Tensor, v: Tensor, plan) -> dict:
     D, DV = q.shape[-1], v.shape[-1]
     block_n, num_warps, num_stages = _blocks(D)
     return dict(BLOCK_M=plan.tile, BLOCK_N=block_n, BLOCK_D=max(16, triton.next_power_of_2(D)),
-                BLOCK_DV=max(16, triton.next_power_of_2(DV)), COMPUTE=compute_dtype(q.dtype), DOT=_dot_dtype(q.dtype),
+                BLOCK_DV=max(16, triton.next_power_of_2(DV)), COMPUTE=compute_dtype(q.dtype), DOT=dot_dtype(q.dtype),
                 num_warps=num_warps, num_stages=num_stages)
 
 

@@ -29,7 +29,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ._launch import INTERPRET, accumulator_dtype, compute_dtype, reduction_grid, row_tile
+from ._launch import INTERPRET, accumulator_dtype, compute_dtype, dot_dtype, reduction_grid, row_tile
 
 # One tile holds the scores of every key for a block of queries: [BLOCK_L, BLOCK_P] with BLOCK_P >= 16.
 MAX_TOKENS = 1024
@@ -41,14 +41,6 @@ MAX_TOKENS_FP64 = 256  # fp64 (gradcheck) tiles are twice as wide in shared memo
 # The token-gradient kernel gets a wider token tile, as each extra channel chunk re-reads x and dO.
 _TOKEN_BUDGET = {"fwd": 8192, "bwd_queries": 8192, "bwd_tokens": 16384}
 _SCORE_BUDGET = {"fwd": 16384, "bwd_queries": 8192, "bwd_tokens": 4096}
-
-
-def _dot_dtype(dtype: torch.dtype):
-    """Dot operand dtype: 16-bit inputs use their tensor-core type on GPU; fp32 / fp64 stay exact (IEEE), and the
-    interpreter (which computes bf16 products wrongly) uses the compute type."""
-    if dtype in (torch.bfloat16, torch.float16) and not INTERPRET:
-        return tl.bfloat16 if dtype == torch.bfloat16 else tl.float16
-    return compute_dtype(dtype)
 
 
 @triton.jit
@@ -304,7 +296,7 @@ def attention_fwd(q: Tensor, kv: Tensor, heads: int, scale: float, out_dtype: to
     block_l, block_d, block_p, num_warps = _attention_tiles("fwd", L, D, N, q.dtype)
     _kronecker_attention_fwd_kernel[(B * heads, triton.cdiv(N, block_p))](
         q, kv, out, C, N, L, D, q.stride(0), q.stride(1), scale, BLOCK_L=block_l, BLOCK_D=block_d, BLOCK_P=block_p,
-        DOT=_dot_dtype(q.dtype), COMPUTE=compute_dtype(kv.dtype), num_warps=num_warps)
+        DOT=dot_dtype(q.dtype), COMPUTE=compute_dtype(kv.dtype), num_warps=num_warps)
     return out
 
 
@@ -325,7 +317,7 @@ def attention_bwd_tokens(q: Tensor, kv: Tensor, dout: Tensor, heads: int, scale:
     partial = torch.empty((B * heads, n_parts, D, L), dtype=kv.dtype, device=q.device)
     _kronecker_attention_bwd_tokens_kernel[(B * heads, chunks, n_parts)](
         q, kv, dout, partial, C, N, L, D, q.stride(0), q.stride(1), tiles_per_part, scale, BLOCK_L=block_l,
-        BLOCK_D=block_d, BLOCK_P=block_p, DOT=_dot_dtype(q.dtype), COMPUTE=compute_dtype(kv.dtype),
+        BLOCK_D=block_d, BLOCK_P=block_p, DOT=dot_dtype(q.dtype), COMPUTE=compute_dtype(kv.dtype),
         num_warps=num_warps)
     return partial.sum(1).view(B, C, L)
 
@@ -346,7 +338,7 @@ def attention_bwd_queries(q: Tensor, kv: Tensor, dout: Tensor, spread: Tensor, h
     _kronecker_attention_bwd_queries_kernel[(B * heads, triton.cdiv(N, block_p))](
         q, kv, dout, spread, dq, C, N, L, D, T, H, W, q.stride(0), q.stride(1), scale, *_token_weights(T, H, W),
         IMAGE=image is not None,
-        HAS_T=has_t, BLOCK_L=block_l, BLOCK_D=block_d, BLOCK_P=block_p, DOT=_dot_dtype(q.dtype),
+        HAS_T=has_t, BLOCK_L=block_l, BLOCK_D=block_d, BLOCK_P=block_p, DOT=dot_dtype(q.dtype),
         COMPUTE=compute_dtype(kv.dtype), num_warps=num_warps)
     return dq
 

@@ -15,7 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
-from torchext._backend import INTERPRET
+from ._launch import INTERPRET, dot_dtype
 
 LOG2E = math.log2(math.e)
 # Positions per tile: the interpreter favours big tiles; on the GPU, 16 with 8 warps compiles for sm_90 to 128
@@ -192,8 +192,6 @@ def kv_quant_decode_fwd(q, storage, codebook, inv_freq, attention_scaling: float
     splits, chunk = _splits(batch * kv_heads, max_length, q.device)
     part_out = torch.empty(batch * heads * (splits + 1), d, device=q.device, dtype=torch.float32)
     part_lse = torch.empty(batch * heads * (splits + 1), device=q.device, dtype=torch.float32)
-    # tl.dot in the 16-bit format on tensor cores; the interpreter's bf16 arithmetic is wrong, so fp32 there
-    dot = {torch.bfloat16: tl.float32 if INTERPRET else tl.bfloat16, torch.float16: tl.float16}.get(q.dtype, tl.float32)
     _kv_quant_decode_fwd_kernel[(batch * kv_heads, splits + 1)](
         q, q.stride(0), q.stride(1),
         storage.key_codes, storage.key_outlier_index, storage.key_outlier_value, codebook.key_levels,
@@ -207,7 +205,7 @@ def kv_quant_decode_fwd(q, storage, codebook, inv_freq, attention_scaling: float
         SLOTS=slots,
         KEY_BITS=codebook.key_bits, VALUE_BITS=codebook.value_bits, KEY_WORDS=storage.key_codes.shape[3],
         VALUE_WORDS=storage.value_codes.shape[3], D=d, BLOCK_G=max(16, triton.next_power_of_2(group)),
-        BLOCK_N=BLOCK_N, DOT=dot, num_warps=NUM_WARPS)
+        BLOCK_N=BLOCK_N, DOT=dot_dtype(q.dtype), num_warps=NUM_WARPS)
     out = torch.empty_like(q)
     _kv_quant_decode_merge_kernel[(batch * heads,)](
         part_out, part_lse, out, out.stride(0), out.stride(1), HEADS=heads, PARTS=splits + 1,

@@ -42,7 +42,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ._launch import INTERPRET, accumulator_dtype, compute_dtype
+from ._launch import INTERPRET, accumulator_dtype, compute_dtype, dot_dtype
 
 # Kernels may read only constexpr globals.
 LOG2E = tl.constexpr(1.4426950408889634)
@@ -310,14 +310,6 @@ def _tensor_attention_bwd_columns_kernel(q_ptr, kr_ptr, kc_ptr, vr_ptr, vc_ptr, 
 # ---- launchers -------------------------------------------------------------------------------------------------------
 
 
-def _dot_dtype(dtype: torch.dtype):
-    """GEMM operand type: 16-bit inputs use their tensor-core type on GPU; fp32/fp64, and everything on the
-    interpreter (which computes bf16 wrongly), the compute type."""
-    if not INTERPRET and dtype in (torch.bfloat16, torch.float16):
-        return tl.bfloat16 if dtype == torch.bfloat16 else tl.float16
-    return compute_dtype(dtype)
-
-
 def _tiles(n: int, d: int, wr: int, block_m: int) -> dict:
     """BLOCK_Q x BLOCK_J row tiles of block_m rows (BLOCK_J covers the row-side window when it fits), BLOCK_D."""
     block_j = min(triton.next_power_of_2(max(min(wr, n), 1)), block_m // 2)
@@ -333,7 +325,7 @@ def _launch_options(block_m: int) -> dict:
 
 
 def _common(q: Tensor, causal: bool) -> dict:
-    return dict(CAUSAL=causal, DOT=_dot_dtype(q.dtype), IEEE=q.dtype in (torch.float32, torch.float64),
+    return dict(CAUSAL=causal, DOT=dot_dtype(q.dtype), IEEE=q.dtype in (torch.float32, torch.float64),
                 COMPUTE=compute_dtype(q.dtype))
 
 

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from torchext._backend import HAS_TRITON, use_triton
+from torchext._dtypes import accumulator_dtype
 from torchext.ops._checks import check_same_device, check_tensor, check_unit_last_stride
 from torchext.reference import kde_attention as ref
 
@@ -84,10 +85,6 @@ def _plan(q, k, v, seed, causal, bucket_size, num_samples, num_hash_bits, sampli
                          exact_window)
 
 
-def _lse_dtype(q: Tensor) -> torch.dtype:
-    return torch.float64 if q.dtype == torch.float64 else torch.float32
-
-
 @torch.library.custom_op("torchext::kde_attention", mutates_args=())
 def _kde_attention(q: Tensor, k: Tensor, v: Tensor, seed: Tensor, causal: bool, scale: float, bucket_size: int,
                    num_samples: int, num_hash_bits: int, sampling: str, exact_window: int) -> tuple[Tensor, Tensor]:
@@ -95,7 +92,7 @@ def _kde_attention(q: Tensor, k: Tensor, v: Tensor, seed: Tensor, causal: bool, 
     _check("kde_attention", q, k, v, seed, *args)
     B, H, n, _ = q.shape
     if q.numel() == 0 or v.numel() == 0:
-        return q.new_zeros((B, H, n, v.shape[3])), q.new_zeros((B, H, n), dtype=_lse_dtype(q))
+        return q.new_zeros((B, H, n, v.shape[3])), q.new_zeros((B, H, n), dtype=accumulator_dtype(q.dtype))
     plan = _plan(q, k, v, seed, causal, bucket_size, num_samples, num_hash_bits, sampling, exact_window)
     if use_triton(q):
         return kernels.kde_attention_fwd(q, k, v, plan, scale)
@@ -108,7 +105,7 @@ def _(q, k, v, seed, causal, scale, bucket_size, num_samples, num_hash_bits, sam
     _check("kde_attention", q, k, v, seed, causal, scale, bucket_size, num_samples, num_hash_bits, sampling,
            exact_window)
     B, H, n, _ = q.shape
-    return q.new_empty((B, H, n, v.shape[3])), q.new_empty((B, H, n), dtype=_lse_dtype(q))
+    return q.new_empty((B, H, n, v.shape[3])), q.new_empty((B, H, n), dtype=accumulator_dtype(q.dtype))
 
 
 @torch.library.custom_op("torchext::kde_attention_backward", mutates_args=())

@@ -13,6 +13,7 @@ import torch
 from torch import Tensor
 
 from torchext._backend import HAS_TRITON, use_triton
+from torchext._dtypes import accumulator_dtype
 from torchext.ops._checks import check_same_device, check_shape, check_tensor
 from torchext.reference import kronecker_attention as ref
 
@@ -23,10 +24,6 @@ MODES = ref.MODES
 
 # What kind of kernel backs each op on CUDA (read by `python -m torchext info`).
 KERNELS = {"kronecker_attention": "triton"}
-
-
-def _tokens_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def _check_kronecker_attention(x: Tensor, mode: str, heads: int, scale: float, op: str = "kronecker_attention",
@@ -72,7 +69,7 @@ def _kronecker_attention(x: Tensor, mode: str, heads: int, scale: float) -> tupl
 @_kronecker_attention.register_fake
 def _(x, mode, heads, scale):
     _check_kronecker_attention(x, mode, heads, scale)
-    return x.new_empty(x.shape), x.new_empty((*x.shape[:2], _num_tokens(x)), dtype=_tokens_dtype(x.dtype))
+    return x.new_empty(x.shape), x.new_empty((*x.shape[:2], _num_tokens(x)), dtype=accumulator_dtype(x.dtype))
 
 
 def _check_kronecker_attention_backward(grad_out: Tensor, x: Tensor | None, means: Tensor, mode: str, heads: int,
@@ -85,7 +82,7 @@ def _check_kronecker_attention_backward(grad_out: Tensor, x: Tensor | None, mean
     if x is not None:
         _check_kronecker_attention(x, mode, heads, scale, op)
         check_shape(op, "grad_out", grad_out, x.shape)
-    check_tensor(op, "means", means, dtypes=(_tokens_dtype(grad_out.dtype),), ndim=3)
+    check_tensor(op, "means", means, dtypes=(accumulator_dtype(grad_out.dtype),), ndim=3)
     check_shape(op, "means", means, (*grad_out.shape[:2], _num_tokens(grad_out)))
     check_same_device(op, grad_out=grad_out, means=means, **({} if x is None else {"x": x}))
 

@@ -10,6 +10,7 @@ import torch
 from torch import Tensor
 
 from torchext._backend import CUDA_EXT, HAS_TRITON, cuda_dtype_code, use_cuda_ext, use_triton
+from torchext._dtypes import accumulator_dtype
 from torchext.ops._checks import (as_rows, check_same_device, check_shape, check_tensor, check_unit_last_stride)
 from torchext.reference import ngpt as ref
 
@@ -202,7 +203,7 @@ def _check_qk_norm_rope(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor, s_qk: Te
 
 def _rope_tables(cos: Tensor, sin: Tensor, q: Tensor) -> tuple[Tensor, Tensor]:
     """The first T rows of the tables, contiguous, in fp32 (fp64 when q is fp64): the kernels' compute dtype."""
-    dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+    dtype = accumulator_dtype(q.dtype)
     T = q.shape[1]
     return cos[:T].to(dtype).contiguous(), sin[:T].to(dtype).contiguous()
 

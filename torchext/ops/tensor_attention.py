@@ -11,6 +11,7 @@ import torch
 from torch import Tensor
 
 from torchext._backend import HAS_TRITON, use_triton
+from torchext._dtypes import accumulator_dtype
 from torchext.ops._checks import check_same_device, check_shape, check_tensor
 from torchext.reference import tensor_attention as ref
 
@@ -75,7 +76,7 @@ def _tensor_attention(q: Tensor, k1: Tensor, k2: Tensor, v1: Tensor, v2: Tensor,
     _check(q, k1, k2, v1, v2, window1, window2, causal, scale)
     window = _window(window1, window2)
     if q.numel() == 0:
-        return q.new_zeros(q.shape), q.new_zeros(q.shape[:3], dtype=_lse_dtype(q))
+        return q.new_zeros(q.shape), q.new_zeros(q.shape[:3], dtype=accumulator_dtype(q.dtype))
     if not use_triton(q):
         out, lse = ref.tensor_attention(q, k1, k2, v1, v2, window, causal, scale)
         return out.contiguous(), lse
@@ -84,14 +85,10 @@ def _tensor_attention(q: Tensor, k1: Tensor, k2: Tensor, v1: Tensor, v2: Tensor,
     return kernels.tensor_attention_fwd(q, kr, kc, vr, vc, wr, wc, causal, scale)
 
 
-def _lse_dtype(q: Tensor) -> torch.dtype:
-    return torch.float64 if q.dtype == torch.float64 else torch.float32
-
-
 @_tensor_attention.register_fake
 def _(q, k1, k2, v1, v2, window1, window2, causal, scale):
     _check(q, k1, k2, v1, v2, window1, window2, causal, scale)
-    return q.new_empty(q.shape), q.new_empty(q.shape[:3], dtype=_lse_dtype(q))
+    return q.new_empty(q.shape), q.new_empty(q.shape[:3], dtype=accumulator_dtype(q.dtype))
 
 
 @torch.library.custom_op("torchext::tensor_attention_backward", mutates_args=())

@@ -50,6 +50,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from torchext._dtypes import upcast
+
 SAMPLING = ("value_norm", "uniform")
 VALUE_NORM_MIX = 0.5  # the uniform share of the value-norm sampling distribution (scale-free)
 MAX_HASH_BITS = 16
@@ -140,10 +142,6 @@ class KDEPlan:
     tile: int
     window: int | None
     levels: tuple[Level, ...]
-
-
-def _up(x: Tensor) -> Tensor:
-    return x if x.dtype == torch.float64 else x.float()
 
 
 def inverse_gray(code: Tensor, bits: int) -> Tensor:
@@ -306,7 +304,7 @@ def make_plan(q: Tensor, k: Tensor, v: Tensor, seed: int, causal: bool = False, 
     generator = torch.Generator(device=q.device).manual_seed(seed)
     planes = torch.randn(q.shape[-1], num_hash_bits, generator=generator, device=q.device)  # [D, r]
     q_rank, k_rank = simhash(q, planes), simhash(k, planes)  # [B, H, N], [B, Hk, N]
-    v_norm = torch.linalg.vector_norm(v, dim=-1, dtype=_up(v).dtype).float()  # [B, Hk, N]
+    v_norm = torch.linalg.vector_norm(v, dim=-1, dtype=upcast(v).dtype).float()  # [B, Hk, N]
     n = q.shape[2]
     if not causal:
         chunks, pair = [n], 0
@@ -354,7 +352,8 @@ def _heads(x: Tensor, n_heads: int) -> Tensor:
 def _probs(q: Tensor, k: Tensor, plan: KDEPlan, scale: float) -> tuple[Tensor, Tensor]:
     """(P = softmax(S + log W) [B, H, N, N], lse [B, H, N]) in the compute dtype."""
     H, n = q.shape[1], q.shape[2]
-    logits = (_up(q) @ _heads(_up(k), H).transpose(-1, -2)) * scale + log_weights(plan, H, n, q.device).to(_up(q).dtype)
+    qf = upcast(q)
+    logits = (qf @ _heads(upcast(k), H).transpose(-1, -2)) * scale + log_weights(plan, H, n, q.device).to(qf.dtype)
     lse = torch.logsumexp(logits, dim=-1)
     return torch.exp(logits - lse[..., None]), lse
 
@@ -372,7 +371,7 @@ def kde_attention(q: Tensor, k: Tensor, v: Tensor, plan: KDEPlan, scale: float |
     """
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     probs, lse = _probs(q, k, plan, scale)
-    return (probs @ _heads(_up(v), q.shape[1])).to(q.dtype), lse
+    return (probs @ _heads(upcast(v), q.shape[1])).to(q.dtype), lse
 
 
 def _group_sum(x: Tensor, n_kv_heads: int) -> Tensor:
@@ -390,12 +389,12 @@ def kde_attention_backward(grad_out: Tensor, grad_lse: Tensor, q: Tensor, k: Ten
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     H, Hk = q.shape[1], k.shape[1]
     probs, _ = _probs(q, k, plan, scale)
-    grad_out, vh = _up(grad_out), _heads(_up(v), H)
+    grad_out, vh = upcast(grad_out), _heads(upcast(v), H)
     out = probs @ vh
-    delta = (grad_out * out).sum(-1) - _up(grad_lse)
+    delta = (grad_out * out).sum(-1) - upcast(grad_lse)
     dlogits = probs * (grad_out @ vh.transpose(-1, -2) - delta[..., None])
-    dq = scale * dlogits @ _heads(_up(k), H)
-    dk = _group_sum(scale * dlogits.transpose(-1, -2) @ _up(q), Hk)
+    dq = scale * dlogits @ _heads(upcast(k), H)
+    dk = _group_sum(scale * dlogits.transpose(-1, -2) @ upcast(q), Hk)
     dv = _group_sum(probs.transpose(-1, -2) @ grad_out, Hk)
     return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
 
@@ -405,8 +404,8 @@ def exact_attention(q: Tensor, k: Tensor, v: Tensor, causal: bool = False,
     """Exact softmax attention with GQA: (out [B, H, N, Dv] in q.dtype, lse [B, H, N] fp32/fp64), differentiable."""
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     H, n = q.shape[1], q.shape[2]
-    logits = (_up(q) @ _heads(_up(k), H).transpose(-1, -2)) * scale
+    logits = (upcast(q) @ _heads(upcast(k), H).transpose(-1, -2)) * scale
     if causal:
         logits = logits.masked_fill(torch.ones(n, n, dtype=torch.bool, device=q.device).triu(1), -math.inf)
     lse = torch.logsumexp(logits, dim=-1)
-    return (torch.exp(logits - lse[..., None]) @ _heads(_up(v), H)).to(q.dtype), lse
+    return (torch.exp(logits - lse[..., None]) @ _heads(upcast(v), H)).to(q.dtype), lse

@@ -27,11 +27,9 @@ import math
 import torch
 from torch import Tensor
 
+from torchext._dtypes import upcast
+
 MODES = ("kv", "qkv")
-
-
-def _up(x: Tensor) -> Tensor:
-    return x if x.dtype == torch.float64 else x.float()
 
 
 def default_scale(channels: int, heads: int) -> float:
@@ -56,7 +54,7 @@ def kronecker_means(x: Tensor) -> Tensor:
 
     spatial is (H, W) or (T, H, W); L = sum(spatial), in token order (time, rows, columns).
     """
-    xf = _up(x)
+    xf = upcast(x)
     axes = list(range(2, x.dim()))
     return torch.cat([xf.mean(dim=[a for a in axes if a != axis]) for axis in axes], dim=-1)
 
@@ -99,7 +97,7 @@ def kronecker_attention(x: Tensor, mode: str = "kv", heads: int = 1, scale: floa
     N, L = math.prod(spatial), sum(spatial)  # explicit: a -1 is ambiguous for an empty batch
     tokens = _heads(kronecker_means(x), heads)  # [B, h, d, L]
     if mode == "kv":
-        queries = _heads(_up(x).reshape(B, C, N), heads)  # [B, h, d, N]
+        queries = _heads(upcast(x).reshape(B, C, N), heads)  # [B, h, d, N]
         out = torch.einsum("bhdl,bhln->bhdn", tokens, _probabilities(tokens, queries, scale))
         return out.reshape(x.shape).to(x.dtype)
     attended = torch.einsum("bhdl,bhlm->bhdm", tokens, _probabilities(tokens, tokens, scale))  # O' [B, h, d, L]
@@ -135,9 +133,9 @@ def kronecker_attention_backward(grad_out: Tensor, x: Tensor | None, means: Tens
     spatial, N, L = tuple(spatial), math.prod(spatial), sum(spatial)
     tokens = _heads(means, heads)  # [B, h, d, L]
     counts = token_counts(spatial, device=means.device, dtype=means.dtype)
-    g = _up(grad_out)
+    g = upcast(grad_out)
     if mode == "kv":
-        queries = _heads(_up(x).reshape(B, C, N), heads)  # [B, h, d, N]
+        queries = _heads(upcast(x).reshape(B, C, N), heads)  # [B, h, d, N]
         grad = _heads(g.reshape(B, C, N), heads)
         probs = _probabilities(tokens, queries, scale)  # [B, h, L, N]
         grad_scores = _softmax_backward(probs, torch.einsum("bhdl,bhdn->bhln", tokens, grad))

@@ -11,11 +11,9 @@ import math
 import torch
 from torch import Tensor
 
+from torchext._dtypes import upcast
+
 DEFAULT_EPS = 1e-6
-
-
-def _up(x: Tensor) -> Tensor:
-    return x if x.dtype == torch.float64 else x.float()
 
 
 def _unit(x: Tensor, eps: float) -> tuple[Tensor, Tensor]:
@@ -32,14 +30,14 @@ def _unit_backward(grad_y: Tensor, y: Tensor, norm: Tensor, eps: float) -> Tenso
 
 def l2_normalize(x: Tensor, dim: int = -1, eps: float = DEFAULT_EPS) -> Tensor:
     """Norm(x) = x / max(||x||_2, eps) along ``dim`` (the paper's Norm, with an eps guard)."""
-    xf = _up(x)
+    xf = upcast(x)
     return (xf / xf.norm(dim=dim, keepdim=True).clamp_min(eps)).to(x.dtype)
 
 
 def l2_normalize_backward(grad_y: Tensor, x: Tensor, eps: float = DEFAULT_EPS) -> Tensor:
     """Gradient of ``l2_normalize(x, -1, eps)``: grad_y, x [..., n] -> dx [..., n] in x.dtype."""
-    y, norm = _unit(_up(x), eps)
-    return _unit_backward(_up(grad_y), y, norm, eps).to(x.dtype)
+    y, norm = _unit(upcast(x), eps)
+    return _unit_backward(upcast(grad_y), y, norm, eps).to(x.dtype)
 
 
 def hypersphere_update(h: Tensor, h_branch: Tensor, alpha: Tensor, eps: float = DEFAULT_EPS) -> Tensor:
@@ -47,19 +45,19 @@ def hypersphere_update(h: Tensor, h_branch: Tensor, alpha: Tensor, eps: float = 
 
     h, h_branch: [..., d]; alpha: [d] (the eigen learning rates, any float dtype). Returns h.dtype.
     """
-    hf, b_unit = _up(h), _unit(_up(h_branch), eps)[0]
-    return _unit(hf + _up(alpha).abs() * (b_unit - hf), eps)[0].to(h.dtype)
+    hf, b_unit = upcast(h), _unit(upcast(h_branch), eps)[0]
+    return _unit(hf + upcast(alpha).abs() * (b_unit - hf), eps)[0].to(h.dtype)
 
 
 def hypersphere_update_backward(grad_out: Tensor, h: Tensor, h_branch: Tensor, alpha: Tensor,
                                 eps: float = DEFAULT_EPS) -> tuple[Tensor, Tensor, Tensor]:
     """Gradient of ``hypersphere_update``: (dh, dh_branch, dalpha) in the dtypes of (h, h_branch, alpha)."""
-    hf, a = _up(h), _up(alpha).abs()
-    b_unit, b_norm = _unit(_up(h_branch), eps)
+    hf, a = upcast(h), upcast(alpha).abs()
+    b_unit, b_norm = _unit(upcast(h_branch), eps)
     out, r_norm = _unit(hf + a * (b_unit - hf), eps)
-    dr = _unit_backward(_up(grad_out), out, r_norm, eps)
+    dr = _unit_backward(upcast(grad_out), out, r_norm, eps)
     db = _unit_backward(dr * a, b_unit, b_norm, eps)
-    dalpha = (dr * (b_unit - hf)).reshape(-1, h.shape[-1]).sum(0) * torch.sign(_up(alpha))
+    dalpha = (dr * (b_unit - hf)).reshape(-1, h.shape[-1]).sum(0) * torch.sign(upcast(alpha))
     return (dr * (1 - a)).to(h.dtype), db.to(h_branch.dtype), dalpha.to(alpha.dtype)
 
 
@@ -75,8 +73,8 @@ def rope_cos_sin(seq_len: int, head_dim: int, base: float = 10000.0, device=None
 def rotate_half_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     """Rotate pairs (x_i, x_{i + D/2}) of x [..., D] by angles whose cos, sin broadcast against [..., D/2], in
     fp32 (fp64 for fp64 inputs): Hugging Face's "rotate_half" RoPE."""
-    x1, x2 = _up(x).chunk(2, dim=-1)
-    c, s = _up(cos), _up(sin)
+    x1, x2 = upcast(x).chunk(2, dim=-1)
+    c, s = upcast(cos), upcast(sin)
     return torch.cat((x1 * c - x2 * s, x1 * s + x2 * c), dim=-1)
 
 
@@ -97,7 +95,7 @@ def qk_norm_rope(
     q: [B, T, H, D], k: [B, T, Hk, D]; cos, sin: [T, D/2]; s_qk: [D] or [H, D] (then Hk == H).
     Returns q, k in the attention layout [B, H, T, D] / [B, Hk, T, D], dtype of q.
     """
-    scale = _up(s_qk)
+    scale = upcast(s_qk)
     q_out = _unit(apply_rope(q, cos, sin), eps)[0] * scale
     k_out = _unit(apply_rope(k, cos, sin), eps)[0] * scale
     return q_out.transpose(1, 2).to(q.dtype), k_out.transpose(1, 2).to(k.dtype)
@@ -106,10 +104,10 @@ def qk_norm_rope(
 def qk_norm_rope_backward(grad_q: Tensor, grad_k: Tensor, q: Tensor, k: Tensor, cos: Tensor, sin: Tensor,
                           s_qk: Tensor, eps: float = DEFAULT_EPS) -> tuple[Tensor, Tensor, Tensor]:
     """Gradient of ``qk_norm_rope``: grads in [B, H, T, D] -> (dq, dk [B, T, H, D], ds_qk like s_qk)."""
-    scale, ds_qk, grads = _up(s_qk), torch.zeros_like(_up(s_qk)), []
+    scale, ds_qk, grads = upcast(s_qk), torch.zeros_like(upcast(s_qk)), []
     for x, grad in ((q, grad_q), (k, grad_k)):
         y, norm = _unit(apply_rope(x, cos, sin), eps)
-        g = _up(grad).transpose(1, 2)  # [B, T, H, D]
+        g = upcast(grad).transpose(1, 2)  # [B, T, H, D]
         per_head = (g * y).sum((0, 1))  # [H, D]
         ds_qk = ds_qk + (per_head.sum(0) if s_qk.dim() == 1 else per_head)
         dr = _unit_backward(g * scale, y, norm, eps)
@@ -122,16 +120,16 @@ def scaled_swiglu(u: Tensor, v: Tensor, s_u: Tensor, s_v: Tensor, d_model: int) 
 
     u, v: [..., d_mlp]; s_u, s_v: [d_mlp]. Returns u.dtype.
     """
-    a = _up(u) * _up(s_u)
-    z = _up(v) * _up(s_v) * math.sqrt(d_model)
+    a = upcast(u) * upcast(s_u)
+    z = upcast(v) * upcast(s_v) * math.sqrt(d_model)
     return (a * torch.nn.functional.silu(z)).to(u.dtype)
 
 
 def scaled_swiglu_backward(grad_out: Tensor, u: Tensor, v: Tensor, s_u: Tensor, s_v: Tensor,
                            d_model: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Gradient of ``scaled_swiglu``: (du, dv, ds_u, ds_v) in the dtypes of the inputs."""
-    uf, vf, s_uf, s_vf = _up(u), _up(v), _up(s_u), _up(s_v) * math.sqrt(d_model)
-    g, z = _up(grad_out), vf * s_vf
+    uf, vf, s_uf, s_vf = upcast(u), upcast(v), upcast(s_u), upcast(s_v) * math.sqrt(d_model)
+    g, z = upcast(grad_out), vf * s_vf
     sig = torch.sigmoid(z)
     da = g * z * sig  # at a = u * s_u
     dz = g * uf * s_uf * sig * (1 + z * (1 - sig))  # SiLU'(z) = sig (1 + z (1 - sig))
@@ -149,8 +147,8 @@ def renormalize_(tensors: list[Tensor], dims: list[int], eps: float = DEFAULT_EP
     zero_counts = []
     with torch.no_grad():
         for t, dim in zip(tensors, dims):
-            norm = _up(t).norm(dim=dim, keepdim=True)
-            t.copy_(_up(t) / norm.clamp_min(eps))
+            norm = upcast(t).norm(dim=dim, keepdim=True)
+            t.copy_(upcast(t) / norm.clamp_min(eps))
             zero_counts.append((norm == 0).sum())
     device = tensors[0].device if tensors else "cpu"
     return torch.stack(zero_counts).to(torch.int32) if zero_counts else torch.zeros(0, dtype=torch.int32, device=device)

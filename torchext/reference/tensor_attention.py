@@ -29,12 +29,10 @@ import math
 import torch
 from torch import Tensor
 
+from torchext._dtypes import upcast
+
 # Elements of one chunk of the [B, H, n, chunk, n] logit tensor the chunked reference materialises.
 CHUNK_ELEMENTS = 1 << 24
-
-
-def _up(x: Tensor) -> Tensor:
-    return x if x.dtype == torch.float64 else x.float()
 
 
 def default_scale(head_dim: int) -> float:
@@ -116,7 +114,7 @@ def tensor_attention(q: Tensor, k1: Tensor, k2: Tensor, v1: Tensor, v2: Tensor,
         Math in fp32 (fp64 for fp64 inputs).
     """
     dtype = q.dtype
-    q, k1, k2, v1, v2 = (_up(x) for x in (q, k1, k2, v1, v2))
+    q, k1, k2, v1, v2 = (upcast(x) for x in (q, k1, k2, v1, v2))
     k1, k2, v1, v2 = _expand_heads(q, k1, k2, v1, v2)
     scale = default_scale(q.shape[-1]) if scale is None else scale
     mask_j, mask_k = pair_masks(q.shape[2], window, causal, q.device)
@@ -154,13 +152,13 @@ def tensor_attention_backward(grad_out: Tensor, grad_lse: Tensor | None, q: Tens
     """
     heads_kv = k1.shape[1]
     dtypes = [x.dtype for x in (q, k1, k2, v1, v2)]
-    q, k1, k2, v1, v2, do, out, lse = (_up(x) for x in (q, k1, k2, v1, v2, grad_out, out, lse))
+    q, k1, k2, v1, v2, do, out, lse = (upcast(x) for x in (q, k1, k2, v1, v2, grad_out, out, lse))
     k1, k2, v1, v2 = _expand_heads(q, k1, k2, v1, v2)
     scale = default_scale(q.shape[-1]) if scale is None else scale
     mask_j, mask_k = pair_masks(q.shape[2], window, causal, q.device)
     delta = (do * out).sum(-1)  # D_i = <dO_i, o_i> (- dlse_i): the softmax Jacobian's row term
     if grad_lse is not None:
-        delta = delta - _up(grad_lse)
+        delta = delta - upcast(grad_lse)
     dq, dk2, dv2 = torch.zeros_like(q), torch.zeros_like(k2), torch.zeros_like(v2)
     dk1, dv1 = torch.zeros_like(k1), torch.zeros_like(v1)
     for j0, j1 in _chunks(q, chunk):
