@@ -59,10 +59,13 @@ def check_against_reference(fn: Callable, reference: Callable, inputs: Sequence[
         assert_close(g, g_ref, f"grad of input {i}", rows_summed=rows if i in reduced else 1)
 
 
-def check_gradcheck(fn: Callable, inputs: Sequence[Tensor]) -> None:
-    """fp64 torch.autograd.gradcheck of fn on tiny inputs (the kernels compute in fp64 for fp64 inputs)."""
+def check_gradcheck(fn: Callable, inputs: Sequence[Tensor], fast_mode: bool = False) -> None:
+    """fp64 torch.autograd.gradcheck of fn on tiny inputs (the kernels compute in fp64 for fp64 inputs).
+
+    fast_mode checks random directional derivatives instead of one forward per input element: for ops whose
+    forward is too slow under the interpreter to run that many times."""
     inputs = [x.detach().double().requires_grad_(x.requires_grad) for x in inputs]
-    assert torch.autograd.gradcheck(fn, inputs, eps=1e-6, atol=1e-5, rtol=1e-3)
+    assert torch.autograd.gradcheck(fn, inputs, eps=1e-6, atol=1e-5, rtol=1e-3, fast_mode=fast_mode)
 
 
 def check_opcheck(op, args: Sequence) -> None:

@@ -8,7 +8,8 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from harness import assert_close, check_against_reference, check_compile, check_opcheck, check_raises
+from harness import (assert_close, check_against_reference, check_compile, check_gradcheck, check_opcheck,
+                     check_raises)
 from torch import nn
 
 from torchext.nn.kde_attention import KDEAttention, use_kde_attention
@@ -66,14 +67,13 @@ def test_fp64_gradients_match_reference_and_gradcheck(causal, device):
     op, reference = op_and_reference(causal, 16, 8, 16, sampling="uniform")
     q, k, v = inputs(1, 2, 1, 35, 8, 8, dtype=torch.float64, device=device)
     check_against_reference(op, reference, [q, k, v])
-    assert torch.autograd.gradcheck(op, (q, k, v), eps=1e-6, atol=1e-5, rtol=1e-3, fast_mode=True)
+    check_gradcheck(op, [q, k, v], fast_mode=True)
 
 
 def test_value_norm_gradcheck_in_q_and_k(device):
     op, _ = op_and_reference(False, 16, 8, 16)
     q, k, v = inputs(1, 1, 1, 24, 8, 8, dtype=torch.float64, device=device)
-    assert torch.autograd.gradcheck(lambda q, k: op(q, k, v.detach()), (q, k), eps=1e-6, atol=1e-5, rtol=1e-3,
-                                    fast_mode=True)
+    check_gradcheck(lambda q, k: op(q, k, v.detach()), [q, k], fast_mode=True)
 
 
 def test_strided_inputs_from_a_fused_projection(device):
