@@ -218,11 +218,11 @@ def test_decode_ragged_batch_llama3_rope_scaling_and_many_splits():
 def test_decode_opcheck_and_compile():
     q, storage, codebook, inv_freq, scaling = decode_case(1, 2, 2, 32, [20], 4, 4, sink=1, window=4,
                                                           dtype=torch.float32)
-    args = (q, *storage, *ops.kv_quant._codebook_args(codebook), inv_freq, 1.0, 32 ** -0.5, 20)
+    args = (q, *storage, *codebook, inv_freq, 1.0, 32 ** -0.5, 20)
     check_opcheck(torch.ops.torchext.kv_quant_decode_attention.default, args)
     k, v = torch.randn(1, 2, 2, 32), torch.randn(1, 2, 2, 32)
     check_opcheck(torch.ops.torchext.kv_quant_append_.default,
-                  (*[t.clone() for t in storage], *ops.kv_quant._codebook_args(codebook), k, v,
+                  (*[t.clone() for t in storage], *codebook, k, v,
                    torch.tensor([2], dtype=torch.int32)))
     compiled = torch.compile(ops.kv_quant_decode_attention, fullgraph=True)
     torch.testing.assert_close(compiled(q, storage, codebook, inv_freq), ops.kv_quant_decode_attention(

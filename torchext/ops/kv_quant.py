@@ -155,36 +155,23 @@ def _append_cuda(storage: Storage, codebook: Codebook, k: Tensor, v: Tensor, cou
         torch.cuda.current_stream(k.device).cuda_stream)
 
 
+# The ops take the Storage and Codebook NamedTuples flattened, field by field, in their declared order.
 _STORAGE_ARGS = ", ".join(f"Tensor(a{i}!) {name}" for i, name in enumerate(Storage._fields))
-_CODEBOOK_ARGS = "Tensor key_levels, Tensor key_boundaries, Tensor value_levels, Tensor value_boundaries, " \
-                 "Tensor key_offset, Tensor key_scale, int key_bits, int value_bits"
+_CODEBOOK_ARGS = ", ".join(f"{'int' if name.endswith('bits') else 'Tensor'} {name}" for name in Codebook._fields)
+_N_STORAGE, _N_CODEBOOK = len(Storage._fields), len(Codebook._fields)
 torch.library.define("torchext::kv_quant_append_",
                      f"({_STORAGE_ARGS}, {_CODEBOOK_ARGS}, Tensor k, Tensor v, Tensor counts) -> ()")
 
 
-def _codebook(key_levels, key_boundaries, value_levels, value_boundaries, key_offset, key_scale, key_bits,
-              value_bits) -> Codebook:
-    return Codebook(key_bits, value_bits, key_levels, key_boundaries, value_levels, value_boundaries, key_offset,
-                    key_scale)
-
-
-def _codebook_args(codebook: Codebook) -> tuple:
-    return (codebook.key_levels, codebook.key_boundaries, codebook.value_levels, codebook.value_boundaries,
-            codebook.key_offset, codebook.key_scale, codebook.key_bits, codebook.value_bits)
-
-
-_N_STORAGE, _N_CODEBOOK = len(Storage._fields), 8
-
-
-def _split_append_args(args) -> tuple[Storage, Codebook, Tensor, Tensor, Tensor]:
-    storage = Storage(*args[:_N_STORAGE])
-    codebook = _codebook(*args[_N_STORAGE:_N_STORAGE + _N_CODEBOOK])
-    return (storage, codebook, *args[_N_STORAGE + _N_CODEBOOK:])
+def _unflatten(args) -> tuple:
+    """(Storage, Codebook, the remaining arguments) from the flattened op arguments."""
+    codebook_end = _N_STORAGE + _N_CODEBOOK
+    return (Storage(*args[:_N_STORAGE]), Codebook(*args[_N_STORAGE:codebook_end]), *args[codebook_end:])
 
 
 @torch.library.impl("torchext::kv_quant_append_", "CompositeExplicitAutograd")
 def _kv_quant_append_impl(*args) -> None:
-    storage, codebook, k, v, counts = _split_append_args(args)
+    storage, codebook, k, v, counts = _unflatten(args)
     _check_append(storage, codebook, k, v, counts)
     if use_cuda_ext(k) and hasattr(CUDA_EXT, "kv_quant_append"):
         _append_cuda(storage, codebook, k, v, counts)
@@ -194,7 +181,7 @@ def _kv_quant_append_impl(*args) -> None:
 
 @torch.library.register_fake("torchext::kv_quant_append_")
 def _(*args) -> None:
-    _check_append(*_split_append_args(args))
+    _check_append(*_unflatten(args))
 
 
 def kv_quant_append_(storage: Storage, codebook: Codebook, k: Tensor, v: Tensor, counts: Tensor | None = None,
@@ -224,7 +211,7 @@ def kv_quant_append_(storage: Storage, codebook: Codebook, k: Tensor, v: Tensor,
             raise ValueError(f"kv_quant_append_: sequences {over} would pass the cache capacity of {capacity} "
                              f"positions (lengths {storage.lengths.tolist()}, adding {counts.tolist()}); nothing "
                              f"was written")
-    torch.ops.torchext.kv_quant_append_(*storage, *_codebook_args(codebook), k, v, counts)
+    torch.ops.torchext.kv_quant_append_(*storage, *codebook, k, v, counts)
 
 
 # ---- decode attention -----------------------------------------------------------------------------------------------
@@ -252,15 +239,9 @@ torch.library.define("torchext::kv_quant_decode_attention",
                      f"float attention_scaling, float scale, int max_length) -> Tensor")
 
 
-def _split_decode_args(args):
-    q, rest = args[0], args[1:]
-    storage, codebook = Storage(*rest[:_N_STORAGE]), _codebook(*rest[_N_STORAGE:_N_STORAGE + _N_CODEBOOK])
-    return (q, storage, codebook, *rest[_N_STORAGE + _N_CODEBOOK:])
-
-
 @torch.library.impl("torchext::kv_quant_decode_attention", "CompositeExplicitAutograd")
 def _kv_quant_decode_attention_impl(*args) -> Tensor:
-    q, storage, codebook, inv_freq, attention_scaling, scale, max_length = _split_decode_args(args)
+    q, (storage, codebook, inv_freq, attention_scaling, scale, max_length) = args[0], _unflatten(args[1:])
     _check_decode(q, storage, codebook, inv_freq)
     if use_triton(q):
         from torchext.triton_kernels.kv_quant import kv_quant_decode_fwd
@@ -271,7 +252,7 @@ def _kv_quant_decode_attention_impl(*args) -> Tensor:
 
 @torch.library.register_fake("torchext::kv_quant_decode_attention")
 def _(*args) -> Tensor:
-    q, storage, codebook, inv_freq, *_ = _split_decode_args(args)
+    q, (storage, codebook, inv_freq, *_) = args[0], _unflatten(args[1:])
     _check_decode(q, storage, codebook, inv_freq)
     return torch.empty_like(q)
 
@@ -299,5 +280,5 @@ def kv_quant_decode_attention(q: Tensor, storage: Storage, codebook: Codebook, i
     head_dim = q.shape[-1]
     scale = head_dim ** -0.5 if scale is None else scale
     max_length = storage.key_codes.shape[2] if max_length is None else max_length
-    return torch.ops.torchext.kv_quant_decode_attention(q, *storage, *_codebook_args(codebook), inv_freq,
+    return torch.ops.torchext.kv_quant_decode_attention(q, *storage, *codebook, inv_freq,
                                                         float(attention_scaling), float(scale), int(max_length))
