@@ -13,23 +13,15 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ._launch import INTERPRET
+from ._launch import GPU_TILES, dot, dot_dtype
 
-INT8_MAX = 127
-
-
-@triton.jit
-def _dot_f32(a, b, acc, IEEE: tl.constexpr):
-    """acc + a @ b with fp32 accumulation; fp32 inputs get true fp32 products (IEEE), not TF32."""
-    if IEEE:
-        return tl.dot(a, b, acc, input_precision="ieee", out_dtype=tl.float32)
-    return tl.dot(a, b, acc, out_dtype=tl.float32)
+INT8_MAX = tl.constexpr(127)  # kernels read only constexpr globals (a plain int works only in the interpreter)
 
 
 @triton.jit
 def _int8_mm_fwd_kernel(a_ptr, a_scale_ptr, w_ptr, w_scale_ptr, bias_ptr, x_ptr, cols_ptr, n_cols_ptr, w16_ptr,
                         slot_ptr, out_ptr, M, N, K, capacity, a_stride, w_stride_n, w_stride_k, x_stride, w16_stride,
-                        HAS_BIAS: tl.constexpr, HAS_W16: tl.constexpr, DOT16: tl.constexpr, IEEE: tl.constexpr,
+                        HAS_BIAS: tl.constexpr, HAS_W16: tl.constexpr, DOT16: tl.constexpr,
                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                         BLOCK_O: tl.constexpr, GROUP_M: tl.constexpr):
     # Grouped program order: GROUP_M row tiles share each column tile of W while it is in L2.
@@ -71,9 +63,9 @@ def _int8_mm_fwd_kernel(a_ptr, a_scale_ptr, w_ptr, w_scale_ptr, bias_ptr, x_ptr,
             slot = tl.load(slot_ptr + col, mask=o_mask, other=-1).to(tl.int64)  # [BLOCK_O]
             kept = (slot >= 0)[:, None]
             w16 = tl.load(w16_ptr + rn[None, :] * w16_stride + slot[:, None], mask=w_mask & kept, other=0.0)
-            acc16 = _dot_f32(x_out, w16.to(DOT16), acc16, IEEE)
+            acc16 = dot(x_out, w16, acc16, DOT16)
             w_out = tl.where(kept, 0, w_out)
-        acc_deq = _dot_f32(x_out, w_out.to(DOT16), acc_deq, IEEE)
+        acc_deq = dot(x_out, w_out, acc_deq, DOT16)
 
     a_scale = tl.load(a_scale_ptr + rm, mask=m_mask, other=0.0)
     w_scale = tl.load(w_scale_ptr + rn, mask=n_mask, other=0.0)
@@ -90,7 +82,7 @@ def _tiles(M: int, N: int, K: int) -> dict:
 
     The interpreter gets tiles that cover small test problems in a few programs.
     """
-    if INTERPRET:
+    if not GPU_TILES:
         fit = lambda n, lo, hi: max(lo, min(hi, triton.next_power_of_2(n)))  # noqa: E731
         return dict(BLOCK_M=fit(M, 16, 64), BLOCK_N=fit(N, 16, 64), BLOCK_K=fit(K, 32, 128), num_warps=4,
                     num_stages=1)
@@ -102,11 +94,9 @@ def _tiles(M: int, N: int, K: int) -> dict:
 
 
 def _dot16(x: Tensor):
-    """The dtype of the outlier dot: 16-bit inputs use their own tensor-core type (exact products, fp32 sums);
-    fp32 inputs, and everything on the interpreter (which computes bf16 wrongly), use fp32."""
-    if INTERPRET or x.dtype not in (torch.bfloat16, torch.float16):
-        return tl.float32
-    return tl.bfloat16 if x.dtype == torch.bfloat16 else tl.float16
+    """The operand type of the outlier dot: x's own tensor-core type for 16-bit x (exact products, fp32 sums), fp32
+    for fp32 and fp64 x (and on the interpreter, see dot_dtype)."""
+    return tl.float32 if x.dtype == torch.float64 else dot_dtype(x.dtype)
 
 
 def int8_mm_fwd(a_codes: Tensor, a_scale: Tensor, w_codes: Tensor, w_scale: Tensor, bias: Tensor | None,
@@ -126,6 +116,6 @@ def int8_mm_fwd(a_codes: Tensor, a_scale: Tensor, w_codes: Tensor, w_scale: Tens
         w16 if w16 is not None else x, w16_slot if w16_slot is not None else outlier_cols, out, M, N, K,
         outlier_cols.numel(), a_codes.stride(0), w_codes.stride(0),
         w_codes.stride(1), x.stride(0), w16.stride(0) if w16 is not None else 0,
-        HAS_BIAS=bias is not None, HAS_W16=w16 is not None, DOT16=dot16, IEEE=dot16 == tl.float32,
+        HAS_BIAS=bias is not None, HAS_W16=w16 is not None, DOT16=dot16,
         BLOCK_O=32, GROUP_M=8, **tiles)
     return out

@@ -24,11 +24,9 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from torchext._backend import INTERPRET
-
 from torchext.reference import kde_attention as ref
 
-from ._launch import accumulator_dtype, compute_dtype, dot_dtype
+from ._launch import GPU_TILES, accumulator_dtype, compute_dtype, dot, dot_dtype
 
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
@@ -37,7 +35,7 @@ LN2 = 0.6931471805599453
 def _blocks(d: int) -> tuple[int, int, int]:
     """(BLOCK_N, num_warps, num_stages); BLOCK_M is the plan's query tile (min(bucket, 128): a tile lies in one block
     and owns one sample set). Chosen for H100 from FlashAttention-2's shapes, not tuned: no GPU was available."""
-    if INTERPRET:
+    if not GPU_TILES:
         return 64, 4, 1
     if d <= 64:
         return 64, 4, 3
@@ -107,21 +105,16 @@ def _sample_keys(s_idx_ptr, s_block_ptr, s_logw_ptr, row, slots, n_samples, log2
 
 
 @triton.jit
-def _dot(a, b, DOT: tl.constexpr):
-    """a [R, K] @ b [K, C], operands cast to DOT: fp32 accumulation (true fp32 products for fp32, not TF32), fp64
-    accumulation for fp64."""
-    if DOT == tl.float64:
-        return tl.dot(a.to(DOT), b.to(DOT), out_dtype=tl.float64)
-    elif DOT == tl.float32:
-        return tl.dot(a.to(DOT), b.to(DOT), input_precision="ieee")
-    else:
-        return tl.dot(a.to(DOT), b.to(DOT))
+def _product(a, b, DOT: tl.constexpr):
+    """a [R, K] @ b [K, C] into a fresh accumulator (fp64 for fp64 operands, else fp32)."""
+    acc = tl.zeros((a.shape[0], b.shape[1]), dtype=tl.float64 if DOT == tl.float64 else tl.float32)
+    return dot(a, b, acc, DOT)
 
 
 @triton.jit
 def _scores(a, b_t, DOT: tl.constexpr):
     """a [R, D] . b [C, D]^T -> [R, C]."""
-    return _dot(a, tl.trans(b_t), DOT)
+    return _product(a, tl.trans(b_t), DOT)
 
 
 @triton.jit
@@ -177,7 +170,7 @@ def _online_softmax_step(q, k_ptr, v_ptr, kj, key_ok, bias, m_i, l_i, acc, strid
     p = tl.exp2(s - m_safe[:, None])
     alpha = tl.exp2(m_i - m_safe)
     v = _rows(v_ptr, kj, kj >= 0, stride_vn, cols_dv, DV, COMPUTE)
-    acc = acc * alpha[:, None] + _dot(p, v, DOT)
+    acc = dot(p, v, acc * alpha[:, None], DOT)
     return m_new, l_i * alpha + tl.sum(p, axis=1), acc
 
 
@@ -245,7 +238,7 @@ def _dq_step(q, do, lse2, delta, dq, k_ptr, v_ptr, kj, key_ok, bias, stride_kn, 
     s = _scores(q, k, DOT) * qk_scale + bias
     p = tl.where(key_ok, tl.exp2(s - lse2[:, None]), 0.0)  # [BLOCK_M, BLOCK_N]
     ds = p * (_scores(do, v, DOT) - delta[:, None])
-    return dq + _dot(ds, k, DOT), p, ds
+    return dot(ds, k, dq, DOT), p, ds
 
 
 @triton.jit
@@ -292,8 +285,8 @@ def _kde_attention_bwd_dq_kernel(
             # The sampled keys' gradients from this tile's queries: dk = dS^T Q, dv = P^T dO (sample slots as rows).
             slots = start + tl.arange(0, BLOCK_N)
             slot_ok = slots < n_samples
-            _store_slots(dk_s_ptr, entry * n_samples + slots, slot_ok, cols_d, D, _dot(tl.trans(ds), q, DOT) * scale)
-            _store_slots(dv_s_ptr, entry * n_samples + slots, slot_ok, cols_dv, DV, _dot(tl.trans(p), do, DOT))
+            _store_slots(dk_s_ptr, entry * n_samples + slots, slot_ok, cols_d, D, _product(tl.trans(ds), q, DOT) * scale)
+            _store_slots(dv_s_ptr, entry * n_samples + slots, slot_ok, cols_dv, DV, _product(tl.trans(p), do, DOT))
         dq_ptrs = dq_ptr + row[:, None] * D + cols_d[None, :]
         dq_mask = q_ok[:, None] & (cols_d[None, :] < D)
         tl.store(dq_ptrs, tl.load(dq_ptrs, mask=dq_mask, other=0.0) + dq * scale, mask=dq_mask)
@@ -320,9 +313,9 @@ def _dkdv_step(k, v, dk, dv, q_ptr, do_ptr, lse_ptr, delta_ptr, qi, row, q_ok, a
     delta = tl.load(delta_ptr + row, mask=q_ok, other=0.0).to(COMPUTE)
     s_t = _scores(k, q, DOT) * qk_scale  # [BLOCK_N, BLOCK_M]
     p_t = tl.where(allowed & q_ok[None, :], tl.exp2(s_t - lse2[None, :]), 0.0)
-    dv += _dot(p_t, do, DOT)
+    dv = dot(p_t, do, dv, DOT)
     ds_t = p_t * (_scores(v, do, DOT) - delta[None, :])
-    dk += _dot(ds_t, q, DOT)
+    dk = dot(ds_t, q, dk, DOT)
     return dk, dv
 
 

@@ -42,20 +42,12 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ._launch import INTERPRET, accumulator_dtype, compute_dtype, dot_dtype
+from ._launch import GPU_TILES, accumulator_dtype, compute_dtype, dot, dot_dtype
 
 # Kernels may read only constexpr globals.
 LOG2E = tl.constexpr(1.4426950408889634)
 LN2 = tl.constexpr(0.6931471805599453)
 NEG = tl.constexpr(-1.0e30)  # masked logit (finite: exp2(NEG - NEG) is 1, so masked probabilities are zeroed)
-
-
-@triton.jit
-def _dot(a, b, acc, IEEE: tl.constexpr):
-    """acc + a @ b; fp32/fp64 operands get true products (IEEE), not TF32."""
-    if IEEE:
-        return tl.dot(a, b, acc, input_precision="ieee")
-    return tl.dot(a, b, acc)
 
 
 @triton.jit
@@ -114,7 +106,7 @@ def _score_mask(i, valid, kk, k_hi, WC, CAUSAL: tl.constexpr):
 def _tensor_attention_fwd_kernel(q_ptr, kr_ptr, kc_ptr, vr_ptr, vc_ptr, out_ptr, lse_ptr, N, D, H, GROUP, WR, WC,
                                  scale2, CAUSAL: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_J: tl.constexpr,
                                  BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, DOT: tl.constexpr,
-                                 IEEE: tl.constexpr, COMPUTE: tl.constexpr):
+                                 COMPUTE: tl.constexpr):
     tile = tl.program_id(0).to(tl.int64)
     bh = tl.program_id(1).to(tl.int64)  # b * H + h
     kv_head = (bh // H) * (H // GROUP) + (bh % H) // GROUP  # GQA: b * Hkv + h // group
@@ -143,7 +135,7 @@ def _tensor_attention_fwd_kernel(q_ptr, kr_ptr, kc_ptr, vr_ptr, vc_ptr, out_ptr,
             kk = k0 + tl.arange(0, BLOCK_N)  # [BLOCK_N]
             col_mask = (kk < k_hi)[None, :] & (d[:, None] < D)
             kc_t = tl.load(kc_ptr + kk[None, :] * D + d[:, None], mask=col_mask, other=0.0)  # [BLOCK_D, BLOCK_N]
-            s = _dot(a, kc_t.to(COMPUTE).to(DOT), tl.zeros([BLOCK_Q * BLOCK_J, BLOCK_N], COMPUTE), IEEE)
+            s = dot(a, kc_t.to(COMPUTE).to(DOT), tl.zeros([BLOCK_Q * BLOCK_J, BLOCK_N], COMPUTE), DOT)
             mask = _score_mask(i, valid, kk, k_hi, WC, CAUSAL)
             s = tl.where(mask, s, NEG)
             m_new = tl.maximum(m_r, tl.max(s, axis=1))
@@ -151,7 +143,7 @@ def _tensor_attention_fwd_kernel(q_ptr, kr_ptr, kc_ptr, vr_ptr, vc_ptr, out_ptr,
             p = tl.where(mask, tl.exp2(s - m_new[:, None]), 0.0)  # [BLOCK_M, BLOCK_N]
             l_r = l_r * alpha + tl.sum(p, axis=1)
             vc = tl.load(vc_ptr + kk[:, None] * D + d[None, :], mask=tl.trans(col_mask), other=0.0)  # [BLOCK_N, D]
-            acc = _dot(p.to(DOT), vc.to(COMPUTE).to(DOT), acc * alpha[:, None], IEEE)
+            acc = dot(p.to(DOT), vc.to(COMPUTE).to(DOT), acc * alpha[:, None], DOT)
             m_r = m_new
         # Fold the BLOCK_J rows of each query (one per offset u) into its running state by log-sum-exp.
         acc = acc * _load_rows(vr_ptr, j, valid, d, D, COMPUTE)  # vr_j * sum_k p vc_k
@@ -179,7 +171,7 @@ def _tensor_attention_bwd_rows_kernel(q_ptr, kr_ptr, kc_ptr, vr_ptr, vc_ptr, do_
                                       dkr_ptr, dvr_ptr, N, D, H, GROUP, WR, WC, scale, scale2,
                                       QUERY_STATIONARY: tl.constexpr, CAUSAL: tl.constexpr, BLOCK_Q: tl.constexpr,
                                       BLOCK_J: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-                                      DOT: tl.constexpr, IEEE: tl.constexpr, COMPUTE: tl.constexpr):
+                                      DOT: tl.constexpr, COMPUTE: tl.constexpr):
     """QUERY_STATIONARY: program (query tile, b * H + h) writes dq. Else: program (row-side tile, b * Hkv + hk)
     writes dkr and dvr, summing the GROUP query heads of its key/value head."""
     tile = tl.program_id(0).to(tl.int64)
@@ -228,14 +220,14 @@ def _tensor_attention_bwd_rows_kernel(q_ptr, kr_ptr, kc_ptr, vr_ptr, vc_ptr, do_
                 kc_t = tl.load(kc_ptr + kk[None, :] * D + d[:, None], mask=col_mask, other=0.0).to(COMPUTE).to(DOT)
                 vc_t = tl.load(vc_ptr + kk[None, :] * D + d[:, None], mask=col_mask, other=0.0).to(COMPUTE).to(DOT)
                 zeros = tl.zeros([BLOCK_Q * BLOCK_J, BLOCK_N], COMPUTE)
-                s = _dot(a, kc_t, zeros, IEEE)
+                s = dot(a, kc_t, zeros, DOT)
                 mask = _score_mask(i, valid, kk, k_hi, WC, CAUSAL)
                 p = tl.where(mask, tl.exp2(s - lse2[:, None]), 0.0)  # [BLOCK_M, BLOCK_N]
-                dp = _dot(gv, vc_t, zeros, IEEE)
+                dp = dot(gv, vc_t, zeros, DOT)
                 ds = p * (dp - delta[:, None])
-                d_a = _dot(ds.to(DOT), tl.trans(kc_t), d_a, IEEE)
+                d_a = dot(ds.to(DOT), tl.trans(kc_t), d_a, DOT)
                 if not QUERY_STATIONARY:
-                    pv = _dot(p.to(DOT), tl.trans(vc_t), pv, IEEE)
+                    pv = dot(p.to(DOT), tl.trans(vc_t), pv, DOT)
             # Sum the BLOCK_J rows of each anchor: over j for dq_i, over i for dkr_j and dvr_j.
             if QUERY_STATIONARY:
                 grad_a += tl.sum(tl.reshape(d_a * kr, (BLOCK_Q, BLOCK_J, BLOCK_D)), axis=1)
@@ -260,7 +252,7 @@ def _tensor_attention_bwd_rows_kernel(q_ptr, kr_ptr, kc_ptr, vr_ptr, vc_ptr, do_
 def _tensor_attention_bwd_columns_kernel(q_ptr, kr_ptr, kc_ptr, vr_ptr, vc_ptr, do_ptr, lse_ptr, delta_ptr, dkc_ptr,
                                          dvc_ptr, N, D, H, GROUP, WR, WC, scale2, CAUSAL: tl.constexpr,
                                          BLOCK_Q: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_N: tl.constexpr,
-                                         BLOCK_D: tl.constexpr, DOT: tl.constexpr, IEEE: tl.constexpr,
+                                         BLOCK_D: tl.constexpr, DOT: tl.constexpr,
                                          COMPUTE: tl.constexpr):
     """Program (column block, b * Hkv + hk) writes dkc and dvc for BLOCK_N columns, from every row that sees them."""
     k0 = tl.program_id(0).to(tl.int64) * BLOCK_N
@@ -295,12 +287,12 @@ def _tensor_attention_bwd_columns_kernel(q_ptr, kr_ptr, kc_ptr, vr_ptr, vc_ptr, 
                 lse2 = tl.load(lse_ptr + bh * N + i, mask=valid, other=0.0).to(COMPUTE) * LOG2E
                 delta = tl.load(delta_ptr + bh * N + i, mask=valid, other=0.0).to(COMPUTE)
                 zeros = tl.zeros([BLOCK_N, BLOCK_Q * BLOCK_J], COMPUTE)
-                s_t = _dot(kc, tl.trans(a), zeros, IEEE)  # [BLOCK_N, BLOCK_M]: logits transposed
+                s_t = dot(kc, tl.trans(a), zeros, DOT)  # [BLOCK_N, BLOCK_M]: logits transposed
                 mask_t = tl.trans(_score_mask(i, valid, kk, N, WC, CAUSAL))
                 p_t = tl.where(mask_t, tl.exp2(s_t - lse2[None, :]), 0.0)
-                ds_t = p_t * (_dot(vc, tl.trans(gv), zeros, IEEE) - delta[None, :])
-                dkc = _dot(ds_t.to(DOT), a, dkc, IEEE)
-                dvc = _dot(p_t.to(DOT), gv, dvc, IEEE)
+                ds_t = p_t * (dot(vc, tl.trans(gv), zeros, DOT) - delta[None, :])
+                dkc = dot(ds_t.to(DOT), a, dkc, DOT)
+                dvc = dot(p_t.to(DOT), gv, dvc, DOT)
 
     offsets = kv_head * N * D + kk[:, None] * D + d[None, :]
     tl.store(dkc_ptr + offsets, (dkc / LOG2E).to(dkc_ptr.dtype.element_ty), mask=col_mask)  # a carries log2(e)
@@ -313,20 +305,17 @@ def _tensor_attention_bwd_columns_kernel(q_ptr, kr_ptr, kc_ptr, vr_ptr, vc_ptr, 
 def _tiles(n: int, d: int, wr: int, block_m: int) -> dict:
     """BLOCK_Q x BLOCK_J row tiles of block_m rows (BLOCK_J covers the row-side window when it fits), BLOCK_D."""
     block_j = min(triton.next_power_of_2(max(min(wr, n), 1)), block_m // 2)
-    block_n = 64 if not INTERPRET else max(16, min(64, triton.next_power_of_2(n)))
+    block_n = 64 if GPU_TILES else max(16, min(64, triton.next_power_of_2(n)))
     return dict(BLOCK_Q=block_m // block_j, BLOCK_J=block_j, BLOCK_N=block_n,
                 BLOCK_D=max(16, triton.next_power_of_2(d)))
 
 
 def _launch_options(block_m: int) -> dict:
-    if INTERPRET:
-        return {}
     return dict(num_warps=8 if block_m >= 128 else 4, num_stages=2)
 
 
 def _common(q: Tensor, causal: bool) -> dict:
-    return dict(CAUSAL=causal, DOT=dot_dtype(q.dtype), IEEE=q.dtype in (torch.float32, torch.float64),
-                COMPUTE=compute_dtype(q.dtype))
+    return dict(CAUSAL=causal, DOT=dot_dtype(q.dtype), COMPUTE=compute_dtype(q.dtype))
 
 
 def tensor_attention_fwd(q: Tensor, kr: Tensor, kc: Tensor, vr: Tensor, vc: Tensor, wr: int, wc: int,
@@ -339,7 +328,7 @@ def tensor_attention_fwd(q: Tensor, kr: Tensor, kc: Tensor, vr: Tensor, vc: Tens
     B, H, n, d = q.shape
     out = torch.empty_like(q)
     lse = torch.empty((B, H, n), dtype=accumulator_dtype(q.dtype), device=q.device)
-    block_m = 64 if INTERPRET else 128
+    block_m = 128 if GPU_TILES else 64
     tiles = _tiles(n, d, wr, block_m)
     grid = (triton.cdiv(n, tiles["BLOCK_Q"]), B * H)
     _tensor_attention_fwd_kernel[grid](q, kr, kc, vr, vc, out, lse, n, d, H, H // kr.shape[1], wr, wc,
@@ -358,7 +347,7 @@ def tensor_attention_bwd(grad_out: Tensor, delta: Tensor, q: Tensor, kr: Tensor,
     group = H // heads_kv
     dq = torch.empty_like(q)
     dkr, dkc, dvr, dvc = (torch.empty_like(x) for x in (kr, kc, vr, vc))
-    block_m = 32 if INTERPRET else 64
+    block_m = 64 if GPU_TILES else 32
     tiles = _tiles(n, d, wr, block_m)
     common = dict(**tiles, **_common(q, causal), **_launch_options(block_m))
     tensors = (q, kr, kc, vr, vc, grad_out, lse, delta)
