@@ -14,6 +14,7 @@ import torchext
 from torchext import ops
 from torchext.nn import NGPT, NGPTConfig, NormalizedAttention, NormalizedLinear, renormalize_after_step
 from torchext.reference import ngpt as ref
+from torchext.triton_kernels._launch import MAX_ROW_ELEMENTS
 
 DTYPES = [torch.float32, torch.bfloat16]
 
@@ -107,6 +108,26 @@ def test_hypersphere_update_gradcheck_opcheck_compile(device):
     check_opcheck(torch.ops.torchext.hypersphere_update.default, args)
     check_opcheck(torch.ops.torchext.hypersphere_update_backward.default, (torch.randn_like(h),) + args)
     check_compile(ops.hypersphere_update, [h, b, alpha])
+
+
+# ---- rows past the register-resident limit: the split-row kernels (one program per row, streamed chunks) -----
+LONG_ROW = MAX_ROW_ELEMENTS + 3  # a ragged last chunk
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_long_rows_match_reference(dtype, device):
+    x = randn(2, LONG_ROW, dtype=dtype, device=device)
+    check_against_reference(ops.l2_normalize, ref.l2_normalize, [x])
+    h, b = unit(3, LONG_ROW, dtype=dtype, device=device), randn(3, LONG_ROW, dtype=dtype, device=device)
+    alpha = (randn(LONG_ROW, device=device) * 0.1).detach().requires_grad_()
+    check_against_reference(ops.hypersphere_update, ref.hypersphere_update, [h, b, alpha], reduced=[2], rows=3)
+
+
+def test_long_zero_rows_give_zero_not_nan(device):
+    x = torch.zeros(2, LONG_ROW, device=device, requires_grad=True)
+    y = ops.l2_normalize(x)
+    (y * torch.randn_like(y)).sum().backward()
+    assert torch.equal(y, torch.zeros_like(y)) and x.grad.isfinite().all()
 
 
 # ---- qk_norm_rope ---------------------------------------------------------------------------------------------

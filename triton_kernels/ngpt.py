@@ -14,7 +14,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ._launch import accumulator_dtype, compute_dtype, elementwise_tile, reduction_grid, row_tile
+from ._launch import (MAX_ROW_ELEMENTS, accumulator_dtype, compute_dtype, elementwise_tile, reduction_grid, row_tile,
+                      split_row_tile)
 
 
 # ---- shared pieces: y = x / max(||x||, eps) on [BLOCK_M, BLOCK_N] fp32 tiles ----------------------------------
@@ -76,6 +77,11 @@ def l2_normalize_fwd(x: Tensor, eps: float) -> Tensor:
     """x: [rows, n] with unit column stride -> y = x / max(||x||, eps) per row, contiguous, x.dtype."""
     n_rows, n_cols = x.shape
     y = torch.empty((n_rows, n_cols), dtype=x.dtype, device=x.device)
+    if n_cols > MAX_ROW_ELEMENTS:
+        block_n, num_warps = split_row_tile(n_cols)
+        _l2_normalize_split_fwd_kernel[(n_rows,)](x, y, n_cols, x.stride(0), eps, BLOCK_N=block_n,
+                                                  num_warps=num_warps, COMPUTE=compute_dtype(x.dtype))
+        return y
     block_m, block_n, num_warps = row_tile(n_rows, n_cols)
     _l2_normalize_fwd_kernel[(triton.cdiv(n_rows, block_m),)](
         x, y, n_rows, n_cols, x.stride(0), eps, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps,
@@ -87,6 +93,11 @@ def l2_normalize_bwd(dy: Tensor, x: Tensor, eps: float) -> Tensor:
     """dy: [rows, n] contiguous, x: [rows, n] row view -> dx [rows, n] contiguous, x.dtype."""
     n_rows, n_cols = x.shape
     dx = torch.empty((n_rows, n_cols), dtype=x.dtype, device=x.device)
+    if n_cols > MAX_ROW_ELEMENTS:
+        block_n, num_warps = split_row_tile(n_cols)
+        _l2_normalize_split_bwd_kernel[(n_rows,)](dy, x, dx, n_cols, x.stride(0), eps, BLOCK_N=block_n,
+                                                  num_warps=num_warps, COMPUTE=compute_dtype(x.dtype))
+        return dx
     block_m, block_n, num_warps = row_tile(n_rows, n_cols)
     _l2_normalize_bwd_kernel[(triton.cdiv(n_rows, block_m),)](
         dy, x, dx, n_rows, n_cols, x.stride(0), eps, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps,
@@ -139,6 +150,12 @@ def hypersphere_update_fwd(h: Tensor, h_branch: Tensor, alpha: Tensor, eps: floa
     """h, h_branch: [rows, d] row views; alpha: [d] contiguous -> h' [rows, d] contiguous, h.dtype."""
     n_rows, n_cols = h.shape
     out = torch.empty((n_rows, n_cols), dtype=h.dtype, device=h.device)
+    if n_cols > MAX_ROW_ELEMENTS:
+        block_n, num_warps = split_row_tile(n_cols)
+        _hypersphere_update_split_fwd_kernel[(n_rows,)](
+            h, h_branch, alpha, out, n_cols, h.stride(0), h_branch.stride(0), eps, BLOCK_N=block_n,
+            num_warps=num_warps, COMPUTE=compute_dtype(h.dtype))
+        return out
     block_m, block_n, num_warps = row_tile(n_rows, n_cols)
     _hypersphere_update_fwd_kernel[(triton.cdiv(n_rows, block_m),)](
         h, h_branch, alpha, out, n_rows, n_cols, h.stride(0), h_branch.stride(0), eps,
@@ -152,15 +169,148 @@ def hypersphere_update_bwd(dout: Tensor, h: Tensor, h_branch: Tensor, alpha: Ten
     n_rows, n_cols = h.shape
     dh = torch.empty((n_rows, n_cols), dtype=h.dtype, device=h.device)
     db = torch.empty((n_rows, n_cols), dtype=h_branch.dtype, device=h.device)
-    block_m, block_n, num_warps = row_tile(n_rows, n_cols)
-    n_programs, blocks_per_program = reduction_grid(n_rows, block_m, h.device)
-    dabs_partial = torch.empty((n_programs, n_cols), dtype=accumulator_dtype(h.dtype), device=h.device)
-    _hypersphere_update_bwd_kernel[(n_programs,)](
-        dout, h, h_branch, alpha, dh, db, dabs_partial, n_rows, n_cols, h.stride(0), h_branch.stride(0),
-        blocks_per_program, eps, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps,
-        COMPUTE=compute_dtype(h.dtype))
+    if n_cols > MAX_ROW_ELEMENTS:
+        block_n, num_warps = split_row_tile(n_cols)
+        n_programs, rows_per_program = reduction_grid(n_rows, 1, h.device)
+        dabs_partial = torch.zeros((n_programs, n_cols), dtype=accumulator_dtype(h.dtype), device=h.device)
+        _hypersphere_update_split_bwd_kernel[(n_programs,)](
+            dout, h, h_branch, alpha, dh, db, dabs_partial, n_rows, n_cols, h.stride(0), h_branch.stride(0),
+            rows_per_program, eps, BLOCK_N=block_n, num_warps=num_warps, COMPUTE=compute_dtype(h.dtype))
+    else:
+        block_m, block_n, num_warps = row_tile(n_rows, n_cols)
+        n_programs, blocks_per_program = reduction_grid(n_rows, block_m, h.device)
+        dabs_partial = torch.empty((n_programs, n_cols), dtype=accumulator_dtype(h.dtype), device=h.device)
+        _hypersphere_update_bwd_kernel[(n_programs,)](
+            dout, h, h_branch, alpha, dh, db, dabs_partial, n_rows, n_cols, h.stride(0), h_branch.stride(0),
+            blocks_per_program, eps, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps,
+            COMPUTE=compute_dtype(h.dtype))
     dalpha = dabs_partial.sum(0) * torch.sign(alpha.float())  # d|alpha|/dalpha = sign(alpha)
     return dh, db, dalpha.to(alpha.dtype)
+
+
+# ---- split rows: rows longer than MAX_ROW_ELEMENTS, one program per row streaming [BLOCK_N] chunks -------------
+# The register-resident kernels above would spill on such rows. These make one pass per row reduction they need
+# (the norms, then the dot products of the backward) and a last one that writes, re-reading the row each time.
+
+
+@triton.jit
+def _chunk(row_ptr, c0, n_cols, BLOCK_N: tl.constexpr, COMPUTE: tl.constexpr):
+    """Elements c0 .. c0 + BLOCK_N of a row [BLOCK_N] in COMPUTE, their offsets and mask."""
+    cols = c0 + tl.arange(0, BLOCK_N)
+    mask = cols < n_cols
+    return tl.load(row_ptr + cols, mask=mask, other=0.0).to(COMPUTE), cols, mask
+
+
+@triton.jit
+def _l2_normalize_split_fwd_kernel(x_ptr, y_ptr, n_cols, x_row_stride, eps, BLOCK_N: tl.constexpr,
+                                   COMPUTE: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    x_row, y_row = x_ptr + row * x_row_stride, y_ptr + row * n_cols
+    sum_sq = tl.zeros([BLOCK_N], dtype=COMPUTE)
+    for c0 in range(0, n_cols, BLOCK_N):
+        x, _, _ = _chunk(x_row, c0, n_cols, BLOCK_N, COMPUTE)
+        sum_sq += x * x
+    inv, _ = _inv_norm(tl.sum(sum_sq), eps)
+    for c0 in range(0, n_cols, BLOCK_N):
+        x, cols, mask = _chunk(x_row, c0, n_cols, BLOCK_N, COMPUTE)
+        tl.store(y_row + cols, (x * inv).to(y_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _l2_normalize_split_bwd_kernel(dy_ptr, x_ptr, dx_ptr, n_cols, x_row_stride, eps, BLOCK_N: tl.constexpr,
+                                   COMPUTE: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    x_row, dy_row, dx_row = x_ptr + row * x_row_stride, dy_ptr + row * n_cols, dx_ptr + row * n_cols
+    sum_sq = tl.zeros([BLOCK_N], dtype=COMPUTE)
+    x_dot_dy = tl.zeros([BLOCK_N], dtype=COMPUTE)
+    for c0 in range(0, n_cols, BLOCK_N):
+        x, _, _ = _chunk(x_row, c0, n_cols, BLOCK_N, COMPUTE)
+        dy, _, _ = _chunk(dy_row, c0, n_cols, BLOCK_N, COMPUTE)
+        sum_sq += x * x
+        x_dot_dy += x * dy
+    inv, above_eps = _inv_norm(tl.sum(sum_sq), eps)
+    y_dot_dy = tl.where(above_eps, tl.sum(x_dot_dy) * inv, 0.0)
+    for c0 in range(0, n_cols, BLOCK_N):
+        x, cols, mask = _chunk(x_row, c0, n_cols, BLOCK_N, COMPUTE)
+        dy, _, _ = _chunk(dy_row, c0, n_cols, BLOCK_N, COMPUTE)
+        tl.store(dx_row + cols, ((dy - x * inv * y_dot_dy) * inv).to(dx_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _residual_chunk(h_row, b_row, alpha_ptr, b_inv, c0, n_cols, BLOCK_N: tl.constexpr, COMPUTE: tl.constexpr):
+    """(r, h, Norm(b), |alpha|, cols, mask) of one chunk: r = h + |alpha| (Norm(b) - h), eq. 10 before its Norm."""
+    h, cols, mask = _chunk(h_row, c0, n_cols, BLOCK_N, COMPUTE)
+    b, _, _ = _chunk(b_row, c0, n_cols, BLOCK_N, COMPUTE)
+    a = tl.abs(tl.load(alpha_ptr + cols, mask=mask, other=0.0).to(COMPUTE))
+    b_unit = b * b_inv
+    return h + a * (b_unit - h), h, b_unit, a, cols, mask
+
+
+@triton.jit
+def _branch_inv_norm(b_row, n_cols, eps, BLOCK_N: tl.constexpr, COMPUTE: tl.constexpr):
+    sum_sq = tl.zeros([BLOCK_N], dtype=COMPUTE)
+    for c0 in range(0, n_cols, BLOCK_N):
+        b, _, _ = _chunk(b_row, c0, n_cols, BLOCK_N, COMPUTE)
+        sum_sq += b * b
+    return _inv_norm(tl.sum(sum_sq), eps)
+
+
+@triton.jit
+def _hypersphere_update_split_fwd_kernel(h_ptr, b_ptr, alpha_ptr, out_ptr, n_cols, h_row_stride, b_row_stride, eps,
+                                         BLOCK_N: tl.constexpr, COMPUTE: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    h_row, b_row, out_row = h_ptr + row * h_row_stride, b_ptr + row * b_row_stride, out_ptr + row * n_cols
+    b_inv, b_above_eps = _branch_inv_norm(b_row, n_cols, eps, BLOCK_N, COMPUTE)
+    sum_sq = tl.zeros([BLOCK_N], dtype=COMPUTE)
+    for c0 in range(0, n_cols, BLOCK_N):
+        r, h, b_unit, a, cols, mask = _residual_chunk(h_row, b_row, alpha_ptr, b_inv, c0, n_cols, BLOCK_N, COMPUTE)
+        sum_sq += r * r
+    r_inv, r_above_eps = _inv_norm(tl.sum(sum_sq), eps)
+    for c0 in range(0, n_cols, BLOCK_N):
+        r, h, b_unit, a, cols, mask = _residual_chunk(h_row, b_row, alpha_ptr, b_inv, c0, n_cols, BLOCK_N, COMPUTE)
+        tl.store(out_row + cols, (r * r_inv).to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _hypersphere_update_split_bwd_kernel(dout_ptr, h_ptr, b_ptr, alpha_ptr, dh_ptr, db_ptr, dalpha_partial_ptr,
+                                         n_rows, n_cols, h_row_stride, b_row_stride, rows_per_program, eps,
+                                         BLOCK_N: tl.constexpr, COMPUTE: tl.constexpr):
+    # As _hypersphere_update_bwd_kernel, a row at a time: dr = (dout - out (out.dout)) / ||r||, db from the
+    # gradient g = |alpha| dr at Norm(b), and this program's partial row of d|alpha| (zeroed by the launcher).
+    pid = tl.program_id(0).to(tl.int64)
+    dalpha_row = dalpha_partial_ptr + pid * n_cols
+    for i in range(rows_per_program):
+        row = pid * rows_per_program + i
+        if row < n_rows:
+            h_row, b_row = h_ptr + row * h_row_stride, b_ptr + row * b_row_stride
+            dout_row = dout_ptr + row * n_cols
+            b_inv, b_above_eps = _branch_inv_norm(b_row, n_cols, eps, BLOCK_N, COMPUTE)
+            r_sq = tl.zeros([BLOCK_N], dtype=COMPUTE)
+            r_dot_dout = tl.zeros([BLOCK_N], dtype=COMPUTE)
+            for c0 in range(0, n_cols, BLOCK_N):
+                r, _, _, _, _, _ = _residual_chunk(h_row, b_row, alpha_ptr, b_inv, c0, n_cols, BLOCK_N, COMPUTE)
+                dout, _, _ = _chunk(dout_row, c0, n_cols, BLOCK_N, COMPUTE)
+                r_sq += r * r
+                r_dot_dout += r * dout
+            r_inv, r_above_eps = _inv_norm(tl.sum(r_sq), eps)
+            out_dot_dout = tl.where(r_above_eps, tl.sum(r_dot_dout) * r_inv, 0.0)
+            unit_dot_g = tl.zeros([BLOCK_N], dtype=COMPUTE)
+            for c0 in range(0, n_cols, BLOCK_N):
+                r, _, b_unit, a, _, _ = _residual_chunk(h_row, b_row, alpha_ptr, b_inv, c0, n_cols, BLOCK_N,
+                                                        COMPUTE)
+                dout, _, _ = _chunk(dout_row, c0, n_cols, BLOCK_N, COMPUTE)
+                unit_dot_g += b_unit * (dout - r * r_inv * out_dot_dout) * r_inv * a
+            b_unit_dot_g = tl.where(b_above_eps, tl.sum(unit_dot_g), 0.0)
+            for c0 in range(0, n_cols, BLOCK_N):
+                r, h, b_unit, a, cols, mask = _residual_chunk(h_row, b_row, alpha_ptr, b_inv, c0, n_cols, BLOCK_N,
+                                                              COMPUTE)
+                dout, _, _ = _chunk(dout_row, c0, n_cols, BLOCK_N, COMPUTE)
+                dr = (dout - r * r_inv * out_dot_dout) * r_inv
+                db = (dr * a - b_unit * b_unit_dot_g) * b_inv
+                tl.store(dh_ptr + row * n_cols + cols, (dr * (1.0 - a)).to(dh_ptr.dtype.element_ty), mask=mask)
+                tl.store(db_ptr + row * n_cols + cols, db.to(db_ptr.dtype.element_ty), mask=mask)
+                dalpha = tl.load(dalpha_row + cols, mask=mask, other=0.0)
+                tl.store(dalpha_row + cols, dalpha + dr * (b_unit - h), mask=mask)
 
 
 # ---- qk_norm_rope: q <- Norm(RoPE(q)) * s_qk, same for k (section 2.3.2) --------------------------------------
