@@ -15,13 +15,16 @@ import torch
 import triton
 import triton.language as tl
 
-from ._launch import INTERPRET, dot_dtype
+from ._launch import GPU_TILES, dot, dot_dtype, sm_count
 
 LOG2E = math.log2(math.e)
 # Positions per tile: the interpreter favours big tiles; on the GPU, 16 with 8 warps compiles for sm_90 to 128
 # registers and no spills (32 takes 250). Not yet tuned on a GPU.
-BLOCK_N = 64 if INTERPRET else 16
+BLOCK_N = 16 if GPU_TILES else 64
 NUM_WARPS = 8
+# Split partials the merge kernel reads per step; the number of splits is a runtime argument of both kernels, so
+# a growing context never recompiles them.
+MERGE_BLOCK = 64
 
 
 @triton.jit
@@ -45,8 +48,8 @@ def _scores(q_lo, q_hi, k_lo, k_hi, start, theta, cos_j, sin_j, DOT: tl.constexp
     sin = sin_b * cos_j + cos_b * sin_j
     rot_lo = (k_lo * cos - k_hi * sin).to(DOT)
     rot_hi = (k_hi * cos + k_lo * sin).to(DOT)
-    s = tl.dot(q_lo, tl.trans(rot_lo), input_precision="ieee")
-    return tl.dot(q_hi, tl.trans(rot_hi), s, input_precision="ieee")
+    s = dot(q_lo, tl.trans(rot_lo), tl.zeros((q_lo.shape[0], rot_lo.shape[0]), tl.float32), DOT)
+    return dot(q_hi, tl.trans(rot_hi), s, DOT)
 
 
 @triton.jit
@@ -57,7 +60,7 @@ def _softmax_step(m, l_sum, acc, s, valid, v, DOT: tl.constexpr):
     m_safe = tl.where(m_new == -float("inf"), 0.0, m_new)  # nothing seen yet: keep everything at zero
     alpha = tl.exp2(m - m_safe)
     p = tl.exp2(s - m_safe[:, None])  # [BLOCK_G, BLOCK_N]
-    acc = acc * alpha[:, None] + tl.dot(p.to(DOT), v.to(DOT), input_precision="ieee")
+    acc = dot(p, v, acc * alpha[:, None], DOT)
     return m_new, l_sum * alpha + tl.sum(p, 1), acc
 
 
@@ -86,9 +89,9 @@ def _kv_quant_decode_fwd_kernel(
         key_codes_ptr, key_index_ptr, key_value_ptr, key_levels_ptr, key_offset_ptr, key_scale_ptr,
         value_codes_ptr, value_offset_ptr, value_scale_ptr, value_index_ptr, value_value_ptr, value_levels_ptr,
         sink_keys_ptr, sink_values_ptr, window_keys_ptr, window_values_ptr, lengths_ptr,
-        inv_freq_ptr, attention_scaling, qk_scale, part_out_ptr, part_lse_ptr,
+        inv_freq_ptr, attention_scaling, qk_scale, part_out_ptr, part_lse_ptr, chunk, splits,
         KV_HEADS: tl.constexpr, GROUP: tl.constexpr, CAPACITY: tl.constexpr, SINK: tl.constexpr,
-        WINDOW: tl.constexpr, RING: tl.constexpr, CHUNK: tl.constexpr, SPLITS: tl.constexpr, SLOTS: tl.constexpr,
+        WINDOW: tl.constexpr, RING: tl.constexpr, SLOTS: tl.constexpr,
         KEY_BITS: tl.constexpr, VALUE_BITS: tl.constexpr, KEY_WORDS: tl.constexpr, VALUE_WORDS: tl.constexpr,
         D: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, DOT: tl.constexpr):
     HALF: tl.constexpr = D // 2
@@ -110,12 +113,12 @@ def _kv_quant_decode_fwd_kernel(
     l_sum = tl.zeros((BLOCK_G,), tl.float32)
     acc = tl.zeros((BLOCK_G, D), tl.float32)
     offs = tl.arange(0, BLOCK_N)
-    if split < SPLITS:  # packed positions [SINK, window_start) of this chunk
+    if split < splits:  # packed positions [SINK, window_start) of this chunk
         seq = bh * CAPACITY  # first row of this (b, h) in the [batch * kv_heads * capacity, ...] buffers
         k_off_lo, k_off_hi = tl.load(key_offset_ptr + h * D + lo), tl.load(key_offset_ptr + h * D + hi)
         k_sc_lo, k_sc_hi = tl.load(key_scale_ptr + h * D + lo), tl.load(key_scale_ptr + h * D + hi)
-        first = tl.maximum(split * CHUNK, SINK)
-        last = tl.minimum((split + 1) * CHUNK, window_start)
+        first = tl.maximum(split * chunk, SINK)
+        last = tl.minimum((split + 1) * chunk, window_start)
         for start in range(first, last, BLOCK_N):
             pos = start + offs  # [BLOCK_N]
             valid = pos < last
@@ -150,26 +153,36 @@ def _kv_quant_decode_fwd_kernel(
                 v = tl.load(v_base + rows[:, None] * D + all_d[None, :], mask=valid[:, None], other=0.0)
                 m, l_sum, acc = _softmax_step(m, l_sum, acc, s, valid, v.to(tl.float32), DOT)
 
-    part = (bh * GROUP + g) * (SPLITS + 1) + split  # [BLOCK_G] rows of [batch * heads, SPLITS + 1]
+    part = (bh * GROUP + g) * (splits + 1) + split  # [BLOCK_G] rows of [batch * heads, splits + 1]
     l_safe = tl.where(l_sum > 0, l_sum, 1.0)
     tl.store(part_out_ptr + part[:, None] * D + all_d[None, :], acc / l_safe[:, None], mask=g_ok)
     tl.store(part_lse_ptr + part, tl.where(l_sum > 0, m + tl.log2(l_safe), -float("inf")), mask=g < GROUP)
 
 
 @triton.jit
-def _kv_quant_decode_merge_kernel(part_out_ptr, part_lse_ptr, out_ptr, stride_ob, stride_oh,
-                                  HEADS: tl.constexpr, PARTS: tl.constexpr, BLOCK_P: tl.constexpr,
-                                  D: tl.constexpr):
-    """out = sum_s 2^(lse_s - lse) o_s over the splits of one (sequence, head) row (flash decoding's reduction)."""
+def _kv_quant_decode_merge_kernel(part_out_ptr, part_lse_ptr, out_ptr, stride_ob, stride_oh, parts,
+                                  HEADS: tl.constexpr, BLOCK_P: tl.constexpr, D: tl.constexpr):
+    """out = sum_s 2^(lse_s - lse) o_s over the `parts` partials of one (sequence, head) row (flash decoding's
+    reduction), BLOCK_P partials at a time: a first pass finds the largest lse, a second sums."""
     row = tl.program_id(0).to(tl.int64)
-    parts = tl.arange(0, BLOCK_P)
-    ok = parts < PARTS
-    lse = tl.load(part_lse_ptr + row * PARTS + parts, mask=ok, other=-float("inf"))  # [BLOCK_P], base 2
-    top = tl.max(lse, 0)
-    weight = tl.where(lse == -float("inf"), 0.0, tl.exp2(lse - tl.where(top == -float("inf"), 0.0, top)))
+    offs = tl.arange(0, BLOCK_P)
+    top = tl.full((BLOCK_P,), -float("inf"), tl.float32)
+    for p0 in range(0, parts, BLOCK_P):
+        lse = tl.load(part_lse_ptr + row * parts + p0 + offs, mask=p0 + offs < parts, other=-float("inf"))
+        top = tl.maximum(top, lse, propagate_nan=tl.PropagateNan.ALL)
+    top_all = tl.max(top, 0)
+    top_safe = tl.where(top_all == -float("inf"), 0.0, top_all)  # no keys at all: every weight is 0
     d = tl.arange(0, D)
-    o = tl.load(part_out_ptr + (row * PARTS + parts)[:, None] * D + d[None, :], mask=ok[:, None], other=0.0)
-    merged = tl.sum(o * weight[:, None], 0) / tl.maximum(tl.sum(weight, 0), 1e-30)  # [D]
+    total = tl.zeros((D,), tl.float32)
+    weight_sum = tl.zeros((BLOCK_P,), tl.float32)
+    for p0 in range(0, parts, BLOCK_P):
+        ok = p0 + offs < parts
+        lse = tl.load(part_lse_ptr + row * parts + p0 + offs, mask=ok, other=-float("inf"))  # [BLOCK_P], base 2
+        weight = tl.where(lse == -float("inf"), 0.0, tl.exp2(lse - top_safe))
+        o = tl.load(part_out_ptr + (row * parts + p0 + offs)[:, None] * D + d[None, :], mask=ok[:, None], other=0.0)
+        total += tl.sum(o * weight[:, None], 0)  # [D]
+        weight_sum += weight
+    merged = total / tl.maximum(tl.sum(weight_sum, 0), 1e-30)
     b, h = row // HEADS, row % HEADS
     tl.store(out_ptr + b * stride_ob + h * stride_oh + d, merged.to(out_ptr.dtype.element_ty))
 
@@ -177,8 +190,7 @@ def _kv_quant_decode_merge_kernel(part_out_ptr, part_lse_ptr, out_ptr, stride_ob
 def _splits(batch_kv_heads: int, max_length: int, device: torch.device) -> tuple[int, int]:
     """(splits, chunk): enough programs to fill the GPU (about four per SM) over the longest sequence."""
     tiles = max(triton.cdiv(max_length, BLOCK_N), 1)
-    sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
-    splits = min(max(triton.cdiv(4 * sms, batch_kv_heads), 1), tiles)
+    splits = min(max(triton.cdiv(4 * sm_count(device), batch_kv_heads), 1), tiles)
     return splits, triton.cdiv(tiles, splits) * BLOCK_N
 
 
@@ -199,15 +211,13 @@ def kv_quant_decode_fwd(q, storage, codebook, inv_freq, attention_scaling: float
         storage.value_codes, storage.value_offset, storage.value_scale, storage.value_outlier_index,
         storage.value_outlier_value, codebook.value_levels,
         storage.sink_keys, storage.sink_values, storage.window_keys, storage.window_values, storage.lengths,
-        inv_freq, attention_scaling, scale * LOG2E, part_out, part_lse,
+        inv_freq, attention_scaling, scale * LOG2E, part_out, part_lse, chunk, splits,
         KV_HEADS=kv_heads, GROUP=group, CAPACITY=capacity, SINK=storage.sink_keys.shape[2],
-        WINDOW=storage.window_keys.shape[2], RING=max(storage.window_keys.shape[2], 1), CHUNK=chunk, SPLITS=splits,
-        SLOTS=slots,
+        WINDOW=storage.window_keys.shape[2], RING=max(storage.window_keys.shape[2], 1), SLOTS=slots,
         KEY_BITS=codebook.key_bits, VALUE_BITS=codebook.value_bits, KEY_WORDS=storage.key_codes.shape[3],
         VALUE_WORDS=storage.value_codes.shape[3], D=d, BLOCK_G=max(16, triton.next_power_of_2(group)),
         BLOCK_N=BLOCK_N, DOT=dot_dtype(q.dtype), num_warps=NUM_WARPS)
     out = torch.empty_like(q)
     _kv_quant_decode_merge_kernel[(batch * heads,)](
-        part_out, part_lse, out, out.stride(0), out.stride(1), HEADS=heads, PARTS=splits + 1,
-        BLOCK_P=triton.next_power_of_2(splits + 1), D=d)
+        part_out, part_lse, out, out.stride(0), out.stride(1), splits + 1, HEADS=heads, BLOCK_P=MERGE_BLOCK, D=d)
     return out
