@@ -302,16 +302,26 @@ def _tensor_attention_bwd_columns_kernel(q_ptr, kr_ptr, kc_ptr, vr_ptr, vc_ptr, 
 # ---- launchers -------------------------------------------------------------------------------------------------------
 
 
-def _tiles(n: int, d: int, wr: int, block_m: int) -> dict:
-    """BLOCK_Q x BLOCK_J row tiles of block_m rows (BLOCK_J covers the row-side window when it fits), BLOCK_D."""
-    block_j = min(triton.next_power_of_2(max(min(wr, n), 1)), block_m // 2)
-    block_n = 64 if GPU_TILES else max(16, min(64, triton.next_power_of_2(n)))
+# (rows per program BLOCK_M = BLOCK_Q * BLOCK_J, BLOCK_N, num_warps, num_stages) of each kernel on a GPU: the
+# largest tiles that compile for sm_80 and sm_90 with no spills at head_dim 128 (bench/offline.py, whose table
+# is bench/results/offline/); 128-row tiles spilled 300-900 bytes per thread. fp32 and fp64 operands multiply on
+# the FMA units, with both tiles in registers: they get narrower tiles. Not yet timed on a GPU.
+_GPU_TILES = {"fwd": (64, 64, 8, 1), "rows": (32, 64, 8, 1), "columns": (64, 32, 8, 1)}
+_GPU_TILES_WIDE = {"fwd": (64, 16, 8, 1), "rows": (32, 16, 8, 1), "columns": (32, 16, 16, 1)}  # 32/64-bit operands
+_INTERPRETER_ROWS = {"fwd": 64, "rows": 32, "columns": 32}  # the interpreter: few programs, small grids
+
+
+def _tiles(kernel: str, n: int, d: int, wr: int, dtype: torch.dtype) -> dict:
+    """Constexprs and launch options of one kernel: BLOCK_Q x BLOCK_J row tiles (BLOCK_J covers the row-side
+    window when it fits), BLOCK_N columns, BLOCK_D."""
+    if GPU_TILES:
+        block_m, block_n, num_warps, num_stages = (_GPU_TILES_WIDE if dtype.itemsize >= 4 else _GPU_TILES)[kernel]
+    else:
+        block_m, block_n, num_warps, num_stages = (_INTERPRETER_ROWS[kernel],
+                                                   max(16, min(64, triton.next_power_of_2(n))), 4, 1)
+    block_j = min(triton.next_power_of_2(max(min(wr, n), 1)), block_m)
     return dict(BLOCK_Q=block_m // block_j, BLOCK_J=block_j, BLOCK_N=block_n,
-                BLOCK_D=max(16, triton.next_power_of_2(d)))
-
-
-def _launch_options(block_m: int) -> dict:
-    return dict(num_warps=8 if block_m >= 128 else 4, num_stages=2)
+                BLOCK_D=max(16, triton.next_power_of_2(d)), num_warps=num_warps, num_stages=num_stages)
 
 
 def _common(q: Tensor, causal: bool) -> dict:
@@ -328,12 +338,10 @@ def tensor_attention_fwd(q: Tensor, kr: Tensor, kc: Tensor, vr: Tensor, vc: Tens
     B, H, n, d = q.shape
     out = torch.empty_like(q)
     lse = torch.empty((B, H, n), dtype=accumulator_dtype(q.dtype), device=q.device)
-    block_m = 128 if GPU_TILES else 64
-    tiles = _tiles(n, d, wr, block_m)
+    tiles = _tiles("fwd", n, d, wr, q.dtype)
     grid = (triton.cdiv(n, tiles["BLOCK_Q"]), B * H)
     _tensor_attention_fwd_kernel[grid](q, kr, kc, vr, vc, out, lse, n, d, H, H // kr.shape[1], wr, wc,
-                                       scale * LOG2E.value, **tiles, **_common(q, causal),
-                                       **_launch_options(block_m))
+                                       scale * LOG2E.value, **tiles, **_common(q, causal))
     return out, lse
 
 
@@ -347,15 +355,13 @@ def tensor_attention_bwd(grad_out: Tensor, delta: Tensor, q: Tensor, kr: Tensor,
     group = H // heads_kv
     dq = torch.empty_like(q)
     dkr, dkc, dvr, dvc = (torch.empty_like(x) for x in (kr, kc, vr, vc))
-    block_m = 64 if GPU_TILES else 32
-    tiles = _tiles(n, d, wr, block_m)
-    common = dict(**tiles, **_common(q, causal), **_launch_options(block_m))
+    rows, columns = (_tiles(kernel, n, d, wr, q.dtype) for kernel in ("rows", "columns"))
     tensors = (q, kr, kc, vr, vc, grad_out, lse, delta)
     for query_stationary in (True, False):
         heads = B * H if query_stationary else B * heads_kv
-        _tensor_attention_bwd_rows_kernel[(triton.cdiv(n, tiles["BLOCK_Q"]), heads)](
+        _tensor_attention_bwd_rows_kernel[(triton.cdiv(n, rows["BLOCK_Q"]), heads)](
             *tensors, dq, dkr, dvr, n, d, H, group, wr, wc, scale, scale * LOG2E.value,
-            QUERY_STATIONARY=query_stationary, **common)
-    _tensor_attention_bwd_columns_kernel[(triton.cdiv(n, tiles["BLOCK_N"]), B * heads_kv)](
-        *tensors, dkc, dvc, n, d, H, group, wr, wc, scale * LOG2E.value, **common)
+            QUERY_STATIONARY=query_stationary, **rows, **_common(q, causal))
+    _tensor_attention_bwd_columns_kernel[(triton.cdiv(n, columns["BLOCK_N"]), B * heads_kv)](
+        *tensors, dkc, dvc, n, d, H, group, wr, wc, scale * LOG2E.value, **columns, **_common(q, causal))
     return dq, dkr, dkc, dvr, dvc
