@@ -29,26 +29,25 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ._launch import INTERPRET, accumulator_dtype, compute_dtype, dot_dtype, reduction_grid, row_tile
+from ._launch import GPU_TILES, accumulator_dtype, compute_dtype, dot, dot_dtype, reduction_grid, row_tile
 
-# One tile holds the scores of every key for a block of queries: [BLOCK_L, BLOCK_P] with BLOCK_P >= 16.
-MAX_TOKENS = 1024
-MAX_TOKENS_FP64 = 256  # fp64 (gradcheck) tiles are twice as wide in shared memory
-# Shared-memory budgets of the attention kernels, in elements of their [BLOCK_L, BLOCK_D] token tile and
-# [BLOCK_L, BLOCK_P] score tile(s). Compiled for sm_90 (Triton 3.9, bf16), a kernel takes ~8.5 bytes of shared
-# memory per token-tile element and 2-4 per score element, fp64 twice that: these keep every kernel under
-# ~170 KB of the H100's 227 KB (checked by compiling each L up to MAX_TOKENS ahead of time; not yet run on a GPU).
-# The token-gradient kernel gets a wider token tile, as each extra channel chunk re-reads x and dO.
-_TOKEN_BUDGET = {"fwd": 8192, "bwd_queries": 8192, "bwd_tokens": 16384}
-_SCORE_BUDGET = {"fwd": 16384, "bwd_queries": 8192, "bwd_tokens": 4096}
-
-
-@triton.jit
-def _dot(a, b, acc, DOT: tl.constexpr):
-    """acc + a @ b with a, b cast to DOT; fp32/fp64 operands get true products, not TF32."""
-    if DOT == tl.float32 or DOT == tl.float64:
-        return tl.dot(a.to(DOT), b.to(DOT), acc, input_precision="ieee", out_dtype=acc.dtype)
-    return tl.dot(a.to(DOT), b.to(DOT), acc, out_dtype=acc.dtype)
+# One tile holds the scores of every key for a block of queries: [BLOCK_L, BLOCK_P] with BLOCK_P >= 16. The dot
+# operands are the map's dtype (16-bit maps: tensor cores, the tokens rounded to 16 bits as SDPA would see them).
+# Tiles [BLOCK_D, BLOCK_P] per kernel, operand width and BLOCK_L, 8 warps: the largest that compile for sm_80 and
+# sm_90 without spilling and within an A100's 163 KB of shared memory (searched with bench/offline.py; its table
+# is bench/results/offline/). Past 256 tokens (16-bit) or 128 (32-bit) even the smallest backward tiles spill a
+# little (bench/offline.py's ALLOWED_SPILLS says why that is kept); past 512 the forward spills too, so 512 is the
+# limit. 64-bit operands (gradcheck) take the 32-bit tiles and a 256-token limit. Not yet timed on a GPU.
+MAX_TOKENS = {2: 512, 4: 512, 8: 256}  # by operand bytes
+_TILES = {
+    2: {"fwd": {64: (32, 64), 128: (32, 64), 256: (16, 64), 512: (16, 32)},
+        "bwd_tokens": {64: (32, 64), 128: (32, 32), 256: (16, 32), 512: (16, 16)},
+        "bwd_queries": {64: (32, 64), 128: (32, 32), 256: (16, 32), 512: (16, 16)}},
+    4: {"fwd": {64: (16, 32), 128: (16, 32), 256: (16, 16), 512: (16, 16)},
+        "bwd_tokens": {64: (16, 32), 128: (16, 32), 256: (16, 16), 512: (16, 16)},
+        "bwd_queries": {64: (16, 32), 128: (16, 16), 256: (16, 16), 512: (16, 16)}},
+}
+_INTERPRETER_TILE = (64, 128)  # no registers or shared memory to run out of: large tiles, few programs
 
 
 # ---- pooling and fold: x [B, C, T, H, W] <-> tokens [B, C, L] ---------------------------------------------------
@@ -150,11 +149,11 @@ def _kronecker_attention_fwd_kernel(q_ptr, kv_ptr, out_ptr, C, N, L, D, q_stride
     scores = tl.zeros([BLOCK_L, BLOCK_P], dtype=COMPUTE)
     for d0 in range(0, D, BLOCK_D):  # S = C^T Q, summed over channel chunks
         keys_t = tl.trans(_load_rows(kv, L, d0, D, keys, key_mask, BLOCK_D))  # [BLOCK_L, BLOCK_D]
-        scores = _dot(keys_t, _load_rows(q, q_stride_c, d0, D, p, p_mask, BLOCK_D), scores, DOT)
+        scores = dot(keys_t, _load_rows(q, q_stride_c, d0, D, p, p_mask, BLOCK_D), scores, DOT)
     probs = _softmax_over_keys(scores * scale, key_mask)  # [BLOCK_L, BLOCK_P]
     for d0 in range(0, D, BLOCK_D):  # O = C P
         values = _load_rows(kv, L, d0, D, keys, key_mask, BLOCK_D)  # [BLOCK_D, BLOCK_L]
-        o = _dot(values, probs, tl.zeros([BLOCK_D, BLOCK_P], dtype=COMPUTE), DOT)
+        o = dot(values, probs, tl.zeros([BLOCK_D, BLOCK_P], dtype=COMPUTE), DOT)
         d = d0 + tl.arange(0, BLOCK_D)
         tl.store(out_ptr + row0 * N + d[:, None] * N + p[None, :], o.to(out_ptr.dtype.element_ty),
                  mask=(d < D)[:, None] & p_mask[None, :])
@@ -170,8 +169,8 @@ def _scores_backward(q, kv, dout, q_stride_c, N, L, D, p, p_mask, keys, key_mask
     grad_probs = tl.zeros([BLOCK_L, BLOCK_P], dtype=COMPUTE)
     for d0 in range(0, D, BLOCK_D):
         keys_t = tl.trans(_load_rows(kv, L, d0, D, keys, key_mask, BLOCK_D))  # [BLOCK_L, BLOCK_D]
-        scores = _dot(keys_t, _load_rows(q, q_stride_c, d0, D, p, p_mask, BLOCK_D), scores, DOT)
-        grad_probs = _dot(keys_t, _load_rows(dout, N, d0, D, p, p_mask, BLOCK_D), grad_probs, DOT)
+        scores = dot(keys_t, _load_rows(q, q_stride_c, d0, D, p, p_mask, BLOCK_D), scores, DOT)
+        grad_probs = dot(keys_t, _load_rows(dout, N, d0, D, p, p_mask, BLOCK_D), grad_probs, DOT)
     probs = _softmax_over_keys(scores * scale, key_mask)
     grad_scores = probs * (grad_probs - tl.sum(probs * grad_probs, axis=0)[None, :])
     return probs, grad_scores * scale
@@ -195,8 +194,8 @@ def _kronecker_attention_bwd_tokens_kernel(q_ptr, kv_ptr, dout_ptr, partial_ptr,
         dout = dout_ptr + row0 * N
         probs, grad_scores = _scores_backward(q, kv, dout, q_stride_c, N, L, D, p, p_mask, keys, key_mask, scale,
                                               BLOCK_L, BLOCK_D, BLOCK_P, DOT, COMPUTE)
-        acc = _dot(_load_rows(dout, N, d0, D, p, p_mask, BLOCK_D), tl.trans(probs), acc, DOT)
-        acc = _dot(_load_rows(q, q_stride_c, d0, D, p, p_mask, BLOCK_D), tl.trans(grad_scores), acc, DOT)
+        acc = dot(_load_rows(dout, N, d0, D, p, p_mask, BLOCK_D), tl.trans(probs), acc, DOT)
+        acc = dot(_load_rows(q, q_stride_c, d0, D, p, p_mask, BLOCK_D), tl.trans(grad_scores), acc, DOT)
     d = d0 + tl.arange(0, BLOCK_D)
     keys = tl.arange(0, BLOCK_L)
     partial = partial_ptr + ((tl.program_id(0).to(tl.int64) * tl.num_programs(2) + part) * D) * L
@@ -224,7 +223,7 @@ def _kronecker_attention_bwd_queries_kernel(q_ptr, kv_ptr, dout_ptr, spread_ptr,
         d = d0 + tl.arange(0, BLOCK_D)
         mask = (d < D)[:, None] & p_mask[None, :]  # [BLOCK_D, BLOCK_P]
         values = _load_rows(kv, L, d0, D, keys, key_mask, BLOCK_D)  # [BLOCK_D, BLOCK_L]
-        dq = _dot(values, grad_scores, tl.zeros([BLOCK_D, BLOCK_P], dtype=COMPUTE), DOT)
+        dq = dot(values, grad_scores, tl.zeros([BLOCK_D, BLOCK_P], dtype=COMPUTE), DOT)
         rows = spread + d[:, None] * L
         if IMAGE:
             dq += (w_h * tl.load(rows + row_tok[None, :], mask=mask, other=0.0)
@@ -273,42 +272,49 @@ def fold(tokens: Tensor, shape: torch.Size, dtype: torch.dtype, weights: tuple[f
     return out
 
 
+def _operand_bytes(dtype: torch.dtype) -> int:
+    """Bytes of one dot operand on a GPU for a map of this dtype; the interpreter's tiles take the 16-bit ones."""
+    return dtype.itemsize if GPU_TILES else 2
+
+
 def _attention_tiles(kernel: str, L: int, D: int, N: int, dtype: torch.dtype) -> tuple[int, int, int, int]:
-    """(BLOCK_L, BLOCK_D, BLOCK_P, num_warps) of an attention kernel: all keys in one tile, channel chunks and
-    queries sized to the kernel's shared-memory budget; every dot dimension >= 16."""
-    block_l = max(16, triton.next_power_of_2(L))
-    # fp64 tiles take twice the shared memory; the interpreter has none, and runs larger tiles in fewer programs.
-    budget = (8 if INTERPRET else 1) / (2 if dtype == torch.float64 else 1) / block_l
-    block_d = max(16, min(64, int(_TOKEN_BUDGET[kernel] * budget), triton.next_power_of_2(D)))
-    block_p = max(16, min(128, int(_SCORE_BUDGET[kernel] * budget), triton.next_power_of_2(N)))
-    return block_l, block_d, block_p, 8 if block_l * block_p >= 8192 else 4
+    """(BLOCK_L, BLOCK_D, BLOCK_P, num_warps) of an attention kernel for a map of `dtype`: all keys in one tile,
+    channel chunks and queries from _TILES; every dot dimension >= 16."""
+    block_l = max(64, triton.next_power_of_2(L))
+    if GPU_TILES:
+        block_d, block_p = _TILES[min(dtype.itemsize, 4)][kernel][block_l]
+    else:
+        block_d, block_p = _INTERPRETER_TILE
+    return (block_l, max(16, min(block_d, triton.next_power_of_2(D))), max(16, min(block_p, triton.next_power_of_2(N))),
+            8)
 
 
-def attention_fwd(q: Tensor, kv: Tensor, heads: int, scale: float, out_dtype: torch.dtype) -> Tensor:
+def attention_fwd(q: Tensor, kv: Tensor, heads: int, scale: float, out_dtype: torch.dtype,
+                  dtype: torch.dtype) -> Tensor:
     """out[b, :, p] = C softmax(scale C^T q[b, :, p]) per head.
 
-    q: [B, C, N] with unit stride along N (x flattened, or the tokens); kv: [B, C, L] contiguous tokens.
-    Returns [B, C, N] contiguous in out_dtype.
+    q: [B, C, N] with unit stride along N (x flattened, or the tokens); kv: [B, C, L] contiguous tokens; dtype: the
+    map's (it sets the dot operands). Returns [B, C, N] contiguous in out_dtype.
     """
     B, C, N = q.shape
     L, D = kv.shape[2], C // heads
     out = torch.empty((B, C, N), dtype=out_dtype, device=q.device)
-    block_l, block_d, block_p, num_warps = _attention_tiles("fwd", L, D, N, q.dtype)
+    block_l, block_d, block_p, num_warps = _attention_tiles("fwd", L, D, N, dtype)
     _kronecker_attention_fwd_kernel[(B * heads, triton.cdiv(N, block_p))](
         q, kv, out, C, N, L, D, q.stride(0), q.stride(1), scale, BLOCK_L=block_l, BLOCK_D=block_d, BLOCK_P=block_p,
-        DOT=dot_dtype(q.dtype), COMPUTE=compute_dtype(kv.dtype), num_warps=num_warps)
+        DOT=dot_dtype(dtype), COMPUTE=compute_dtype(kv.dtype), num_warps=num_warps)
     return out
 
 
-def attention_bwd_tokens(q: Tensor, kv: Tensor, dout: Tensor, heads: int, scale: float) -> Tensor:
+def attention_bwd_tokens(q: Tensor, kv: Tensor, dout: Tensor, heads: int, scale: float, dtype: torch.dtype) -> Tensor:
     """The tokens' gradient in their key and value roles, dO P^T + scale Q dS^T summed over all queries.
 
-    q: [B, C, N] (unit stride along N); kv: [B, C, L] contiguous; dout: [B, C, N] contiguous.
+    q: [B, C, N] (unit stride along N); kv: [B, C, L] contiguous; dout: [B, C, N] contiguous; dtype: the map's.
     Returns [B, C, L] in kv's dtype.
     """
     B, C, N = q.shape
     L, D = kv.shape[2], C // heads
-    block_l, block_d, block_p, num_warps = _attention_tiles("bwd_tokens", L, D, N, q.dtype)
+    block_l, block_d, block_p, num_warps = _attention_tiles("bwd_tokens", L, D, N, dtype)
     chunks, n_tiles = triton.cdiv(D, block_d), triton.cdiv(N, block_p)
     # Each (batch, head, chunk) splits its query tiles into n_parts slices: about 4 programs per SM in all.
     n_programs, _ = reduction_grid(B * heads * chunks * n_tiles, 1, q.device)
@@ -317,28 +323,28 @@ def attention_bwd_tokens(q: Tensor, kv: Tensor, dout: Tensor, heads: int, scale:
     partial = torch.empty((B * heads, n_parts, D, L), dtype=kv.dtype, device=q.device)
     _kronecker_attention_bwd_tokens_kernel[(B * heads, chunks, n_parts)](
         q, kv, dout, partial, C, N, L, D, q.stride(0), q.stride(1), tiles_per_part, scale, BLOCK_L=block_l,
-        BLOCK_D=block_d, BLOCK_P=block_p, DOT=dot_dtype(q.dtype), COMPUTE=compute_dtype(kv.dtype),
+        BLOCK_D=block_d, BLOCK_P=block_p, DOT=dot_dtype(dtype), COMPUTE=compute_dtype(kv.dtype),
         num_warps=num_warps)
     return partial.sum(1).view(B, C, L)
 
 
 def attention_bwd_queries(q: Tensor, kv: Tensor, dout: Tensor, spread: Tensor, heads: int, scale: float,
-                          image: torch.Size | None, out_dtype: torch.dtype) -> Tensor:
+                          image: torch.Size | None, out_dtype: torch.dtype, dtype: torch.dtype) -> Tensor:
     """dQ = scale C dS plus the token gradient ``spread`` [B, C, L] gathered at each query's tokens.
 
     image: the map's shape [B, C, (T,) H, W] when the queries are its positions (KV; the gradient of a token is
     shared equally by the positions it averages); None when the queries are the tokens themselves (QKV).
-    q, kv, dout as in attention_bwd_tokens. Returns [B, C, N] contiguous in out_dtype.
+    q, kv, dout, dtype as in attention_bwd_tokens. Returns [B, C, N] contiguous in out_dtype.
     """
     B, C, N = q.shape
     L, D = kv.shape[2], C // heads
     T, H, W, has_t = _spatial(image) if image is not None else (1, 1, 1, False)
     dq = torch.empty((B, C, N), dtype=out_dtype, device=q.device)
-    block_l, block_d, block_p, num_warps = _attention_tiles("bwd_queries", L, D, N, q.dtype)
+    block_l, block_d, block_p, num_warps = _attention_tiles("bwd_queries", L, D, N, dtype)
     _kronecker_attention_bwd_queries_kernel[(B * heads, triton.cdiv(N, block_p))](
         q, kv, dout, spread, dq, C, N, L, D, T, H, W, q.stride(0), q.stride(1), scale, *_token_weights(T, H, W),
         IMAGE=image is not None,
-        HAS_T=has_t, BLOCK_L=block_l, BLOCK_D=block_d, BLOCK_P=block_p, DOT=dot_dtype(q.dtype),
+        HAS_T=has_t, BLOCK_L=block_l, BLOCK_D=block_d, BLOCK_P=block_p, DOT=dot_dtype(dtype),
         COMPUTE=compute_dtype(kv.dtype), num_warps=num_warps)
     return dq
 
@@ -351,7 +357,7 @@ def _token_weights(T: int, H: int, W: int) -> tuple[float, float, float]:
 
 def _check_tokens(shape: torch.Size, dtype: torch.dtype) -> None:
     """All L keys of a head share one tile: refuse a map with more tokens before any pass over it."""
-    L, limit = sum(shape[2:]), MAX_TOKENS_FP64 if dtype == torch.float64 and not INTERPRET else MAX_TOKENS
+    L, limit = sum(shape[2:]), MAX_TOKENS[_operand_bytes(dtype)]
     if L > limit:
         raise ValueError(f"kronecker_attention: {L} tokens (H + W, + T in 3-D) exceed the kernels' limit of {limit} "
                          f"for {dtype}")
@@ -364,8 +370,8 @@ def kronecker_attention_fwd(x: Tensor, mode: str, heads: int, scale: float) -> t
     B, C = x.shape[:2]
     tokens = pool(x)
     if mode == "kv":
-        return attention_fwd(x.view(B, C, -1), tokens, heads, scale, x.dtype).view(x.shape), tokens
-    attended = attention_fwd(tokens, tokens, heads, scale, tokens.dtype)  # O' [B, C, L]
+        return attention_fwd(x.view(B, C, -1), tokens, heads, scale, x.dtype, x.dtype).view(x.shape), tokens
+    attended = attention_fwd(tokens, tokens, heads, scale, tokens.dtype, x.dtype)  # O' [B, C, L]
     return fold(attended, x.shape, x.dtype, (1.0, 1.0, 1.0)), tokens
 
 
@@ -377,11 +383,13 @@ def kronecker_attention_bwd(grad_out: Tensor, x: Tensor | None, tokens: Tensor, 
     B, C = grad_out.shape[:2]
     if mode == "kv":
         q, dout = x.view(B, C, -1), grad_out.view(B, C, -1)
-        d_tokens = attention_bwd_tokens(q, tokens, dout, heads, scale)
-        dx = attention_bwd_queries(q, tokens, dout, d_tokens, heads, scale, grad_out.shape, grad_out.dtype)
+        d_tokens = attention_bwd_tokens(q, tokens, dout, heads, scale, grad_out.dtype)
+        dx = attention_bwd_queries(q, tokens, dout, d_tokens, heads, scale, grad_out.shape, grad_out.dtype,
+                                   grad_out.dtype)
         return dx.view(grad_out.shape)
     dout = pool(grad_out, means=False)  # dO' = dO F: sums of dO over each token's positions
-    d_tokens = attention_bwd_queries(tokens, tokens, dout, attention_bwd_tokens(tokens, tokens, dout, heads, scale),
-                                     heads, scale, None, tokens.dtype)  # the query role plus the key/value roles
+    spread = attention_bwd_tokens(tokens, tokens, dout, heads, scale, grad_out.dtype)  # the key and value roles
+    d_tokens = attention_bwd_queries(tokens, tokens, dout, spread, heads, scale, None, tokens.dtype,
+                                     grad_out.dtype)  # plus the query role
     T, H, W, _ = _spatial(grad_out.shape)
     return fold(d_tokens, grad_out.shape, grad_out.dtype, _token_weights(T, H, W))

@@ -130,7 +130,7 @@ def kronecker_attention(x: Tensor, mode: str = "kv", heads: int = 1, scale: floa
 
     Args:
         x: [B, C, H, W] or [B, C, T, H, W], float32/bfloat16/float16/float64, contiguous over its spatial dims
-            (a channel slice of a wider tensor is fine); C divisible by heads; H + W (+ T) <= 1024 on the kernels
+            (a channel slice of a wider tensor is fine); C divisible by heads; H + W (+ T) <= 512 on the kernels
             (256 for fp64 on GPU).
         mode: "kv" or "qkv".
         heads: channel groups of C / heads channels that attend independently.
