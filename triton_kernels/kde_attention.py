@@ -32,24 +32,42 @@ LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
 
 
-def _blocks(d: int) -> tuple[int, int, int]:
-    """(BLOCK_N, num_warps, num_stages); BLOCK_M is the plan's query tile (min(bucket, 128): a tile lies in one block
-    and owns one sample set). Chosen for H100 from FlashAttention-2's shapes, not tuned: no GPU was available."""
+# (BLOCK_N, num_warps, num_stages) of each kernel on a GPU, for head_dim <= 64 and > 64. BLOCK_M is the plan's query
+# tile (min(bucket, 128): a tile lies in one block and owns one sample set). The largest that compile for sm_80 and
+# sm_90 without spilling (bench/offline.py; 64-key tiles with 4 warps spilled up to 1.5 KB per thread in the
+# backward), except the dq kernel at head_dim 128 on sm_80 (bench/offline.py's ALLOWED_SPILLS says why). Not yet
+# timed on a GPU.
+_GPU_BLOCKS = {"fwd": ((64, 8, 1), (32, 8, 1)), "dq": ((32, 8, 1), (16, 8, 1)), "dkdv": ((32, 8, 1), (32, 8, 1))}
+_GPU_BLOCKS_WIDE = (16, 8, 1)  # fp32 / fp64 operands: FMA dots from registers, every kernel
+_INTERPRETER_BLOCKS = (64, 4, 1)
+# The head dims a 128-query tile fits on a GPU, by operand bytes: past them no tile compiles without spilling
+# (fp32 spilled 2-70 KB per thread at head_dim 64; like FlashAttention, the fast path is 16-bit).
+MAX_HEAD_DIM_GPU = {2: 128, 4: 32, 8: 32}
+
+
+def _check_head_dims(q: Tensor, v: Tensor) -> None:
+    limit = MAX_HEAD_DIM_GPU[q.dtype.itemsize]
+    if GPU_TILES and max(q.shape[-1], v.shape[-1]) > limit:
+        raise ValueError(f"kde_attention: head dims {q.shape[-1]} / {v.shape[-1]} exceed the GPU kernels' limit of "
+                         f"{limit} for {q.dtype}; use bfloat16 or float16 inputs (limit {MAX_HEAD_DIM_GPU[2]})")
+
+
+def _blocks(kernel: str, d: int, dtype: torch.dtype) -> tuple[int, int, int]:
+    """(BLOCK_N, num_warps, num_stages) of one kernel."""
     if not GPU_TILES:
-        return 64, 4, 1
-    if d <= 64:
-        return 64, 4, 3
-    return 64, 8, 2
+        return _INTERPRETER_BLOCKS
+    return _GPU_BLOCKS_WIDE if dtype.itemsize >= 4 else _GPU_BLOCKS[kernel][d > 64]
 
 
 # ---- shared pieces -----------------------------------------------------------------------------------------------
 
 
 @triton.jit
-def _rows(ptr, idx, ok, stride_n, cols, n_cols, COMPUTE: tl.constexpr):
-    """Gather rows idx [R] of a [N, n_cols] slab with row stride stride_n -> [R, BLOCK] in COMPUTE."""
+def _rows(ptr, idx, ok, stride_n, cols, n_cols, DTYPE: tl.constexpr):
+    """Gather rows idx [R] of a [N, n_cols] slab with row stride stride_n -> [R, BLOCK] in DTYPE (DOT: q, k, v and dO
+    only feed dots, so 16-bit inputs stay 16-bit in registers, half the registers of an fp32 copy)."""
     mask = ok[:, None] & (cols[None, :] < n_cols)
-    return tl.load(ptr + idx.to(tl.int64)[:, None] * stride_n + cols[None, :], mask=mask, other=0.0).to(COMPUTE)
+    return tl.load(ptr + idx.to(tl.int64)[:, None] * stride_n + cols[None, :], mask=mask, other=0.0).to(DTYPE)
 
 
 @triton.jit
@@ -162,14 +180,14 @@ def _query_sample_tile(s_idx_ptr, s_block_ptr, s_logw_ptr, row, start, n_samples
 def _online_softmax_step(q, k_ptr, v_ptr, kj, key_ok, bias, m_i, l_i, acc, stride_kn, stride_vn, cols_d, cols_dv,
                          D, DV, qk_scale, COMPUTE: tl.constexpr, DOT: tl.constexpr):
     """Fold one key tile into the running (max, sum, acc) of every query row (FlashAttention's online softmax)."""
-    k = _rows(k_ptr, kj, kj >= 0, stride_kn, cols_d, D, COMPUTE)  # [BLOCK_N, D]
+    k = _rows(k_ptr, kj, kj >= 0, stride_kn, cols_d, D, DOT)  # [BLOCK_N, D]
     s = _scores(q, k, DOT) * qk_scale + bias  # [BLOCK_M, BLOCK_N] log2 units
     s = tl.where(key_ok, s, -float("inf"))
     m_new = tl.maximum(m_i, tl.max(s, axis=1))
     m_safe = tl.where(m_new == -float("inf"), 0.0, m_new)  # a row with nothing yet: exp2(-inf) = 0, not NaN
     p = tl.exp2(s - m_safe[:, None])
     alpha = tl.exp2(m_i - m_safe)
-    v = _rows(v_ptr, kj, kj >= 0, stride_vn, cols_dv, DV, COMPUTE)
+    v = _rows(v_ptr, kj, kj >= 0, stride_vn, cols_dv, DV, DOT)
     acc = dot(p, v, acc * alpha[:, None], DOT)
     return m_new, l_i * alpha + tl.sum(p, axis=1), acc
 
@@ -189,7 +207,7 @@ def _kde_attention_fwd_kernel(
     if count > 0:
         cols_d = tl.arange(0, BLOCK_D)
         cols_dv = tl.arange(0, BLOCK_DV)
-        q = _rows(q_ptr + b * stride_qb + h * stride_qh, qi, q_ok, stride_qn, cols_d, D, COMPUTE)  # [BLOCK_M, D]
+        q = _rows(q_ptr + b * stride_qb + h * stride_qh, qi, q_ok, stride_qn, cols_d, D, DOT)  # [BLOCK_M, D]
         k_base = k_ptr + b * stride_kb + (h // G) * stride_kh
         v_base = v_ptr + b * stride_vb + (h // G) * stride_vh
         row_out = (b * H + h) * n + qi  # [BLOCK_M]
@@ -233,8 +251,8 @@ def _dq_step(q, do, lse2, delta, dq, k_ptr, v_ptr, kj, key_ok, bias, stride_kn, 
              qk_scale, COMPUTE: tl.constexpr, DOT: tl.constexpr):
     """dq += dS K over one key tile, with P recomputed from the joint lse and dS = P (dO V^T - delta).
     Returns (dq, P [BLOCK_M, BLOCK_N], dS)."""
-    k = _rows(k_ptr, kj, kj >= 0, stride_kn, cols_d, D, COMPUTE)
-    v = _rows(v_ptr, kj, kj >= 0, stride_vn, cols_dv, DV, COMPUTE)
+    k = _rows(k_ptr, kj, kj >= 0, stride_kn, cols_d, D, DOT)
+    v = _rows(v_ptr, kj, kj >= 0, stride_vn, cols_dv, DV, DOT)
     s = _scores(q, k, DOT) * qk_scale + bias
     p = tl.where(key_ok, tl.exp2(s - lse2[:, None]), 0.0)  # [BLOCK_M, BLOCK_N]
     ds = p * (_scores(do, v, DOT) - delta[:, None])
@@ -265,8 +283,8 @@ def _kde_attention_bwd_dq_kernel(
     cols_dv = tl.arange(0, BLOCK_DV)
     if count > 0:
         row = (b * H + h) * n + qi
-        q = _rows(q_ptr + b * stride_qb + h * stride_qh, qi, q_ok, stride_qn, cols_d, D, COMPUTE)
-        do = _rows(do_ptr, row, q_ok, DV, cols_dv, DV, COMPUTE)  # [BLOCK_M, DV]
+        q = _rows(q_ptr + b * stride_qb + h * stride_qh, qi, q_ok, stride_qn, cols_d, D, DOT)
+        do = _rows(do_ptr, row, q_ok, DV, cols_dv, DV, DOT)  # [BLOCK_M, DV]
         lse2 = tl.load(lse_ptr + row, mask=q_ok, other=0.0).to(COMPUTE) * log2e
         delta = tl.load(delta_ptr + row, mask=q_ok, other=0.0).to(COMPUTE)
         k_base = k_ptr + b * stride_kb + (h // G) * stride_kh
@@ -307,8 +325,8 @@ def _kde_attention_bwd_dq_kernel(
 def _dkdv_step(k, v, dk, dv, q_ptr, do_ptr, lse_ptr, delta_ptr, qi, row, q_ok, allowed, stride_qn, cols_d, cols_dv,
                D, DV, qk_scale, log2e, COMPUTE: tl.constexpr, DOT: tl.constexpr):
     """dv += P^T dO and dk += dS^T Q over one query tile (transposed tiles: keys are the rows here)."""
-    q = _rows(q_ptr, qi, q_ok, stride_qn, cols_d, D, COMPUTE)  # [BLOCK_M, D]
-    do = _rows(do_ptr, row, q_ok, DV, cols_dv, DV, COMPUTE)  # [BLOCK_M, DV]
+    q = _rows(q_ptr, qi, q_ok, stride_qn, cols_d, D, DOT)  # [BLOCK_M, D]
+    do = _rows(do_ptr, row, q_ok, DV, cols_dv, DV, DOT)  # [BLOCK_M, DV]
     lse2 = tl.load(lse_ptr + row, mask=q_ok, other=0.0).to(COMPUTE) * log2e
     delta = tl.load(delta_ptr + row, mask=q_ok, other=0.0).to(COMPUTE)
     s_t = _scores(k, q, DOT) * qk_scale  # [BLOCK_N, BLOCK_M]
@@ -341,8 +359,8 @@ def _kde_attention_bwd_dkdv_kernel(
         cols_d = tl.arange(0, BLOCK_D)
         cols_dv = tl.arange(0, BLOCK_DV)
         kj, k_ok = _block_keys(perm_k_ptr, bhk, n, key_start + tl.arange(0, BLOCK_N), hi, IDENTITY)
-        k = _rows(k_ptr + b * stride_kb + hk * stride_kh, kj, k_ok, stride_kn, cols_d, D, COMPUTE)  # [BLOCK_N, D]
-        v = _rows(v_ptr + b * stride_vb + hk * stride_vh, kj, k_ok, stride_vn, cols_dv, DV, COMPUTE)
+        k = _rows(k_ptr + b * stride_kb + hk * stride_kh, kj, k_ok, stride_kn, cols_d, D, DOT)  # [BLOCK_N, D]
+        v = _rows(v_ptr + b * stride_vb + hk * stride_vh, kj, k_ok, stride_vn, cols_dv, DV, DOT)
         dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=COMPUTE)
         dv = tl.zeros([BLOCK_N, BLOCK_DV], dtype=COMPUTE)
         for g in range(0, G):
@@ -440,11 +458,13 @@ def _strides(*xs: Tensor) -> tuple[int, ...]:
     return tuple(s for x in xs for s in x.stride()[:3])
 
 
-def _meta(q: Tensor, v: Tensor, plan) -> dict:
-    """Tile sizes, warps, stages and the compute and dot dtypes of one call."""
+def _meta(kernel: str, q: Tensor, v: Tensor, plan) -> dict:
+    """Tile sizes, warps, stages and the compute and dot dtypes of one kernel's launches."""
     D, DV = q.shape[-1], v.shape[-1]
-    block_n, num_warps, num_stages = _blocks(D)
-    return dict(BLOCK_M=plan.tile, BLOCK_N=block_n, BLOCK_D=max(16, triton.next_power_of_2(D)),
+    block_n, num_warps, num_stages = _blocks(kernel, D, q.dtype)
+    # dk, dv step through a block's queries BLOCK_M at a time, any power of two up to the tile: wide operands, 64.
+    block_m = min(plan.tile, 64) if kernel == "dkdv" and GPU_TILES and q.dtype.itemsize >= 4 else plan.tile
+    return dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=max(16, triton.next_power_of_2(D)),
                 BLOCK_DV=max(16, triton.next_power_of_2(DV)), COMPUTE=compute_dtype(q.dtype), DOT=dot_dtype(q.dtype),
                 num_warps=num_warps, num_stages=num_stages)
 
@@ -459,7 +479,8 @@ def kde_attention_fwd(q: Tensor, k: Tensor, v: Tensor, plan, scale: float) -> tu
     B, H, n, D = q.shape
     Hk, DV = k.shape[1], v.shape[-1]
     acc_dtype = accumulator_dtype(q.dtype)
-    meta = _meta(q, v, plan)
+    _check_head_dims(q, v)
+    meta = _meta("fwd", q, v, plan)
     launches = _launches(plan, n, meta["BLOCK_M"], q.device)
     # One launch writes the output directly; several resume each other's state from an fp32 buffer.
     out = torch.empty((B, H, n, DV), dtype=q.dtype if len(launches) == 1 else acc_dtype, device=q.device)
@@ -482,8 +503,8 @@ def kde_attention_bwd(grad_out: Tensor, grad_lse: Tensor, q: Tensor, k: Tensor, 
     B, H, n, D = q.shape
     Hk, DV = k.shape[1], v.shape[-1]
     acc_dtype = accumulator_dtype(q.dtype)
-    meta = _meta(q, v, plan)
-    block_m, block_n = meta["BLOCK_M"], meta["BLOCK_N"]
+    dq_meta, dkdv_meta = _meta("dq", q, v, plan), _meta("dkdv", q, v, plan)
+    block_m = dq_meta["BLOCK_M"]
     grad_out = grad_out.contiguous()
     # delta_i = dO_i . O_i - dlse_i: dS = P (dP - delta) is then the gradient through both outputs.
     delta = ((grad_out.to(acc_dtype) * out.to(acc_dtype)).sum(-1) - grad_lse.to(acc_dtype)).contiguous()
@@ -497,19 +518,19 @@ def kde_attention_bwd(grad_out: Tensor, grad_lse: Tensor, q: Tensor, k: Tensor, 
     kv_row = torch.arange(B, device=q.device)[:, None] * Hk + torch.arange(H, device=q.device) // (H // Hk)  # [B, H]
     for launch in _launches(plan, n, block_m, q.device):
         s = launch.schedule
-        flags = dict(IDENTITY=launch.identity, CAUSAL=launch.causal, **meta)
+        flags = dict(IDENTITY=launch.identity, CAUSAL=launch.causal)
         # Per sample slot of every query tile: its dk, dv from that tile's queries (written by the dq kernel).
         dk_s = torch.empty((B * H * s.n_tiles * launch.n_samples, D), dtype=acc_dtype, device=q.device)
         dv_s = torch.empty((B * H * s.n_tiles * launch.n_samples, DV), dtype=acc_dtype, device=q.device)
         _kde_attention_bwd_dq_kernel[(s.n_tiles, B * H)](
             q, k, v, grad_out, lse, delta, dq, dk_s, dv_s, launch.perm_q, launch.perm_k, s.tile_start, s.tile_count,
             s.tile_block, launch.s_idx, launch.s_block, launch.s_logw, n, H, H // Hk, D, DV, s.tile_stride,
-            s.blocks_per_piece, s.keys_per_piece, launch.bucket, launch.n_samples, consts, *strides, **flags)
-        tiles_per_block = triton.cdiv(launch.bucket, block_n)
+            s.blocks_per_piece, s.keys_per_piece, launch.bucket, launch.n_samples, consts, *strides, **flags, **dq_meta)
+        tiles_per_block = triton.cdiv(launch.bucket, dkdv_meta["BLOCK_N"])
         _kde_attention_bwd_dkdv_kernel[(s.n_blocks * tiles_per_block, B * Hk)](
             q, k, v, grad_out, lse, delta, dk, dv, launch.perm_q, launch.perm_k, s.block_q_start, s.block_q_count,
             n, H, H // Hk, D, DV, s.block_stride, s.blocks_per_piece, s.keys_per_piece, launch.bucket,
-            tiles_per_block, consts, *strides, **flags)
+            tiles_per_block, consts, *strides, **flags, **dkdv_meta)
         if launch.n_samples:
             # A key drawn by several tiles (or twice by one) gets every contribution: index_add_, not a scatter.
             rows = (kv_row[:, :, None, None] * n + launch.level.sample_idx).flatten()  # [B H T m]
