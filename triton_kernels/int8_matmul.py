@@ -77,8 +77,10 @@ def _int8_mm_fwd_kernel(a_ptr, a_scale_ptr, w_ptr, w_scale_ptr, bias_ptr, x_ptr,
     tl.store(out_ptr + rm[:, None] * N + rn[None, :], y.to(out_ptr.dtype.element_ty), mask=out_mask)
 
 
-def _tiles(M: int, N: int, K: int) -> dict:
-    """Tile shapes by regime. Decode (M <= 16) streams W with tall-K tiles; prefill uses 128x128 tiles.
+def _tiles(M: int, N: int, K: int, wide_epilogue: bool) -> dict:
+    """Tile shapes by regime. Decode (M <= 16) streams W with tall-K tiles; prefill uses 64x128 tiles, 32x64 where
+    the outlier epilogue also holds 16-bit weight columns or fp32 activations (wide_epilogue; decode then takes
+    32-wide tiles).
 
     The interpreter gets tiles that cover small test problems in a few programs.
     """
@@ -86,11 +88,13 @@ def _tiles(M: int, N: int, K: int) -> dict:
         fit = lambda n, lo, hi: max(lo, min(hi, triton.next_power_of_2(n)))  # noqa: E731
         return dict(BLOCK_M=fit(M, 16, 64), BLOCK_N=fit(N, 16, 64), BLOCK_K=fit(K, 32, 128), num_warps=4,
                     num_stages=1)
-    if M <= 16:
-        return dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=256, num_warps=4, num_stages=4)
-    if M <= 64:
-        return dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=128, num_warps=4, num_stages=4)
-    return dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=128, num_warps=8, num_stages=4)
+    if M <= 16:  # with fp32 activations, 64-wide tiles spilled 24-56 bytes per thread (sm_90, Triton 3.6)
+        return dict(BLOCK_M=16, BLOCK_N=32 if wide_epilogue else 64, BLOCK_K=256, num_warps=4, num_stages=4)
+    # The int32 tile and the two fp32 outlier accumulators share the registers: 128 x 128 spilled 500-2000 bytes
+    # per thread (sm_80 / sm_90 offline compile, bench/results/offline/); these spill none.
+    if wide_epilogue:
+        return dict(BLOCK_M=32, BLOCK_N=64, BLOCK_K=128, num_warps=8, num_stages=4)
+    return dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=128, num_warps=8, num_stages=4)
 
 
 def _dot16(x: Tensor):
@@ -109,7 +113,7 @@ def int8_mm_fwd(a_codes: Tensor, a_scale: Tensor, w_codes: Tensor, w_scale: Tens
     M, K = a_codes.shape
     N = w_codes.shape[0]
     out = torch.empty((M, N), dtype=out_dtype, device=a_codes.device)
-    tiles, dot16 = _tiles(M, N, K), _dot16(x)
+    tiles, dot16 = _tiles(M, N, K, w16 is not None or x.dtype.itemsize >= 4), _dot16(x)
     grid = (triton.cdiv(M, tiles["BLOCK_M"]) * triton.cdiv(N, tiles["BLOCK_N"]),)
     _int8_mm_fwd_kernel[grid](
         a_codes, a_scale, w_codes, w_scale, bias if bias is not None else a_scale, x, outlier_cols, n_outliers,

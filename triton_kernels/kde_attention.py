@@ -35,9 +35,9 @@ LN2 = 0.6931471805599453
 # (BLOCK_N, num_warps, num_stages) of each kernel on a GPU, for head_dim <= 64 and > 64. BLOCK_M is the plan's query
 # tile (min(bucket, 128): a tile lies in one block and owns one sample set). The largest that compile for sm_80 and
 # sm_90 without spilling (bench/offline.py; 64-key tiles with 4 warps spilled up to 1.5 KB per thread in the
-# backward), except the dq kernel at head_dim 128 on sm_80 (bench/offline.py's ALLOWED_SPILLS says why). Not yet
-# timed on a GPU.
-_GPU_BLOCKS = {"fwd": ((64, 8, 1), (32, 8, 1)), "dq": ((32, 8, 1), (16, 8, 1)), "dkdv": ((32, 8, 1), (32, 8, 1))}
+# backward; under Triton 3.6, 32-key dk/dv tiles at head_dim <= 64 spilled 48 bytes on sm_80), except the dq kernel
+# at head_dim 128 on sm_80 (bench/offline.py's ALLOWED_SPILLS says why). Not yet timed on a GPU.
+_GPU_BLOCKS = {"fwd": ((64, 8, 1), (32, 8, 1)), "dq": ((32, 8, 1), (16, 8, 1)), "dkdv": ((16, 8, 1), (32, 8, 1))}
 _GPU_BLOCKS_WIDE = (16, 8, 1)  # fp32 / fp64 operands: FMA dots from registers, every kernel
 _INTERPRETER_BLOCKS = (64, 4, 1)
 # The head dims a 128-query tile fits on a GPU, by operand bytes: past them no tile compiles without spilling
@@ -48,8 +48,9 @@ MAX_HEAD_DIM_GPU = {2: 128, 4: 32, 8: 32}
 def _check_head_dims(q: Tensor, v: Tensor) -> None:
     limit = MAX_HEAD_DIM_GPU[q.dtype.itemsize]
     if GPU_TILES and max(q.shape[-1], v.shape[-1]) > limit:
+        hint = f"; bfloat16 or float16 inputs allow {MAX_HEAD_DIM_GPU[2]}" if q.dtype.itemsize > 2 else ""
         raise ValueError(f"kde_attention: head dims {q.shape[-1]} / {v.shape[-1]} exceed the GPU kernels' limit of "
-                         f"{limit} for {q.dtype}; use bfloat16 or float16 inputs (limit {MAX_HEAD_DIM_GPU[2]})")
+                         f"{limit} for {q.dtype}{hint}")
 
 
 def _blocks(kernel: str, d: int, dtype: torch.dtype) -> tuple[int, int, int]:
@@ -462,8 +463,8 @@ def _meta(kernel: str, q: Tensor, v: Tensor, plan) -> dict:
     """Tile sizes, warps, stages and the compute and dot dtypes of one kernel's launches."""
     D, DV = q.shape[-1], v.shape[-1]
     block_n, num_warps, num_stages = _blocks(kernel, D, q.dtype)
-    # dk, dv step through a block's queries BLOCK_M at a time, any power of two up to the tile: wide operands, 64.
-    block_m = min(plan.tile, 64) if kernel == "dkdv" and GPU_TILES and q.dtype.itemsize >= 4 else plan.tile
+    # dk, dv step through a block's queries BLOCK_M at a time, any power of two up to the tile: wide operands, 32.
+    block_m = min(plan.tile, 32) if kernel == "dkdv" and GPU_TILES and q.dtype.itemsize >= 4 else plan.tile
     return dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=max(16, triton.next_power_of_2(D)),
                 BLOCK_DV=max(16, triton.next_power_of_2(DV)), COMPUTE=compute_dtype(q.dtype), DOT=dot_dtype(q.dtype),
                 num_warps=num_warps, num_stages=num_stages)

@@ -304,9 +304,10 @@ def _tensor_attention_bwd_columns_kernel(q_ptr, kr_ptr, kc_ptr, vr_ptr, vc_ptr, 
 
 # (rows per program BLOCK_M = BLOCK_Q * BLOCK_J, BLOCK_N, num_warps, num_stages) of each kernel on a GPU: the
 # largest tiles that compile for sm_80 and sm_90 with no spills at head_dim 128 (bench/offline.py, whose table
-# is bench/results/offline/); 128-row tiles spilled 300-900 bytes per thread. fp32 and fp64 operands multiply on
+# is bench/results/offline/); 128-row tiles spilled 300-900 bytes per thread, and Triton 3.6 spilled 24-36 bytes
+# with 64-column forward tiles, so the forward takes 32 columns. fp32 and fp64 operands multiply on
 # the FMA units, with both tiles in registers: they get narrower tiles. Not yet timed on a GPU.
-_GPU_TILES = {"fwd": (64, 64, 8, 1), "rows": (32, 64, 8, 1), "columns": (64, 32, 8, 1)}
+_GPU_TILES = {"fwd": (64, 32, 8, 1), "rows": (32, 64, 8, 1), "columns": (64, 32, 8, 1)}
 _GPU_TILES_WIDE = {"fwd": (64, 16, 8, 1), "rows": (32, 16, 8, 1), "columns": (32, 16, 16, 1)}  # 32/64-bit operands
 _INTERPRETER_ROWS = {"fwd": 64, "rows": 32, "columns": 32}  # the interpreter: few programs, small grids
 
