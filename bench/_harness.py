@@ -104,6 +104,7 @@ class Case:
     summary: Callable[[dict[str, float]], str] | None = None  # {provider: ms} -> a line printed under the table
     extra_providers: dict[str, Callable[..., Any]] = dataclasses.field(default_factory=dict)  # name -> anchor
     peak: str = "bf16"  # the datasheet peak (PEAKS) that `flops` count against for % of peak
+    size: Any = None  # the bench/sizes.py Size a GPU case was built from (None for smoke cases)
 
     def __post_init__(self):
         if unknown := set(self.modes) - set(MODES):
@@ -176,6 +177,16 @@ class Row:
     def to_dict(self, info: "DeviceInfo") -> dict:
         unit, rate, pct = self.throughput(info) or (None, None, None)
         return {**dataclasses.asdict(self), "throughput_unit": unit, "throughput": rate, "pct_of_peak": pct}
+
+
+def cases_of(sizes: list, kinds: dict[str, Callable[..., Any]]) -> list[Case]:
+    """The GPU cases of a family's bench/sizes.py sizes: kinds[size.kind](**size.dims, gpu=True) gives a Case or a
+    list of them, each tagged with its size."""
+    cases = []
+    for size in sizes:
+        made = kinds[size.kind](**size.dims, gpu=True)
+        cases += [dataclasses.replace(case, size=size) for case in (made if isinstance(made, list) else [made])]
+    return cases
 
 
 def anchors(rows: list[Row]) -> list[str]:
@@ -457,11 +468,33 @@ def results_stem(device: torch.device, env: dict) -> Path:
     return RESULTS_DIR / device_info(device).slug / f"{env['date']}-{env['git_sha']}"
 
 
-def write_json(path: Path, env: dict, rows: list[Row], summaries: list[str], info: DeviceInfo) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    payload = {"environment": env, "summaries": summaries, "rows": [row.to_dict(info) for row in rows]}
-    path.write_text(json.dumps(payload, indent=1) + "\n")
-    return path
+class ResultsFile:
+    """bench/results/<device>/<date>-<sha>.json, rewritten after every row and summary line, so that a run stopped at
+    any point (a time budget, a killed command) leaves everything it measured on disk."""
+
+    def __init__(self, device: torch.device, **extra):
+        self.env = {**environment(device), **extra}
+        self.info = device_info(device)
+        self.path = results_stem(device, self.env).with_suffix(".json")
+        self.rows: list[Row] = []
+        self.summaries: list[str] = []
+
+    def add(self, row: Row) -> None:
+        self.rows.append(row)
+        self.write()
+
+    def add_summary(self, line: str) -> None:
+        self.summaries.append(line)
+        self.write()
+
+    def write(self) -> Path:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        payload = {"environment": self.env, "summaries": self.summaries,
+                   "rows": [row.to_dict(self.info) for row in self.rows]}
+        partial = self.path.with_suffix(".json.partial")
+        partial.write_text(json.dumps(payload, indent=1) + "\n")
+        partial.replace(self.path)  # a reader never sees half a file
+        return self.path
 
 
 PROVIDER_COLORS = {"torchext": "tab:green", "eager": "tab:gray", "torch.compile": "tab:blue"}

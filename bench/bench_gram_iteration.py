@@ -39,7 +39,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.utils.parametrizations import spectral_norm
 
-from bench._harness import Case, NotApplicable, pytest_params, run_benchmark
+from bench import sizes
+from bench._harness import Case, NotApplicable, cases_of, pytest_params, run_benchmark
 from torchext import ops
 from torchext.reference import gram_iteration as ref
 
@@ -302,18 +303,34 @@ def _cases(layers, gpu, shape=None, target=False):
             _case(layers, MORE_N_ITER, "fwd", gpu, shape, target)]
 
 
+NETWORKS = {sizes.RESNET18: RESNET18_CIFAR}
+
+
+def _each_conv(network, gpu):
+    """Every distinct conv shape of a network, one at a time."""
+    return [case for conv in dict.fromkeys(NETWORKS[network]) for case in _cases([conv], gpu)]
+
+
+def _network(network, gpu):
+    """All the convs of a network bounded together, one bound per layer (as lipschitz_penalty computes them)."""
+    layers = NETWORKS[network]
+    return _cases(layers, gpu, shape=f"{network}-cifar-{len(layers)}convs", target=True)
+
+
+def _dense(rows, cols, gpu, batch=0):
+    return _cases([Dense(rows, cols, batch)], gpu)
+
+
+KINDS = {"conv_each": _each_conv, "network": _network, "dense": _dense}
+
 CASES = [
     # CPU smoke sizes.
     *_cases([Conv(16, 16, 3, 8)], gpu=False),
     *_cases(TINY_CONVS, gpu=False, shape=f"tiny-{len(TINY_CONVS)}convs", target=True),
     *_cases([Dense(50, 40)], gpu=False),
     *_cases([Dense(8, 8, batch=4)], gpu=False),
-    # GPU sizes: each ResNet-18 CIFAR conv shape, then all 20 convs together (the issue's target).
-    *(case for conv in dict.fromkeys(RESNET18_CIFAR) for case in _cases([conv], gpu=True)),
-    *_cases(RESNET18_CIFAR, gpu=True, shape=f"resnet18-cifar-{len(RESNET18_CIFAR)}convs", target=True),
-    *_cases([Dense(500, 400)], gpu=True),
-    *_cases([Dense(4096, 4096)], gpu=True),
-    *_cases([Dense(64, 64, batch=256)], gpu=True),
+    # GPU sizes: each ResNet-18 CIFAR conv shape, then all 20 convs together (the issue's target), dense matrices.
+    *cases_of(sizes.GRAM_ITERATION, KINDS),
 ]
 
 

@@ -33,7 +33,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from bench._harness import Case, NotApplicable, pytest_params, run_benchmark
+from bench import sizes
+from bench._harness import Case, NotApplicable, cases_of, pytest_params, run_benchmark
 from torchext import ops
 from torchext.reference import int8_matmul as ref
 
@@ -45,8 +46,6 @@ except ImportError:  # not installed: the bitsandbytes anchor is left out
 Int8Case = partial(Case, "int8_matmul")
 BF16 = torch.bfloat16
 
-M_SIZES = (1, 16, 64, 256, 2048, 8192)
-LLAMA3_8B_LINEARS = ((4096, 4096), (4096, 14336), (14336, 4096))  # (K, N)
 THRESHOLDS = (0.0, 6.0)
 FEATURES_PER_OUTLIER = 512  # one planted outlier column per 512 input features, at least one
 
@@ -135,53 +134,76 @@ def _ratio(ms: dict[str, float], numerator: str, denominator: str) -> str:
     return f"{ms[numerator] / ms[denominator]:.2f}x"
 
 
-def _summaries(m, k, n):
-    """The summary hooks of one shape's threshold 0 and 6 cases; the second divides by the first's time."""
-    label = f"int8_linear {m}x{k}x{n}"
-    target = " (target >= 1.6x)" if m >= 2048 else " (target >= 1.3x)" if m <= 16 else ""
-    pure_int8 = {}  # {"threshold 0": torchext ms}, once the threshold 0 case has run
+def _summary(m, k, n, threshold):
+    label = f"int8_linear {m}x{k}x{n} threshold {threshold:g}"
 
-    def threshold0(ms):
-        if "torchext" in ms:
-            pure_int8["threshold 0"] = ms["torchext"]
-        return f"{label}: {_weight_memory(k, n)}; threshold 0: {_ratio(ms, 'eager', 'torchext')} bf16{target}"
-
-    def threshold6(ms):
-        return (f"{label}: threshold 6: {_ratio(ms, 'eager', 'torchext')} bf16, "
-                f"{_ratio({**ms, **pure_int8}, 'torchext', 'threshold 0')} the threshold 0 time (target <= 1.10x)")
-
-    return threshold0, threshold6
+    def line(ms):
+        parts = [f"{label}: {_weight_memory(k, n)}", f"bf16 / torchext {_ratio(ms, 'eager', 'torchext')}"]
+        if threshold > 0:  # the same inputs through the pure int8 path: what the outlier decomposition costs
+            parts.append(f"torchext / pure int8 {_ratio(ms, 'torchext', PURE_INT8)} (target <= 1.10x)")
+        return "; ".join(parts)
+    return line
 
 
 # ---- cases ------------------------------------------------------------------------------------------------------
 
+PURE_INT8 = "int8 t0"  # the anchor of threshold > 0 cases: torchext at threshold 0 on the same x
 
-def _int8_linear(m, k, n, threshold, gpu, mode="fwd", summary=None):
+
+def _int8_linear(m, k, n, threshold, gpu, mode="fwd", dtype=BF16):
     """One mode per case, since a summary hook sees the times of one mode. Threshold > 0 plants outliers in x;
     in "fwd+bwd" x gets the input gradient (int8_backward=True, the default) and the weight stays frozen. The
-    "fwd" cases also run the ANCHORS; the FLOPs count against the int8 peak."""
+    "fwd" cases also run the ANCHORS (and, with outliers, the pure int8 path); the FLOPs count against the int8
+    peak."""
     gemms = 2 if mode == "fwd+bwd" else 1
     make_inputs = partial(_linear_inputs, m, k, n, threshold)
-    return Int8Case(f"int8_linear_t{threshold:g}", f"{m}x{k}x{n}", BF16, make_inputs,
+    anchors = {}
+    if mode == "fwd":
+        anchors = {**ANCHORS, **({PURE_INT8: partial(_int8_linear_torchext, 0.0)} if threshold > 0 else {})}
+    return Int8Case(f"int8_linear_t{threshold:g}", f"{m}x{k}x{n}", dtype, make_inputs,
                     partial(_int8_linear_torchext, threshold), _linear_bf16, partial(_int8_linear_reference, threshold),
-                    modes=(mode,), count_bytes=False, flops={mode: gemms * 2 * m * n * k}, gpu=gpu, summary=summary,
-                    extra_providers=ANCHORS if mode == "fwd" else {}, peak="int8")
+                    modes=(mode,), count_bytes=False, flops={mode: gemms * 2 * m * n * k}, gpu=gpu,
+                    summary=_summary(m, k, n, threshold), extra_providers=anchors, peak="int8")
 
 
 def _int8_linear_pair(m, k, n, gpu):
     """The forward at threshold 0 (Gaussian x) and at threshold 6 (planted outlier columns) for one shape."""
-    return [_int8_linear(m, k, n, threshold, gpu, summary=summary)
-            for threshold, summary in zip(THRESHOLDS, _summaries(m, k, n))]
+    return [_int8_linear(m, k, n, threshold, gpu) for threshold in THRESHOLDS]
 
+
+def _static_inputs(m, k, n, device, dtype):
+    """_linear_inputs at threshold 6, plus the static outlier set (the planted columns, found once, as
+    calibrate_outliers does) and their 16-bit weight columns."""
+    x, weight, w_codes, w_scale, bnb_layer = _linear_inputs(m, k, n, 6.0, device, dtype)
+    cols = (x.detach().abs() >= 6.0).any(0).nonzero().flatten().to(torch.int32)
+    slot = torch.full((k,), -1, dtype=torch.int32, device=device)
+    slot[cols.long()] = torch.arange(cols.numel(), dtype=torch.int32, device=device)
+    return x, weight, cols, weight[:, cols.long()].contiguous(), slot, w_codes, w_scale
+
+
+def _static_torchext(x, weight, cols, w16, slot, w_codes, w_scale):
+    return ops.int8_linear(x, w_codes, w_scale, threshold=6.0, static_cols=cols, w16=w16, w16_slot=slot)
+
+
+def _static_bf16(x, weight, cols, w16, slot, w_codes, w_scale):
+    return F.linear(x, weight)
+
+
+def _int8_linear_static(m, k, n, gpu, dtype=BF16):
+    """Static mode (Int8Linear(outliers="static")): a calibrated outlier set whose weight columns stay in 16 bits."""
+    return Int8Case("int8_linear_static", f"{m}x{k}x{n}", dtype, partial(_static_inputs, m, k, n), _static_torchext,
+                    _static_bf16, modes=("fwd",), count_bytes=False, flops={"fwd": 2 * m * n * k}, gpu=gpu,
+                    peak="int8")
+
+
+KINDS = {"int8_linear_pair": _int8_linear_pair, "int8_linear": _int8_linear, "int8_linear_static": _int8_linear_static}
 
 CASES = [
     # CPU smoke sizes: a handful of Triton-interpreter programs per launch; torch._int_mm is n/a at M = 4.
     *_int8_linear_pair(4, 64, 32, gpu=False),
     _int8_linear(32, 64, 32, 0.0, gpu=False),
     _int8_linear(4, 64, 32, 0.0, gpu=False, mode="fwd+bwd"),
-    # GPU sizes.
-    *(case for k, n in LLAMA3_8B_LINEARS for m in M_SIZES for case in _int8_linear_pair(m, k, n, gpu=True)),
-    _int8_linear(2048, 4096, 14336, 0.0, gpu=True, mode="fwd+bwd"),
+    *cases_of(sizes.INT8_MATMUL, KINDS),  # GPU sizes
 ]
 
 

@@ -28,8 +28,9 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from bench._harness import (Case, NotApplicable, bench_device, peak_extra_mib, pytest_params, run_benchmark,
-                            time_ms)
+from bench import sizes
+from bench._harness import (Case, NotApplicable, bench_device, cases_of, peak_extra_mib, pytest_params,
+                            run_benchmark, time_ms)
 from torchext.ops.kde_attention import DEFAULT_EXACT_WINDOW, kde_attention
 from torchext.reference import kde_attention as ref
 
@@ -113,16 +114,13 @@ def _case(B, H, n, D, causal, mode, gpu, dtype=BF16):
     return dataclasses.replace(case, summary=partial(_summary, case, causal, params))
 
 
-GPU_CONFIGS = ((1, 32, 64), (1, 32, 128), (4, 8, 128))
-GPU_LENGTHS = (1024, 2048, 4096, 8192, 12000, 16384, 32768, 65536, 131072)
+KINDS = {"kde": _case}
 
 CASES = [
     # CPU smoke sizes: the estimator (min_seq_len 0 in "kde kernel") and the exact fallback (torchext at n < 4096).
     *(_case(1, 2, 200, 32, causal, mode, gpu=False, dtype=torch.float32)
       for causal in (False, True) for mode in ("fwd", "fwd+bwd")),
-    # GPU sizes.
-    *(_case(B, H, n, D, causal, mode, gpu=True)
-      for B, H, D in GPU_CONFIGS for n in GPU_LENGTHS for causal in (False, True) for mode in ("fwd", "fwd+bwd")),
+    *cases_of(sizes.KDE_ATTENTION, KINDS),  # GPU sizes
 ]
 
 

@@ -30,8 +30,9 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from bench._harness import (Case, NotApplicable, bench_device, device_info, peak_extra_mib, pytest_params,
-                            run_benchmark)
+from bench import sizes
+from bench._harness import (Case, NotApplicable, bench_device, cases_of, device_info, peak_extra_mib,
+                            pytest_params, run_benchmark)
 from torchext.ops.kronecker_attention import kronecker_attention
 from torchext.reference import kronecker_attention as ref
 
@@ -101,15 +102,15 @@ def _summary(case, mode, numel, element_size, ms):
     return "; ".join(parts)
 
 
-def _kao(mode, shape, heads, bench_mode, gpu):
+def _kao(mode, shape, heads, bench_mode, gpu, dtype=BF16):
     anchors = {"sdpa flat": partial(_sdpa_flattened, heads, None),
                "sdpa flat math": partial(_sdpa_flattened, heads, SDPBackend.MATH)}
-    case = Case("kronecker_attention", f"kronecker_{mode}", "x".join(map(str, shape)) + f"-h{heads}", BF16,
+    case = Case("kronecker_attention", f"kronecker_{mode}", "x".join(map(str, shape)) + f"-h{heads}", dtype,
                 partial(_inputs, shape), partial(kronecker_attention, mode=mode, heads=heads),
                 partial(_kao_eager, mode, heads), partial(ref.kronecker_attention, mode=mode, heads=heads),
                 modes=(bench_mode,), gpu=gpu, extra_providers=anchors)
     # One mode per case, since a summary sees the times of one mode; it measures memory on the case itself.
-    summary = partial(_summary, case, mode, math.prod(shape), BF16.itemsize)
+    summary = partial(_summary, case, mode, math.prod(shape), dtype.itemsize)
     return dataclasses.replace(case, summary=summary)
 
 
@@ -117,15 +118,16 @@ def _both_modes(mode, shape, heads, gpu):
     return [_kao(mode, shape, heads, bench_mode, gpu) for bench_mode in ("fwd", "fwd+bwd")]
 
 
+KINDS = {"kao": _kao}
+
 CASES = [
     # CPU smoke sizes: a few Triton-interpreter programs per launch.
     *_both_modes("kv", (1, 8, 8, 8), 2, gpu=False),
     *_both_modes("qkv", (1, 8, 8, 8), 2, gpu=False),
     *_both_modes("qkv", (1, 4, 2, 4, 4), 1, gpu=False),
-    # GPU sizes: a conv-net stage (batch 8, 128 channels, 2 heads of 64) at 32x32 .. 128x128, and a video clip.
-    *(case for side in (32, 64, 128) for mode in ("kv", "qkv") for case in _both_modes(mode, (8, 128, side, side),
-                                                                                       2, gpu=True)),
-    *(case for mode in ("kv", "qkv") for case in _both_modes(mode, (2, 128, 16, 32, 32), 2, gpu=True)),
+    # GPU sizes: a conv-net stage (batch 8, 128 channels, 2 heads of 64) at 32x32 .. 128x128, a video clip, and
+    # the 1024-token limit.
+    *cases_of(sizes.KRONECKER_ATTENTION, KINDS),
 ]
 
 

@@ -19,7 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from bench._harness import Case, NotApplicable, pytest_params, run_benchmark
+from bench import sizes
+from bench._harness import Case, NotApplicable, cases_of, pytest_params, run_benchmark
 from torchext import ops
 from torchext.reference import kv_quant as ref
 
@@ -82,17 +83,17 @@ def _not_compileable(*args):
 ANCHORS = {"sdpa fp16": _sdpa, "flash fp16": partial(_sdpa, backend=SDPBackend.FLASH_ATTENTION)}
 
 
-def packed_bytes_per_token(key_bits, value_bits):
+def packed_bytes_per_token(key_bits, value_bits, kv_heads=KV_HEADS, head_dim=HEAD_DIM):
     """Bytes one position takes in the packed buffers (codes, fp16 value offset and scale, outlier slots), read
     off an allocated one-position cache."""
-    codebook = ops.make_codebook(key_bits, value_bits, torch.zeros(KV_HEADS, HEAD_DIM), torch.ones(KV_HEADS, HEAD_DIM))
-    storage = ops.allocate_storage(1, KV_HEADS, HEAD_DIM, 1, codebook, SLOTS, dtype=torch.float16)
+    codebook = ops.make_codebook(key_bits, value_bits, torch.zeros(kv_heads, head_dim), torch.ones(kv_heads, head_dim))
+    storage = ops.allocate_storage(1, kv_heads, head_dim, 1, codebook, SLOTS, dtype=torch.float16)
     return sum(ops.kv_quant.bytes_per_position(storage).values())
 
 
-def _summary(batch, context, key_bits, value_bits):
-    fp16 = 2 * KV_HEADS * HEAD_DIM * 2  # bytes per token of a 16-bit K/V cache
-    packed = packed_bytes_per_token(key_bits, value_bits)
+def _summary(batch, context, key_bits, value_bits, kv_heads, head_dim):
+    fp16 = 2 * kv_heads * head_dim * 2  # bytes per token of a 16-bit K/V cache
+    packed = packed_bytes_per_token(key_bits, value_bits, kv_heads, head_dim)
     ideal = fp16 / packed  # 16 / b_eff
 
     def line(ms):
@@ -106,24 +107,26 @@ def _summary(batch, context, key_bits, value_bits):
     return line
 
 
-def _decode(batch, context, key_bits, value_bits, gpu, check=False):
-    heads, kv_heads, head_dim = (HEADS, KV_HEADS, HEAD_DIM) if gpu else (8, 2, 64)
-    return Case("kv_quant", "kv_quant_decode_attention", f"b{batch}-ctx{context}-K{key_bits}V{value_bits}",
-                torch.float16, partial(_inputs, batch, context, key_bits, value_bits, heads, kv_heads, head_dim),
+def _decode(batch, context, key_bits, value_bits, gpu, check=False, heads=None, kv_heads=None, head_dim=None,
+            dtype=torch.float16):
+    """GPU cases default to GQA 32:4 with head_dim 128; smoke cases to 8:2 with 64."""
+    default = (HEADS, KV_HEADS, HEAD_DIM) if gpu else (8, 2, 64)
+    heads, kv_heads, head_dim = (given or fallback for given, fallback in zip((heads, kv_heads, head_dim), default))
+    shape = f"b{batch}-ctx{context}-K{key_bits}V{value_bits}" + (f"-H{heads}/{kv_heads}-d{head_dim}" if
+                                                                  (heads, kv_heads, head_dim) != default else "")
+    return Case("kv_quant", "kv_quant_decode_attention", shape, dtype,
+                partial(_inputs, batch, context, key_bits, value_bits, heads, kv_heads, head_dim),
                 _torchext, _dequantize_then_attend, _reference if check else None, compiled=_not_compileable,
-                modes=("fwd",), count_bytes=False, gpu=gpu, summary=_summary(batch, context, key_bits, value_bits),
-                extra_providers=ANCHORS)
+                modes=("fwd",), count_bytes=False, gpu=gpu,
+                summary=_summary(batch, context, key_bits, value_bits, kv_heads, head_dim), extra_providers=ANCHORS)
 
+
+KINDS = {"decode": _decode}
 
 CASES = [
     # CPU smoke size: a few interpreter programs.
     _decode(2, 96, 4, 4, gpu=False, check=True),
-    # GPU sizes: every bit width at 4K and 16K, 4-bit out to 128K, and batches.
-    *(_decode(1, context, bits, bits, gpu=True) for context in (4096, 16384) for bits in (4, 3, 2)),
-    *(_decode(1, context, 4, 4, gpu=True) for context in (65536, 131072)),
-    _decode(1, 131072, 2, 2, gpu=True),
-    *(_decode(batch, context, 4, 4, gpu=True) for batch, context in ((8, 16384), (32, 4096), (32, 16384))),
-    _decode(8, 16384, 2, 2, gpu=True),
+    *cases_of(sizes.KV_QUANT, KINDS),  # GPU sizes
 ]
 
 

@@ -16,7 +16,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from bench._harness import Case, pytest_params, run_benchmark
+from bench import sizes
+from bench._harness import Case, cases_of, pytest_params, run_benchmark
 from examples.gpt import GPT, GPTConfig, adamw_param_groups
 from torchext import ops
 from torchext.nn import NGPT, NGPTConfig, NormalizedEmbedding, NormalizedLinear, renormalize_after_step
@@ -224,6 +225,17 @@ def _train_step():
         summary=_train_summary)
 
 
+def _renormalize_sized(model, gpu):
+    return _renormalize({sizes.TRAIN: TRAIN_MODEL}[model], gpu)
+
+
+def _train_step_sized(gpu):
+    return _train_step()
+
+
+KINDS = {"l2_normalize": _l2_normalize, "hypersphere_update": _hypersphere_update, "qk_norm_rope": _qk_norm_rope,
+         "scaled_swiglu": _scaled_swiglu, "renormalize": _renormalize_sized, "train_step": _train_step_sized}
+
 CASES = [
     # CPU smoke sizes: a few dozen Triton-interpreter programs per launch.
     _l2_normalize(64, 128, gpu=False),
@@ -231,15 +243,7 @@ CASES = [
     _qk_norm_rope(2, 16, 2, 32, gpu=False),
     _scaled_swiglu(64, 128, d_model=32, gpu=False),
     _renormalize(TINY_MODEL, gpu=False),
-    # GPU sizes.
-    _l2_normalize(16384, 1024, gpu=True),
-    _l2_normalize(16384, 4096, gpu=True),
-    _hypersphere_update(16384, 1024, gpu=True),
-    _hypersphere_update(16384, 4096, gpu=True),  # the target: >= 80% of HBM bandwidth, fwd and bwd
-    _qk_norm_rope(8, 2048, 16, 64, gpu=True),
-    _scaled_swiglu(16384, 4096, d_model=1024, gpu=True),
-    _renormalize(TRAIN_MODEL, gpu=True),
-    _train_step(),
+    *cases_of(sizes.NGPT, KINDS),  # GPU sizes
 ]
 
 

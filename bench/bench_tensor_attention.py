@@ -25,7 +25,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from bench._harness import Case, NotApplicable, pytest_params, run_benchmark
+from bench import sizes
+from bench._harness import Case, NotApplicable, cases_of, pytest_params, run_benchmark
 from torchext.ops.tensor_attention import tensor_attention
 from torchext.reference import tensor_attention as ref
 
@@ -97,15 +98,14 @@ def _case(B, H, Hkv, n, d, window, gpu, dtype=BF16):
         extra_providers={"sdpa (equal FLOPs)": _sdpa_equal_flops(max(1, round(t / n)))})
 
 
+KINDS = {"tensor": _case}
+
 CASES = [
     # CPU smoke sizes: a few dozen Triton-interpreter programs per launch.
     _case(1, 2, 1, 24, 16, (8, 4), gpu=False),
     _case(1, 2, 1, 12, 16, None, gpu=False),
     # GPU sizes: the paper's windows (512, 32), head_dim 128 and 64, GQA 8, n up to 32K; the exact operator.
-    *(_case(1, 8, 1, n, 128, (512, 32), gpu=True) for n in (4096, 8192, 16384, 32768)),
-    _case(1, 8, 1, 16384, 64, (512, 32), gpu=True),
-    _case(1, 8, 1, 16384, 128, (32, 512), gpu=True),
-    _case(1, 8, 8, 1024, 128, None, gpu=True),
+    *cases_of(sizes.TENSOR_ATTENTION, KINDS),
 ]
 
 

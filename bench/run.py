@@ -5,8 +5,9 @@
 Columns: max error against the fp32 reference, median time of torchext / eager PyTorch / torch.compile of
 it / each anchor the family's cases name (Case.extra_providers), torchext's speed-up over the better of
 eager and torch.compile and, with anchors, over the best anchor, and on a GPU torchext's achieved GB/s (or
-TFLOP/s) and its share of the datasheet peak (HBM, or the case's bf16 or int8 compute peak). Then it
-writes bench/results/<device>/<date>-<sha>.json and a PNG per family. A failing case or provider is
+TFLOP/s) and its share of the datasheet peak (HBM, or the case's bf16 or int8 compute peak). Each row is
+printed and written to bench/results/<device>/<date>-<sha>.json as soon as it is measured (a run cut short keeps
+what it measured); the tables and a PNG per family come at the end. A failing case or provider is
 recorded in its cell (FAIL[n], the error in footnote n) and the run goes on; an anchor that cannot run a
 shape shows n/a[n], its reason in footnote n. Without CUDA the same tables run at smoke sizes on the
 CPU; those times are not performance numbers.
@@ -21,9 +22,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script: `bench` and `examples` import
 
-from bench._harness import (BENCH_DIR, PROVIDERS, Case, DeviceInfo, NotApplicable, Row, anchors,  # noqa: E402
-                            bench_device, describe, device_info, enable_interpreter_without_cuda, environment,
-                            measure, plot_family, reference_outputs, results_stem, write_json)  # imports torch only
+from bench._harness import (BENCH_DIR, PROVIDERS, Case, DeviceInfo, NotApplicable, ResultsFile, Row,  # noqa: E402
+                            anchors, bench_device, describe, device_info, enable_interpreter_without_cuda, measure,
+                            plot_family, reference_outputs)  # imports torch only
 
 enable_interpreter_without_cuda()  # before discover() imports the families, which import triton and torchext
 
@@ -45,36 +46,66 @@ def discover(only: str | None) -> tuple[dict[str, list[Case]], list[str]]:
     return families, errors
 
 
-def run_case(case: Case, device, providers: tuple[str, ...]) -> list[Row]:
+def row_line(row: Row) -> str:
+    """One measured row as a line, printed as soon as it is measured."""
+    where = f"{row.family} {row.op} {row.shape} {row.dtype} {row.mode} {row.provider}"
+    if row.error:
+        return f"  {where}: FAIL {row.error.splitlines()[0][:200]}"
+    if row.not_applicable:
+        return f"  {where}: n/a ({row.not_applicable[:120]})"
+    error = "" if row.max_error is None else f", max error {row.max_error:.2e}"
+    return f"  {where}: {row.ms:.4g} ms{error}"
+
+
+def run_case(case: Case, device, providers: tuple[str, ...], results: ResultsFile | None = None) -> list[Row]:
     """Every mode x provider (the given ones, then the case's anchors) of one case. A failure becomes a row with
-    its error ("reference" if the check failed), a NotApplicable one with its reason."""
+    its error ("reference" if the check failed), a NotApplicable one with its reason. Each row is printed, and
+    added to `results`, as soon as it is measured; so is the case's summary line."""
     rows = []
+
+    def add(row: Row) -> None:
+        rows.append(row)
+        print(row_line(row), file=sys.stderr, flush=True)
+        if results is not None:
+            results.add(row)
+
     for mode in case.modes:
         try:
             expected = reference_outputs(case, mode, device)
         except Exception as e:
             expected = None
-            rows.append(Row.of(case, "reference", mode, error=describe(e)))
+            add(Row.of(case, "reference", mode, error=describe(e)))
         for provider in (*providers, *case.extra_providers):
-            print(f"  {case.family} {case.id} {mode} {provider}", file=sys.stderr, flush=True)
             try:
-                rows.append(measure(case, provider, mode, device, expected))
+                add(measure(case, provider, mode, device, expected))
             except NotApplicable as e:
-                rows.append(Row.of(case, provider, mode, not_applicable=str(e)))
+                add(Row.of(case, provider, mode, not_applicable=str(e)))
             except Exception as e:
-                rows.append(Row.of(case, provider, mode, error=describe(e)))
+                add(Row.of(case, provider, mode, error=describe(e)))
+    if case.summary:
+        line = case.summary({r.provider: r.ms for r in rows if r.ms is not None})
+        if results is not None:
+            results.add_summary(line)
     return rows
 
 
-def run_family(cases: list[Case], device, providers: tuple[str, ...]) -> tuple[list[Row], list[str]]:
-    """The rows of a family's cases that fit the device (GPU-sized ones only with CUDA), and their summary lines."""
-    rows, summaries = [], []
-    for case in (c for c in cases if c.gpu == (device.type == "cuda")):
-        case_rows = run_case(case, device, providers)
-        rows += case_rows
-        if case.summary:
-            summaries.append(case.summary({r.provider: r.ms for r in case_rows if r.ms is not None}))
-    return rows, summaries
+def run_family(cases: list[Case], device, providers: tuple[str, ...], results: ResultsFile) -> list[Row]:
+    """The rows of a family's cases that fit the device (GPU-sized ones only with CUDA)."""
+    return [row for case in cases if case.gpu == (device.type == "cuda")
+            for row in run_case(case, device, providers, results)]
+
+
+def print_tables(rows: list[Row], summaries: list[str], info: DeviceInfo) -> None:
+    """A table per family, then its summary lines and footnotes."""
+    families = list(dict.fromkeys(row.family for row in rows))
+    for family in families:
+        notes = Footnotes()  # numbered per table
+        print()
+        print(table([row for row in rows if row.family == family], info, notes))
+        for line in notes.lines():
+            print(line)
+    for line in summaries:
+        print(line)
 
 
 class Footnotes:
@@ -186,25 +217,23 @@ def main(argv: list[str] | None = None) -> int:
     families, import_errors = discover(args.family)
     providers = tuple(p for p in PROVIDERS if not (args.quick and p == "torch.compile"))
 
-    results = {family: run_family(cases, device, providers) for family, cases in families.items()}
-    for family_rows, family_summaries in results.values():
-        notes = Footnotes()  # numbered per table
-        print()
-        print(table(family_rows, info, notes))
-        for line in [*family_summaries, *notes.lines()]:
-            print(line)
+    results = ResultsFile(device)
+    rows = [row for cases in families.values() for row in run_family(cases, device, providers, results)]
+    print_tables(rows, results.summaries, info)
     for line in import_errors:
         print(line)
-
-    rows = [row for family_rows, _ in results.values() for row in family_rows]
-    summaries = [line for _, family_summaries in results.values() for line in family_summaries]
-    env = environment(device)
-    stem = results_stem(device, env)
-    print(f"\nresults: {write_json(stem.with_suffix('.json'), env, rows, summaries, info)}")
-    for family, (family_rows, _) in results.items():
-        if png := plot_family(stem.with_name(f"{stem.name}-{family}.png"), family, family_rows, info):
-            print(f"plot:    {png}")
+    print(f"\nresults: {results.path}")
+    write_plots(results)
     return 1 if import_errors or any(row.error for row in rows) else 0
+
+
+def write_plots(results: ResultsFile) -> None:
+    """One PNG per family next to the JSON."""
+    stem = results.path.with_suffix("")
+    for family in dict.fromkeys(row.family for row in results.rows):
+        rows = [row for row in results.rows if row.family == family]
+        if png := plot_family(stem.with_name(f"{stem.name}-{family}.png"), family, rows, results.info):
+            print(f"plot:    {png}")
 
 
 if __name__ == "__main__":
