@@ -1,7 +1,9 @@
 """Which backend runs an op: the CUDA extension, Triton (compiled or interpreted), or the reference.
 
 CUDA tensors go to the kernels. CPU tensors go to the pure-PyTorch reference, except under
-TRITON_INTERPRET=1, where Triton kernels run on CPU tensors through the interpreter (how CI tests them).
+TRITON_INTERPRET=1, where Triton kernels run on CPU tensors through the interpreter (how CI tests them), and while
+bench/_launches.py records launches (RECORDING), where CPU tensors reach the compiled kernels' launchers exactly
+as CUDA tensors would and the launches are recorded instead of run (how the offline compile check sees them).
 """
 
 import importlib.util
@@ -13,6 +15,7 @@ from torch import Tensor
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 HAS_TRITON = importlib.util.find_spec("triton") is not None
+RECORDING = False  # set only by bench._launches.recording()
 
 
 def _load_cuda_extension():
@@ -37,7 +40,7 @@ def cuda_dtype_code(dtype: torch.dtype) -> int:
 
 def use_triton(x: Tensor) -> bool:
     """True when the Triton kernel should run on ``x``'s device."""
-    return HAS_TRITON and (x.is_cuda or (INTERPRET and x.device.type == "cpu"))
+    return HAS_TRITON and (x.is_cuda or ((INTERPRET or RECORDING) and x.device.type == "cpu"))
 
 
 def use_cuda_ext(x: Tensor) -> bool:

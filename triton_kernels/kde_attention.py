@@ -304,7 +304,8 @@ def _kde_attention_bwd_dq_kernel(
             # The sampled keys' gradients from this tile's queries: dk = dS^T Q, dv = P^T dO (sample slots as rows).
             slots = start + tl.arange(0, BLOCK_N)
             slot_ok = slots < n_samples
-            _store_slots(dk_s_ptr, entry * n_samples + slots, slot_ok, cols_d, D, _product(tl.trans(ds), q, DOT) * scale)
+            dk_slots = _product(tl.trans(ds), q, DOT) * scale
+            _store_slots(dk_s_ptr, entry * n_samples + slots, slot_ok, cols_d, D, dk_slots)
             _store_slots(dv_s_ptr, entry * n_samples + slots, slot_ok, cols_dv, DV, _product(tl.trans(p), do, DOT))
         dq_ptrs = dq_ptr + row[:, None] * D + cols_d[None, :]
         dq_mask = q_ok[:, None] & (cols_d[None, :] < D)
