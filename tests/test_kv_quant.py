@@ -7,6 +7,7 @@ reference is the append path and the decode kernel runs through the Triton inter
 """
 
 import math
+from collections import Counter
 
 import pytest
 import torch
@@ -227,6 +228,26 @@ def test_decode_opcheck_and_compile():
     compiled = torch.compile(ops.kv_quant_decode_attention, fullgraph=True)
     torch.testing.assert_close(compiled(q, storage, codebook, inv_freq), ops.kv_quant_decode_attention(
         q, storage, codebook, inv_freq))
+
+
+def test_decode_compiles_a_fixed_set_over_a_long_generation(monkeypatch):
+    """An 8K-token generation on an H100's grid launches the decode and merge kernels in a few specialisations
+    only (Triton compiles each once): the split count and chunk that grow with the context are runtime arguments
+    (as constexprs they cost about 135 compiles of each kernel, 2.5-3 s apiece)."""
+    from bench._launches import recording, unique
+    from torchext.triton_kernels import _launch, kv_quant as kernels
+
+    monkeypatch.setattr(kernels, "sm_count", lambda device: _launch.H100_SMS)
+    storage, codebook = fresh_cache(1, 8, 128, 8192, dtype=torch.bfloat16)
+    q = torch.randn(1, 32, 1, 128).to(torch.bfloat16)
+    inv_freq = llama3_inv_freq(128)
+    with recording() as launches:
+        for length in range(1, 8193):
+            ops.kv_quant_decode_attention(q, storage, codebook, inv_freq, max_length=length)
+    assert len(launches) == 2 * 8192
+    compiles = Counter(launch.kernel for launch in unique(launches))
+    assert set(compiles) == {"_kv_quant_decode_fwd_kernel", "_kv_quant_decode_merge_kernel"}
+    assert max(compiles.values()) <= 4, compiles  # 67 and 66 when splits and chunk were constexprs
 
 
 def test_bad_inputs():
