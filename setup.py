@@ -6,6 +6,7 @@ builds on machines with nvcc and no GPU and survives torch upgrades.
 Environment:
     TORCHEXT_NO_CUDA=1        skip the CUDA build (pure Python: Triton + reference)
     TORCHEXT_CUDA_ARCHS       e.g. "80;90" (default); TORCH_CUDA_ARCH_LIST ("8.0;9.0") is read too
+    TORCHEXT_BUILD_JOBS       parallel nvcc compiles (default: every core)
     CUDA_HOME                 where to look for bin/nvcc before PATH
 """
 
@@ -13,6 +14,7 @@ import os
 import shutil
 import subprocess
 import sysconfig
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from setuptools import Extension, setup
@@ -40,25 +42,33 @@ def cuda_archs() -> list[str]:
 
 
 class NvccBuildExt(build_ext):
-    """Compiles every csrc/**/*.cu and csrc/module.cpp into torchext._C with one nvcc call."""
+    """Compiles csrc/module.cpp and every csrc/**/*.cu to objects with nvcc, in parallel (TORCHEXT_BUILD_JOBS, default
+    every core), then links them into torchext._C."""
 
     def build_extension(self, ext: Extension) -> None:
         import pybind11
 
-        nvcc = find_nvcc()
+        nvcc = str(find_nvcc())
         archs = cuda_archs()
         gencode = [f"-gencode=arch=compute_{a},code=sm_{a}" for a in archs]
         gencode.append(f"-gencode=arch=compute_{archs[-1]},code=compute_{archs[-1]}")
         output = Path(self.get_ext_fullpath(ext.name))
         output.parent.mkdir(parents=True, exist_ok=True)
-        command = [
-            str(nvcc), "-O3", "-std=c++17", "-shared", "-cudart=static", "-Xcompiler=-fPIC,-fvisibility=hidden",
-            "--expt-relaxed-constexpr", *gencode,
-            f"-I{CSRC}", f"-I{pybind11.get_include()}", f"-I{sysconfig.get_paths()['include']}",
-            *(str(ROOT / s) for s in ext.sources), "-o", str(output),
-        ]
-        print(" ".join(command))
-        subprocess.run(command, check=True)
+        objects_dir = Path(self.build_temp) / "torchext_C"
+        objects_dir.mkdir(parents=True, exist_ok=True)
+        flags = ["-O3", "-std=c++17", "-Xcompiler=-fPIC,-fvisibility=hidden", "--expt-relaxed-constexpr", *gencode,
+                 f"-I{CSRC}", f"-I{pybind11.get_include()}", f"-I{sysconfig.get_paths()['include']}"]
+        objects = [objects_dir / Path(source).with_suffix(".o").as_posix().replace("/", "_") for source in ext.sources]
+        commands = [[nvcc, *flags, "-c", str(ROOT / source), "-o", str(obj)]
+                    for source, obj in zip(ext.sources, objects)]
+        jobs = int(os.environ.get("TORCHEXT_BUILD_JOBS", os.cpu_count() or 1))
+        with ThreadPoolExecutor(jobs) as pool:
+            for command in commands:
+                print(" ".join(command))
+            list(pool.map(lambda command: subprocess.run(command, check=True), commands))
+        link = [nvcc, "-shared", "-cudart=static", *gencode, *(command[-1] for command in commands), "-o", str(output)]
+        print(" ".join(link))
+        subprocess.run(link, check=True)
 
 
 def extensions() -> list[Extension]:
