@@ -37,7 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench._harness import (PROVIDERS, REPO_ROOT, Case, ResultsFile, Row, _make_work,  # noqa: E402
                             bench_device, device_info, enable_interpreter_without_cuda)
 
-START = time.time()
+START = float(os.environ.get("TORCHEXT_GPU_START", time.time()))  # ./dev sets it before setup: setup counts
 enable_interpreter_without_cuda()  # before anything imports triton or torchext (rehearsal on the CPU)
 
 import torch  # noqa: E402

@@ -82,3 +82,28 @@ def check_compile(fn: Callable, inputs: Sequence[Tensor]) -> None:
 def check_raises(fn: Callable, error: type[Exception], match: str) -> None:
     with pytest.raises(error, match=re.escape(match) if not match.startswith("re:") else match[3:]):
         fn()
+
+
+# ---- hypothesis, optional -----------------------------------------------------------------------------------------
+# ./dev installs it; an offline GPU image may lack it. Without it the property tests skip (one line each) and the
+# rest of their modules run.
+try:
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+except ImportError:
+    class _NoStrategies:
+        def __getattr__(self, name):
+            return lambda *args, **kwargs: None
+
+    st = _NoStrategies()
+
+    def settings(**_):
+        return lambda fn: fn
+
+    def given(**_):
+        def skipped_test(fn):
+            def skipped():
+                pytest.skip("hypothesis is not installed")
+            skipped.__name__ = fn.__name__
+            return skipped
+        return skipped_test

@@ -7,9 +7,8 @@ import functools
 import pytest
 import torch
 import torch.nn.functional as F
-from hypothesis import given, settings
-from hypothesis import strategies as st
-from harness import check_against_reference, check_compile, check_gradcheck, check_opcheck, check_raises
+from harness import (check_against_reference, check_compile, check_gradcheck, check_opcheck, check_raises, given,
+                     settings, st)
 
 from torchext.nn.kronecker_attention import KroneckerAttention2d, KroneckerAttention3d
 from torchext.ops.kronecker_attention import kronecker_attention

@@ -6,9 +6,8 @@ import math
 
 import pytest
 import torch
-from hypothesis import given, settings
-from hypothesis import strategies as st
-from harness import (check_against_reference, check_compile, check_gradcheck, check_opcheck, check_raises)
+from harness import (check_against_reference, check_compile, check_gradcheck, check_opcheck, check_raises, given,
+                     settings, st)
 
 import torchext
 from torchext import ops
