@@ -15,6 +15,7 @@ CPU; those times are not performance numbers.
 
 import argparse
 import importlib
+import importlib.util
 import sys
 from pathlib import Path
 
@@ -228,7 +229,10 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def write_plots(results: ResultsFile) -> None:
-    """One PNG per family next to the JSON."""
+    """One PNG per family next to the JSON (none, with a line saying so, without matplotlib)."""
+    if importlib.util.find_spec("matplotlib") is None:
+        print("plots:   skipped (matplotlib is not installed)")
+        return
     stem = results.path.with_suffix("")
     for family in dict.fromkeys(row.family for row in results.rows):
         rows = [row for row in results.rows if row.family == family]
