@@ -24,12 +24,10 @@ import argparse
 import json
 import multiprocessing
 import os
-import signal
 import subprocess
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
-from contextlib import contextmanager
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -43,28 +41,9 @@ enable_interpreter_without_cuda()  # before anything imports triton or torchext 
 import torch  # noqa: E402
 
 from bench import sizes as size_table  # noqa: E402
-from bench.run import device_header, discover, print_tables, run_case, write_plots  # noqa: E402
+from bench.run import device_header, discover, print_tables, run_until, write_plots  # noqa: E402
 
 REHEARSAL_TESTS = ["tests/test_package.py"]  # the rehearsal runs the test step on these (the CI suite runs them all)
-
-
-class BudgetSpent(BaseException):
-    """Raised inside a case when the deadline passes (a BaseException: run_case records Exceptions as failures)."""
-
-
-@contextmanager
-def deadline_alarm(deadline: float):
-    """Interrupt the block with BudgetSpent at the deadline."""
-    def stop(signum, frame):
-        raise BudgetSpent()
-
-    previous = signal.signal(signal.SIGALRM, stop)
-    signal.setitimer(signal.ITIMER_REAL, max(deadline - time.time(), 0.01))
-    try:
-        yield
-    finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
-        signal.signal(signal.SIGALRM, previous)
 
 
 def say(text: str) -> None:
@@ -282,21 +261,10 @@ def main(argv: list[str] | None = None) -> int:
     pool.shutdown()
     say("warm-up done")
 
-    case_rows = []
-    for case in cases:
-        if time.time() > deadline - 5:
-            say(f"budget spent: {len(cases) - len(case_rows)} cases not run")
-            break
-        providers = PROVIDERS if _tier(case) == 0 or not gpu else tuple(p for p in PROVIDERS if p != "torch.compile")
-        start = len(results.rows)
-        try:
-            with deadline_alarm(deadline):
-                run_case(case, device, providers, results)
-        except BudgetSpent:
-            say(f"budget spent inside {case.family} {case.id}: its rows so far are kept")
-            case_rows.append((case, results.rows[start:]))
-            break
-        case_rows.append((case, results.rows[start:]))
+    def providers(case: Case) -> tuple[str, ...]:
+        return PROVIDERS if _tier(case) == 0 or not gpu else tuple(p for p in PROVIDERS if p != "torch.compile")
+
+    case_rows = run_until(cases, device, providers, results, deadline - 5, say)
 
     print_tables(results.rows, results.summaries, info)
     targets = target_lines(case_rows, info, gpu)

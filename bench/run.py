@@ -1,6 +1,6 @@
 """The benchmark showcase: every case of every bench/bench_<family>.py, for each mode and provider, a table per family.
 
-    .venv/bin/python bench/run.py [--quick] [--family ngpt]
+    .venv/bin/python bench/run.py [--quick] [--family ngpt] [--budget SECONDS]
 
 Columns: max error against the fp32 reference, median time of torchext / eager PyTorch / torch.compile of
 it / each anchor the family's cases name (Case.extra_providers), torchext's speed-up over the better of
@@ -16,7 +16,11 @@ CPU; those times are not performance numbers.
 import argparse
 import importlib
 import importlib.util
+import signal
 import sys
+import time
+from collections.abc import Callable
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -90,10 +94,44 @@ def run_case(case: Case, device, providers: tuple[str, ...], results: ResultsFil
     return rows
 
 
-def run_family(cases: list[Case], device, providers: tuple[str, ...], results: ResultsFile) -> list[Row]:
-    """The rows of a family's cases that fit the device (GPU-sized ones only with CUDA)."""
-    return [row for case in cases if case.gpu == (device.type == "cuda")
-            for row in run_case(case, device, providers, results)]
+class BudgetSpent(BaseException):
+    """Raised inside a case when the deadline passes (a BaseException: run_case records Exceptions as failures)."""
+
+
+@contextmanager
+def deadline_alarm(deadline: float):
+    """Interrupt the block with BudgetSpent at the deadline (time.time() seconds)."""
+    def stop(signum, frame):
+        raise BudgetSpent()
+
+    previous = signal.signal(signal.SIGALRM, stop)
+    signal.setitimer(signal.ITIMER_REAL, max(deadline - time.time(), 0.01))
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+def run_until(cases: list[Case], device, providers: Callable[[Case], tuple[str, ...]], results: ResultsFile,
+              deadline: float, say: Callable[[str], None] = print) -> list[tuple[Case, list[Row]]]:
+    """Run cases in order until the deadline; a case still running then is cut off and keeps the rows it measured
+    (they are in `results`, on disk, already). Returns (case, its rows) of each case run."""
+    done = []
+    for case in cases:
+        if time.time() > deadline:
+            say(f"budget spent: {len(cases) - len(done)} cases not run")
+            break
+        start = len(results.rows)
+        try:
+            with deadline_alarm(deadline):
+                run_case(case, device, providers(case), results)
+        except BudgetSpent:
+            say(f"budget spent inside {case.family} {case.id}: its rows so far are kept")
+            done.append((case, results.rows[start:]))
+            break
+        done.append((case, results.rows[start:]))
+    return done
 
 
 def print_tables(rows: list[Row], summaries: list[str], info: DeviceInfo) -> None:
@@ -204,7 +242,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="skip the torch.compile provider (its compiles "
                                                              "dominate the run time)")
     parser.add_argument("--family", help="only bench/bench_<FAMILY>.py, e.g. ngpt")
+    parser.add_argument("--budget", type=float, default=float("inf"),
+                        help="stop after this many seconds, keeping every row measured so far (default: no limit)")
     args = parser.parse_args(argv)
+    deadline = time.time() + args.budget
     if args.family and not (BENCH_DIR / f"bench_{args.family}.py").exists():
         parser.error(f"no bench/bench_{args.family}.py")
 
@@ -219,7 +260,9 @@ def main(argv: list[str] | None = None) -> int:
     providers = tuple(p for p in PROVIDERS if not (args.quick and p == "torch.compile"))
 
     results = ResultsFile(device)
-    rows = [row for cases in families.values() for row in run_family(cases, device, providers, results)]
+    fitting = [case for cases in families.values() for case in cases if case.gpu == (device.type == "cuda")]
+    run_until(fitting, device, lambda case: providers, results, deadline)
+    rows = results.rows
     print_tables(rows, results.summaries, info)
     for line in import_errors:
         print(line)
