@@ -6,8 +6,8 @@ import math
 
 import pytest
 import torch
-from harness import (check_against_reference, check_compile, check_gradcheck, check_opcheck, check_raises, given,
-                     settings, st)
+from harness import (TOLERANCES, check_against_reference, check_compile, check_gradcheck, check_opcheck, check_raises,
+                     given, settings, st)
 
 import torchext
 from torchext import ops
@@ -127,6 +127,48 @@ def test_long_zero_rows_give_zero_not_nan(device):
     y = ops.l2_normalize(x)
     (y * torch.randn_like(y)).sum().backward()
     assert torch.equal(y, torch.zeros_like(y)) and x.grad.isfinite().all()
+
+
+# ---- NaN and extreme magnitudes: a NaN in a row gives a NaN row (the reference's answer, on every path); rows of
+# 1e30 normalise to unit rows (a plain sum of squares overflows to inf and gave 0) -------------------------------
+
+
+def extreme_rows(cols, dtype, device):
+    """Rows: normal, one NaN element, every element ~1e30, normal."""
+    x = torch.randn(4, cols, device=device)
+    x[1, cols // 2] = float("nan")
+    x[2] *= 1e30
+    return x.to(dtype)
+
+
+def check_extreme(out, expected, dtype, scale=1.0):
+    """out [4, cols] of extreme_rows against the reference; row 2 is a unit row once divided by `scale`."""
+    torch.testing.assert_close(out, expected, equal_nan=True, **TOLERANCES[dtype])
+    assert out[1].isnan().all() and not out[[0, 2, 3]].isnan().any()
+    torch.testing.assert_close((out[2].float() / scale).norm(), torch.tensor(1.0, device=out.device), atol=1e-2,
+                               rtol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("cols", [37, LONG_ROW], ids=["rows", "split_rows"])
+def test_nan_rows_stay_nan_and_huge_rows_are_unit(cols, dtype, device):
+    x = extreme_rows(cols, dtype, device).requires_grad_()
+    check_extreme(ops.l2_normalize(x), ref.l2_normalize(x), dtype)
+    branch = torch.randn(4, cols, device=device).to(dtype)
+    alpha = torch.full((cols,), 0.05, device=device)
+    check_extreme(ops.hypersphere_update(x, branch, alpha), ref.hypersphere_update(x, branch, alpha), dtype)
+    grad = torch.autograd.grad(ops.l2_normalize(x).float().sum(), x)[0]
+    assert grad[1].isnan().all() and grad[[0, 2, 3]].isfinite().all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_qk_norm_rope_nan_and_huge_rows(dtype, device):
+    q, k, cos, sin, s_qk = qk_inputs(1, 4, 1, 1, 16, False, dtype=dtype, device=device)
+    q, k = q.detach().clone(), k.detach()
+    q[0, 1, 0, 3], q[0, 2] = float("nan"), q[0, 2] * 1e30
+    q_out, _ = ops.qk_norm_rope(q, k, cos[:4], sin[:4], s_qk)
+    expected, _ = ref.qk_norm_rope(q, k, cos[:4], sin[:4], s_qk)
+    check_extreme(q_out[0, 0], expected[0, 0], dtype, s_qk.detach())  # [T, D]: tokens 0-3 of the one head
 
 
 # ---- qk_norm_rope ---------------------------------------------------------------------------------------------

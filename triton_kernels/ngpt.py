@@ -21,17 +21,50 @@ from ._launch import (MAX_ROW_ELEMENTS, accumulator_dtype, compute_dtype, elemen
 # ---- shared pieces: y = x / max(||x||, eps) on [BLOCK_M, BLOCK_N] fp32 tiles ----------------------------------
 
 
+# Norms are taken of x / scale with scale = max|x| over the row (1 for a zero row), as LAPACK's nrm2 does, so that
+# ||x|| = scale ||x / scale|| cannot overflow (or flush to zero) where x itself is representable: rows of 1e30
+# normalise to unit rows, not 0. NaN anywhere in a row makes its norm, and so the whole row, NaN.
+
+
 @triton.jit
-def _inv_norm(sum_sq, eps):
-    """1 / max(||x||, eps) and whether ||x|| > eps, from sum_sq = ||x||^2 [BLOCK_M, 1]."""
-    norm = tl.sqrt(sum_sq)
-    return 1.0 / tl.maximum(norm, eps), norm > eps
+def _inv_norm(sum_sq, scale, eps):
+    """1 / max(||x||, eps) and whether ||x|| > eps, from sum_sq = ||x / scale||^2 [BLOCK_M, 1] (or scalars)."""
+    norm = scale * tl.sqrt(sum_sq)
+    return 1.0 / tl.maximum(norm, eps, propagate_nan=tl.PropagateNan.ALL), norm > eps
+
+
+@triton.jit
+def _row_scale(x):
+    """max|x| of each row of x [BLOCK_M, BLOCK_N] -> [BLOCK_M, 1], 1 for a zero row."""
+    amax = tl.max(tl.abs(x), axis=1)[:, None]
+    return tl.where(amax > 0, amax, 1.0)
 
 
 @triton.jit
 def _unit(x, eps):
-    inv, above_eps = _inv_norm(tl.sum(x * x, axis=1)[:, None], eps)
+    scale = _row_scale(x)
+    xs = x / scale
+    inv, above_eps = _inv_norm(tl.sum(xs * xs, axis=1)[:, None], scale, eps)
     return x * inv, inv, above_eps
+
+
+@triton.jit
+def _add_squares(sum_sq, scale, x):
+    """Add chunk x [BLOCK_N] to a row's running squares, kept per lane relative to the lane's running max|x|:
+    (sum_sq, scale) [BLOCK_N] -> the same after x (nrm2's update, so a long row never overflows either)."""
+    new_scale = tl.maximum(scale, tl.abs(x))
+    safe = tl.where(new_scale > 0, new_scale, 1.0)
+    ratio, xs = scale / safe, x / safe
+    return sum_sq * (ratio * ratio) + xs * xs, new_scale
+
+
+@triton.jit
+def _lanes_inv_norm(sum_sq, scale, eps):
+    """_inv_norm of a row from its per-lane running squares (_add_squares)."""
+    row_scale = tl.max(scale, axis=0)
+    row_scale = tl.where(row_scale > 0, row_scale, 1.0)
+    ratio = scale / row_scale
+    return _inv_norm(tl.sum(sum_sq * (ratio * ratio), axis=0), row_scale, eps)
 
 
 @triton.jit
@@ -206,11 +239,11 @@ def _l2_normalize_split_fwd_kernel(x_ptr, y_ptr, n_cols, x_row_stride, eps, BLOC
                                    COMPUTE: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     x_row, y_row = x_ptr + row * x_row_stride, y_ptr + row * n_cols
-    sum_sq = tl.zeros([BLOCK_N], dtype=COMPUTE)
+    sum_sq, scale = tl.zeros([BLOCK_N], dtype=COMPUTE), tl.zeros([BLOCK_N], dtype=COMPUTE)
     for c0 in range(0, n_cols, BLOCK_N):
         x, _, _ = _chunk(x_row, c0, n_cols, BLOCK_N, COMPUTE)
-        sum_sq += x * x
-    inv, _ = _inv_norm(tl.sum(sum_sq), eps)
+        sum_sq, scale = _add_squares(sum_sq, scale, x)
+    inv, _ = _lanes_inv_norm(sum_sq, scale, eps)
     for c0 in range(0, n_cols, BLOCK_N):
         x, cols, mask = _chunk(x_row, c0, n_cols, BLOCK_N, COMPUTE)
         tl.store(y_row + cols, (x * inv).to(y_ptr.dtype.element_ty), mask=mask)
@@ -221,14 +254,14 @@ def _l2_normalize_split_bwd_kernel(dy_ptr, x_ptr, dx_ptr, n_cols, x_row_stride, 
                                    COMPUTE: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     x_row, dy_row, dx_row = x_ptr + row * x_row_stride, dy_ptr + row * n_cols, dx_ptr + row * n_cols
-    sum_sq = tl.zeros([BLOCK_N], dtype=COMPUTE)
+    sum_sq, scale = tl.zeros([BLOCK_N], dtype=COMPUTE), tl.zeros([BLOCK_N], dtype=COMPUTE)
     x_dot_dy = tl.zeros([BLOCK_N], dtype=COMPUTE)
     for c0 in range(0, n_cols, BLOCK_N):
         x, _, _ = _chunk(x_row, c0, n_cols, BLOCK_N, COMPUTE)
         dy, _, _ = _chunk(dy_row, c0, n_cols, BLOCK_N, COMPUTE)
-        sum_sq += x * x
+        sum_sq, scale = _add_squares(sum_sq, scale, x)
         x_dot_dy += x * dy
-    inv, above_eps = _inv_norm(tl.sum(sum_sq), eps)
+    inv, above_eps = _lanes_inv_norm(sum_sq, scale, eps)
     y_dot_dy = tl.where(above_eps, tl.sum(x_dot_dy) * inv, 0.0)
     for c0 in range(0, n_cols, BLOCK_N):
         x, cols, mask = _chunk(x_row, c0, n_cols, BLOCK_N, COMPUTE)
@@ -248,11 +281,11 @@ def _residual_chunk(h_row, b_row, alpha_ptr, b_inv, c0, n_cols, BLOCK_N: tl.cons
 
 @triton.jit
 def _branch_inv_norm(b_row, n_cols, eps, BLOCK_N: tl.constexpr, COMPUTE: tl.constexpr):
-    sum_sq = tl.zeros([BLOCK_N], dtype=COMPUTE)
+    sum_sq, scale = tl.zeros([BLOCK_N], dtype=COMPUTE), tl.zeros([BLOCK_N], dtype=COMPUTE)
     for c0 in range(0, n_cols, BLOCK_N):
         b, _, _ = _chunk(b_row, c0, n_cols, BLOCK_N, COMPUTE)
-        sum_sq += b * b
-    return _inv_norm(tl.sum(sum_sq), eps)
+        sum_sq, scale = _add_squares(sum_sq, scale, b)
+    return _lanes_inv_norm(sum_sq, scale, eps)
 
 
 @triton.jit
@@ -261,11 +294,11 @@ def _hypersphere_update_split_fwd_kernel(h_ptr, b_ptr, alpha_ptr, out_ptr, n_col
     row = tl.program_id(0).to(tl.int64)
     h_row, b_row, out_row = h_ptr + row * h_row_stride, b_ptr + row * b_row_stride, out_ptr + row * n_cols
     b_inv, b_above_eps = _branch_inv_norm(b_row, n_cols, eps, BLOCK_N, COMPUTE)
-    sum_sq = tl.zeros([BLOCK_N], dtype=COMPUTE)
+    sum_sq, scale = tl.zeros([BLOCK_N], dtype=COMPUTE), tl.zeros([BLOCK_N], dtype=COMPUTE)
     for c0 in range(0, n_cols, BLOCK_N):
         r, h, b_unit, a, cols, mask = _residual_chunk(h_row, b_row, alpha_ptr, b_inv, c0, n_cols, BLOCK_N, COMPUTE)
-        sum_sq += r * r
-    r_inv, r_above_eps = _inv_norm(tl.sum(sum_sq), eps)
+        sum_sq, scale = _add_squares(sum_sq, scale, r)
+    r_inv, r_above_eps = _lanes_inv_norm(sum_sq, scale, eps)
     for c0 in range(0, n_cols, BLOCK_N):
         r, h, b_unit, a, cols, mask = _residual_chunk(h_row, b_row, alpha_ptr, b_inv, c0, n_cols, BLOCK_N, COMPUTE)
         tl.store(out_row + cols, (r * r_inv).to(out_ptr.dtype.element_ty), mask=mask)
@@ -285,14 +318,14 @@ def _hypersphere_update_split_bwd_kernel(dout_ptr, h_ptr, b_ptr, alpha_ptr, dh_p
             h_row, b_row = h_ptr + row * h_row_stride, b_ptr + row * b_row_stride
             dout_row = dout_ptr + row * n_cols
             b_inv, b_above_eps = _branch_inv_norm(b_row, n_cols, eps, BLOCK_N, COMPUTE)
-            r_sq = tl.zeros([BLOCK_N], dtype=COMPUTE)
+            r_sq, r_scale = tl.zeros([BLOCK_N], dtype=COMPUTE), tl.zeros([BLOCK_N], dtype=COMPUTE)
             r_dot_dout = tl.zeros([BLOCK_N], dtype=COMPUTE)
             for c0 in range(0, n_cols, BLOCK_N):
                 r, _, _, _, _, _ = _residual_chunk(h_row, b_row, alpha_ptr, b_inv, c0, n_cols, BLOCK_N, COMPUTE)
                 dout, _, _ = _chunk(dout_row, c0, n_cols, BLOCK_N, COMPUTE)
-                r_sq += r * r
+                r_sq, r_scale = _add_squares(r_sq, r_scale, r)
                 r_dot_dout += r * dout
-            r_inv, r_above_eps = _inv_norm(tl.sum(r_sq), eps)
+            r_inv, r_above_eps = _lanes_inv_norm(r_sq, r_scale, eps)
             out_dot_dout = tl.where(r_above_eps, tl.sum(r_dot_dout) * r_inv, 0.0)
             unit_dot_g = tl.zeros([BLOCK_N], dtype=COMPUTE)
             for c0 in range(0, n_cols, BLOCK_N):
@@ -336,13 +369,21 @@ def _qk_tile(x_ptr, cos_ptr, sin_ptr, bt_start, head, T, H, half, n_bt, stride_b
 
 
 @triton.jit
+def _rotated_inv_norm(r1, r2, eps):
+    """_inv_norm of rows held as two halves r1, r2 [BLOCK_M, BLOCK_HALF] (RoPE's pairs)."""
+    scale = tl.maximum(_row_scale(r1), _row_scale(r2))
+    r1s, r2s = r1 / scale, r2 / scale
+    return _inv_norm(tl.sum(r1s * r1s + r2s * r2s, axis=1)[:, None], scale, eps)
+
+
+@triton.jit
 def _qk_norm_rope_fwd_rows(x_ptr, out_ptr, cos_ptr, sin_ptr, scale_ptr, head, T, H, half, n_bt,
                            stride_b, stride_t, stride_h, eps,
                            BLOCK_M: tl.constexpr, BLOCK_HALF: tl.constexpr, COMPUTE: tl.constexpr):
     bt_start = tl.program_id(0).to(tl.int64) * BLOCK_M
     r1, r2, c, s, b, t, cols, mask = _qk_tile(x_ptr, cos_ptr, sin_ptr, bt_start, head, T, H, half, n_bt,
                                               stride_b, stride_t, stride_h, BLOCK_M, BLOCK_HALF, COMPUTE)
-    inv, _ = _inv_norm(tl.sum(r1 * r1 + r2 * r2, axis=1)[:, None], eps)
+    inv, _ = _rotated_inv_norm(r1, r2, eps)
     scale1 = tl.load(scale_ptr + cols, mask=cols < half, other=0.0).to(COMPUTE)
     scale2 = tl.load(scale_ptr + half + cols, mask=cols < half, other=0.0).to(COMPUTE)
     out = out_ptr + ((b * H + head) * T + t) * (2 * half) + cols  # output layout [B, H, T, D]
@@ -378,7 +419,7 @@ def _qk_norm_rope_bwd_rows(dout_ptr, x_ptr, dx_ptr, cos_ptr, sin_ptr, scale_ptr,
         bt_start = (pid * blocks_per_program + i) * BLOCK_M
         r1, r2, c, s, b, t, cols, mask = _qk_tile(x_ptr, cos_ptr, sin_ptr, bt_start, head, T, H, half, n_bt,
                                                   stride_b, stride_t, stride_h, BLOCK_M, BLOCK_HALF, COMPUTE)
-        inv, above_eps = _inv_norm(tl.sum(r1 * r1 + r2 * r2, axis=1)[:, None], eps)
+        inv, above_eps = _rotated_inv_norm(r1, r2, eps)
         y1, y2 = r1 * inv, r2 * inv
         dout = dout_ptr + ((b * H + head) * T + t) * (2 * half) + cols
         g1 = tl.load(dout, mask=mask, other=0.0).to(COMPUTE)

@@ -16,9 +16,17 @@ from torchext._dtypes import upcast
 DEFAULT_EPS = 1e-6
 
 
+def _norm(x: Tensor, dim: int = -1) -> Tensor:
+    """||x|| along dim (kept), computed as max|x| ||x / max|x||| so that it cannot overflow or flush to zero where
+    x is representable (LAPACK's nrm2; the kernels do the same). NaN in x gives NaN."""
+    scale = x.abs().amax(dim, keepdim=True)
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    return scale * (x / scale).norm(dim=dim, keepdim=True)
+
+
 def _unit(x: Tensor, eps: float) -> tuple[Tensor, Tensor]:
     """(x / max(||x||, eps), ||x||) over the last dim."""
-    norm = x.norm(dim=-1, keepdim=True)
+    norm = _norm(x)
     return x / norm.clamp_min(eps), norm
 
 
@@ -31,7 +39,7 @@ def _unit_backward(grad_y: Tensor, y: Tensor, norm: Tensor, eps: float) -> Tenso
 def l2_normalize(x: Tensor, dim: int = -1, eps: float = DEFAULT_EPS) -> Tensor:
     """Norm(x) = x / max(||x||_2, eps) along ``dim`` (the paper's Norm, with an eps guard)."""
     xf = upcast(x)
-    return (xf / xf.norm(dim=dim, keepdim=True).clamp_min(eps)).to(x.dtype)
+    return (xf / _norm(xf, dim).clamp_min(eps)).to(x.dtype)
 
 
 def l2_normalize_backward(grad_y: Tensor, x: Tensor, eps: float = DEFAULT_EPS) -> Tensor:
