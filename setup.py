@@ -74,6 +74,10 @@ class NvccBuildExt(build_ext):
 def extensions() -> list[Extension]:
     if find_nvcc() is None:
         print("torchext: nvcc not found or TORCHEXT_NO_CUDA=1; installing without the CUDA extension")
+        # An editable install imports from the source tree: a _C left by an earlier CUDA build would still load.
+        for stale in (ROOT / "torchext").glob("_C*.so"):
+            print(f"torchext: removing {stale.name} of an earlier CUDA build")
+            stale.unlink()
         return []
     # setuptools wants paths relative to this file
     sources = ["csrc/module.cpp"] + sorted(p.relative_to(ROOT).as_posix() for p in CSRC.rglob("*.cu"))

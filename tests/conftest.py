@@ -16,8 +16,9 @@ if not torch.cuda.is_available():
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
-HAS_CUDA = torch.cuda.is_available()
-DEVICE = torch.device("cuda" if HAS_CUDA else "cpu")
+from harness import DEVICE  # noqa: E402
+
+HAS_CUDA = DEVICE.type == "cuda"
 
 
 def pytest_collection_modifyitems(config, items):

@@ -10,6 +10,9 @@ import pytest
 import torch
 from torch import Tensor
 
+# The device the suite runs on (the `device` fixture; property tests, which cannot take fixtures, use it directly).
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
 # One table: kernel output (fp32 math, rounded to the output dtype) vs the fp32 reference rounded the
 # same way. bf16/fp16 allow about one rounding step of the output format; fp32 is torch's default.
 TOLERANCES = {

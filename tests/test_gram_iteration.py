@@ -154,6 +154,12 @@ def bad_input_cases():
         (lambda: ops.conv_spectral_norm(torch.ones(2, 2, 5, 5), 3), ValueError, "is larger than the FFT size"),
         (lambda: ops.conv_spectral_norm(torch.ones(2, 2, 3, 3), 7, stride=2), ValueError,
          "stride 2 must divide the input size"),
+        (lambda: ops.conv_spectral_norm(torch.ones(2, 2, 3, 3), 8, stride=0), ValueError, "stride must be >= 1, got 0"),
+        (lambda: ops.conv_spectral_norm(torch.ones(2, 2, 3, 3), 8, stride=-1), ValueError,
+         "stride must be >= 1, got -1"),
+        (lambda: ops.conv_spectral_norm(torch.ones(4, 2, 3, 3), 8, groups=3), ValueError,
+         "groups=3 must divide the 4 output channels"),
+        (lambda: ops.conv_spectral_norm(torch.ones(4, 2, 3, 3), 8, groups=0), ValueError, "groups must be >= 1, got 0"),
     ]
 
 

@@ -7,8 +7,8 @@ import functools
 import pytest
 import torch
 import torch.nn.functional as F
-from harness import (check_against_reference, check_compile, check_gradcheck, check_opcheck, check_raises, given,
-                     settings, st)
+from harness import (DEVICE, check_against_reference, check_compile, check_gradcheck, check_opcheck, check_raises,
+                     given, settings, st)
 
 from torchext.nn.kronecker_attention import KroneckerAttention2d, KroneckerAttention3d
 from torchext.ops.kronecker_attention import kronecker_attention
@@ -46,7 +46,7 @@ def test_matches_reference(case, mode, device):
 def test_any_shape(frames, H, W, heads, head_dim, qkv):
     """Random sizes: masking must hold at every remainder of the key, query and row tiles (frames 0 = 2-D)."""
     shape = (1, heads * head_dim, *((frames,) if frames else ()), H, W)
-    check_op(randn(*shape), "qkv" if qkv else "kv", heads)
+    check_op(randn(*shape, device=DEVICE), "qkv" if qkv else "kv", heads)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])

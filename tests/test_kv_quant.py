@@ -262,6 +262,20 @@ def test_bad_inputs():
     check_raises(lambda: ops.allocate_storage(1, 2, 48, 8, codebook), ValueError, "head_dim must be one of")
     check_raises(lambda: ops.make_codebook(5, 4, codebook.key_offset, codebook.key_scale), ValueError,
                  "key_bits must be one of (2, 3, 4)")
+    nan_offset = codebook.key_offset.clone().index_fill_(1, torch.tensor([0]), float("nan"))
+    check_raises(lambda: ops.make_codebook(4, 4, nan_offset, codebook.key_scale), ValueError,
+                 "key_offset must be finite and key_scale finite and > 0")
+    check_raises(lambda: ops.make_codebook(4, 4, codebook.key_offset, codebook.key_scale * float("inf")), ValueError,
+                 "key_offset must be finite and key_scale finite and > 0")
+    check_raises(lambda: ops.make_codebook(4, 4, codebook.key_offset, codebook.key_scale,
+                                           key_levels=torch.linspace(1, -1, 16)), ValueError,
+                 "key levels and boundaries must be finite and strictly ascending")
+    check_raises(lambda: ops.allocate_storage(1, 4, 32, 8, codebook), ValueError,
+                 "the codebook is for [kv_heads, head_dim] = [2, 32], not [4, 32]")
+    check_raises(lambda: decode(q, storage, codebook, inv_freq, scale=float("nan")), ValueError,
+                 "scale must be finite and > 0, got nan")
+    check_raises(lambda: KVQuantConfig(key_bits=9), ValueError, "KVQuantConfig: key_bits must be one of (2, 3, 4)")
+    check_raises(lambda: KVQuantConfig(outlier_fraction=1.5), ValueError, "outlier_fraction must be in [0, 1)")
     k = torch.randn(1, 2, 1, 32)
     check_raises(lambda: ops.kv_quant_append_(storage, codebook, k, k.half()), TypeError, "k must have dtype")
     check_raises(lambda: ops.kv_quant_append_(storage, codebook, k.half()[:, :1], k.half()[:, :1]), ValueError,

@@ -6,8 +6,8 @@ import math
 
 import pytest
 import torch
-from harness import (TOLERANCES, check_against_reference, check_compile, check_gradcheck, check_opcheck, check_raises,
-                     given, settings, st)
+from harness import (DEVICE, TOLERANCES, check_against_reference, check_compile, check_gradcheck, check_opcheck,
+                     check_raises, given, settings, st)
 
 import torchext
 from torchext import ops
@@ -82,8 +82,8 @@ def test_hypersphere_update_matches_reference(shape, dtype, device):
 def test_hypersphere_update_any_shape(rows, cols, bf16):
     """Random shapes: masking must hold at every row/column remainder, not just the ones picked above."""
     dtype = torch.bfloat16 if bf16 else torch.float32
-    h, b = unit(rows, cols, dtype=dtype), randn(rows, cols, dtype=dtype)
-    alpha = (torch.randn(cols) * 0.1).requires_grad_()
+    h, b = unit(rows, cols, dtype=dtype, device=DEVICE), randn(rows, cols, dtype=dtype, device=DEVICE)
+    alpha = (torch.randn(cols, device=DEVICE) * 0.1).requires_grad_()
     check_against_reference(ops.hypersphere_update, ref.hypersphere_update, [h, b, alpha], reduced=[2], rows=rows)
 
 
@@ -329,6 +329,10 @@ def bad_input_cases():
         (lambda: ops.l2_normalize(x.to(torch.int32)), TypeError, "l2_normalize: x must have dtype in"),
         (lambda: ops.l2_normalize(x.t()), ValueError, "l2_normalize: x must have unit stride in its last dim"),
         (lambda: ops.l2_normalize(x, eps=0.0), ValueError, "l2_normalize: eps must be > 0"),
+        (lambda: ops.l2_normalize(x, dim=5), ValueError,
+         "l2_normalize: dim must be in [-2, 1] for a 2-D tensor, got 5"),
+        (lambda: ops.l2_normalize(x, dim=1.0), TypeError, "l2_normalize: dim must be an int, got float 1.0"),
+        (lambda: ops.l2_normalize([1.0, 2.0]), TypeError, "l2_normalize: x must be a torch.Tensor, got list"),
         (lambda: ops.hypersphere_update(x, x[:3], torch.ones(8)), ValueError,
          "hypersphere_update: h_branch must have shape (4, 8), got (3, 8)"),
         (lambda: ops.hypersphere_update(x, x, torch.ones(7)), ValueError,

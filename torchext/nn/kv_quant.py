@@ -53,6 +53,18 @@ class KVQuantConfig:
     pre_rope: bool = True
     layers: list[dict[str, Tensor]] = field(default_factory=list)
 
+    def __post_init__(self) -> None:
+        for name in ("key_bits", "value_bits"):
+            if getattr(self, name) not in ref.SUPPORTED_BITS:
+                raise ValueError(f"KVQuantConfig: {name} must be one of {ref.SUPPORTED_BITS}, "
+                                 f"got {getattr(self, name)}")
+        if not 0 <= self.outlier_fraction < 1:
+            raise ValueError(f"KVQuantConfig: outlier_fraction must be in [0, 1), got {self.outlier_fraction}")
+        for name in ("sink_tokens", "window_tokens"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise ValueError(f"KVQuantConfig: {name} must be an int >= 0, got {value!r}")
+
     def codebook(self, layer_idx: int, device) -> ref.Codebook | None:
         if not self.layers:
             return None

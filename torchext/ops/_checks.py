@@ -24,6 +24,21 @@ def check_tensor(op: str, name: str, x: Tensor, dtypes: Sequence[torch.dtype] = 
         raise ValueError(f"{op}: {name} must have at least {min_ndim} dim(s), got shape {tuple(x.shape)}")
 
 
+def check_int(op: str, name: str, value, minimum: int | None = None) -> None:
+    """value is a Python int (not a bool, float or tensor), at least `minimum`."""
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise TypeError(f"{op}: {name} must be an int, got {type(value).__name__} {value!r}")
+    if minimum is not None and value < minimum:
+        raise ValueError(f"{op}: {name} must be >= {minimum}, got {value}")
+
+
+def check_dim(op: str, dim, ndim: int) -> None:
+    """dim indexes one of ndim axes (negative counts from the end), as torch's own ops require."""
+    check_int(op, "dim", dim)
+    if not -max(ndim, 1) <= dim < max(ndim, 1):
+        raise ValueError(f"{op}: dim must be in [{-max(ndim, 1)}, {max(ndim, 1) - 1}] for a {ndim}-D tensor, got {dim}")
+
+
 def check_same_device(op: str, **tensors: Tensor) -> None:
     devices = {name: t.device for name, t in tensors.items()}
     if len(set(devices.values())) > 1:

@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 
 from torchext._backend import CUDA_EXT, use_cuda_ext
-from torchext.ops._checks import check_tensor
+from torchext.ops._checks import check_int, check_tensor
 from torchext.reference import gram_iteration as ref
 
 # What kind of kernel backs each op on CUDA (read by `python -m torchext info`).
@@ -61,12 +61,14 @@ def _(w, n_iter):
 
 @torch.library.custom_op("torchext::gram_spectral_norm_backward", mutates_args=())
 def _gram_spectral_norm_backward(grad: Tensor, w: Tensor, n_iter: int) -> Tensor:
-    return ref.gram_spectral_norm_backward(grad, w, n_iter)
+    # Contiguous whatever w's layout (a wide w's gradient comes out transposed): compiled graphs check the
+    # strides against the fake's.
+    return ref.gram_spectral_norm_backward(grad, w, n_iter).contiguous()
 
 
 @_gram_spectral_norm_backward.register_fake
 def _(grad, w, n_iter):
-    return torch.empty_like(w)
+    return torch.empty(w.shape, dtype=w.dtype, device=w.device)
 
 
 def _gram_setup(ctx, inputs, output):
@@ -121,7 +123,13 @@ def conv_spectral_norm(weight: Tensor, input_size: tuple[int, ...] | int, paddin
     Returns:
         A 0-d real tensor.
     """
-    check_tensor("conv_spectral_norm", "weight", weight, (torch.float32, torch.float64))
+    op = "conv_spectral_norm"
+    check_tensor(op, "weight", weight, (torch.float32, torch.float64))
+    check_int(op, "stride", stride, minimum=1)
+    check_int(op, "groups", groups, minimum=1)
+    if weight.shape[0] % groups:
+        raise ValueError(f"{op}: groups={groups} must divide the {weight.shape[0]} output channels of weight "
+                         f"{tuple(weight.shape)}")
     d = weight.dim() - 2
     size = (input_size,) * d if isinstance(input_size, int) else tuple(input_size)
     blocks = ref.conv_frequency_blocks(weight, size, padding, stride, groups)  # [freq, c_out/g, c_in/g], complex

@@ -43,15 +43,20 @@ def _check_kronecker_attention(x: Tensor, mode: str, heads: int, scale: float, o
         raise ValueError(f"{op}: the spatial dims of {name} must be >= 1, got shape {tuple(x.shape)}")
     if not math.isfinite(scale):
         raise ValueError(f"{op}: scale must be finite, got {scale}")
-    if not spatially_contiguous:
-        return
-    # The kernels stream each channel's T*H*W block as one run; batch and channel strides may be anything.
-    expected = math.prod(spatial)
-    for size, stride in zip(spatial, x.stride()[2:]):
+    if spatially_contiguous and not _spatially_contiguous(x):
+        raise ValueError(f"{op}: {name} must be contiguous over its spatial dims (got strides {x.stride()} for "
+                         f"shape {tuple(x.shape)}); call .contiguous() first")
+
+
+def _spatially_contiguous(x: Tensor) -> bool:
+    """Whether each channel's T*H*W block is one run (what the kernels stream); batch and channel strides may be
+    anything."""
+    expected = math.prod(x.shape[2:])
+    for size, stride in zip(x.shape[2:], x.stride()[2:]):
         expected //= size
         if size > 1 and stride != expected:
-            raise ValueError(f"{op}: {name} must be contiguous over its spatial dims (got strides {x.stride()} for "
-                             f"shape {tuple(x.shape)}); call .contiguous() first")
+            return False
+    return True
 
 
 def _num_tokens(x: Tensor) -> int:
@@ -75,12 +80,13 @@ def _(x, mode, heads, scale):
 def _check_kronecker_attention_backward(grad_out: Tensor, x: Tensor | None, means: Tensor, mode: str, heads: int,
                                         scale: float) -> None:
     op = "kronecker_attention_backward"
-    # grad_out is made contiguous here (autograd may hand over an expanded one); x must be as in the forward.
+    # grad_out and x are made contiguous here where they are not: autograd may hand over an expanded grad_out, and
+    # a compiled graph a channels-last x.
     _check_kronecker_attention(grad_out, mode, heads, scale, op, "grad_out", spatially_contiguous=False)
     if mode == "kv" and x is None:
         raise ValueError(f"{op}: mode 'kv' needs x (the queries); only 'qkv' may pass None")
     if x is not None:
-        _check_kronecker_attention(x, mode, heads, scale, op)
+        _check_kronecker_attention(x, mode, heads, scale, op, spatially_contiguous=False)
         check_shape(op, "grad_out", grad_out, x.shape)
     check_tensor(op, "means", means, dtypes=(accumulator_dtype(grad_out.dtype),), ndim=3)
     check_shape(op, "means", means, (*grad_out.shape[:2], _num_tokens(grad_out)))
@@ -92,6 +98,8 @@ def _kronecker_attention_backward(grad_out: Tensor, x: Tensor | None, means: Ten
                                   scale: float) -> Tensor:
     _check_kronecker_attention_backward(grad_out, x, means, mode, heads, scale)
     grad_out, means = grad_out.contiguous(), means.contiguous()
+    if x is not None and not _spatially_contiguous(x):
+        x = x.contiguous()
     if grad_out.numel() == 0 or not use_triton(grad_out):
         return ref.kronecker_attention_backward(grad_out, x, means, mode, heads, scale)
     return kernels.kronecker_attention_bwd(grad_out, x, means, mode, heads, scale)

@@ -6,6 +6,8 @@ The cache of one layer is a `Codebook` (fixed: per-layer levels, per-channel key
 `kv_quant_append_` fills it, `kv_quant_decode_attention` reads it. Model code uses torchext.nn.KVQuantCache.
 """
 
+import math
+
 import torch
 from torch import Tensor
 
@@ -35,8 +37,8 @@ def make_codebook(key_bits: int, value_bits: int, key_offset: Tensor, key_scale:
     if key_offset.shape != key_scale.shape or key_offset.dim() != 2:
         raise ValueError(f"make_codebook: key_offset and key_scale must both be [kv_heads, head_dim], got "
                          f"{tuple(key_offset.shape)} and {tuple(key_scale.shape)}")
-    if not (key_scale > 0).all():
-        raise ValueError("make_codebook: key_scale must be > 0 in every channel")
+    if not (key_scale > 0).all() or not key_scale.isfinite().all() or not key_offset.isfinite().all():
+        raise ValueError("make_codebook: key_offset must be finite and key_scale finite and > 0 in every channel")
     device = key_offset.device
     levels = [(ref.uniform_levels(b) if lv is None else lv).float().to(device)
               for b, lv in ((key_bits, key_levels), (value_bits, value_levels))]
@@ -46,6 +48,8 @@ def make_codebook(key_bits: int, value_bits: int, key_offset: Tensor, key_scale:
         if lv.shape != (2 ** bits,) or bd.shape != (2 ** bits - 1,):
             raise ValueError(f"make_codebook: {name} levels must be [{2 ** bits}] and boundaries "
                              f"[{2 ** bits - 1}], got {tuple(lv.shape)} and {tuple(bd.shape)}")
+        if not (lv.isfinite().all() and bd.isfinite().all() and (lv.diff() > 0).all() and (bd.diff() > 0).all()):
+            raise ValueError(f"make_codebook: {name} levels and boundaries must be finite and strictly ascending")
     return Codebook(key_bits, value_bits, levels[0], bounds[0], levels[1], bounds[1],
                     key_offset.float().contiguous(), key_scale.float().contiguous())
 
@@ -65,6 +69,9 @@ def allocate_storage(batch: int, kv_heads: int, head_dim: int, capacity: int, co
         raise ValueError(f"allocate_storage: need batch, kv_heads, capacity >= 1, 0 <= slots < head_dim and sink, "
                          f"window >= 0, got batch={batch}, kv_heads={kv_heads}, capacity={capacity}, slots={slots}, "
                          f"sink={sink}, window={window}")
+    if tuple(codebook.key_offset.shape) != (kv_heads, head_dim):
+        raise ValueError(f"allocate_storage: the codebook is for [kv_heads, head_dim] = "
+                         f"{list(codebook.key_offset.shape)}, not [{kv_heads}, {head_dim}]")
     vectors = (batch, kv_heads, capacity)
 
     def zeros(*shape, dt=dtype):
@@ -279,6 +286,9 @@ def kv_quant_decode_attention(q: Tensor, storage: Storage, codebook: Codebook, i
     """
     head_dim = q.shape[-1]
     scale = head_dim ** -0.5 if scale is None else scale
+    for name, value in (("scale", scale), ("attention_scaling", attention_scaling)):
+        if not math.isfinite(value) or value <= 0:
+            raise ValueError(f"kv_quant_decode_attention: {name} must be finite and > 0, got {value}")
     max_length = storage.key_codes.shape[2] if max_length is None else max_length
     return torch.ops.torchext.kv_quant_decode_attention(q, *storage, *codebook, inv_freq,
                                                         float(attention_scaling), float(scale), int(max_length))

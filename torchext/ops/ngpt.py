@@ -11,7 +11,8 @@ from torch import Tensor
 
 from torchext._backend import CUDA_EXT, HAS_TRITON, cuda_dtype_code, use_cuda_ext, use_triton
 from torchext._dtypes import accumulator_dtype
-from torchext.ops._checks import (as_rows, check_same_device, check_shape, check_tensor, check_unit_last_stride)
+from torchext.ops._checks import (as_rows, check_dim, check_same_device, check_shape, check_tensor,
+                                  check_unit_last_stride)
 from torchext.reference import ngpt as ref
 
 if HAS_TRITON:
@@ -89,6 +90,8 @@ def l2_normalize(x: Tensor, dim: int = -1, eps: float = DEFAULT_EPS) -> Tensor:
     Returns:
         A tensor of x's shape and dtype.
     """
+    check_tensor("l2_normalize", "x", x)
+    check_dim("l2_normalize", dim, x.dim())
     if x.dim() > 1 and dim % x.dim() != x.dim() - 1:
         return torch.ops.torchext.l2_normalize(x.movedim(dim, -1).contiguous(), eps).movedim(-1, dim)
     return torch.ops.torchext.l2_normalize(x, eps)
