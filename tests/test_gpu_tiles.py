@@ -90,7 +90,8 @@ def test_ngpt_split_rows(edge, device):
 # ---- int8: decode, prefill and wide-epilogue [BLOCK_M, BLOCK_N] tiles over BLOCK_K ---------------------------------
 # (regime, M that picks it, w16 columns, activation dtype)
 INT8_REGIMES = {"decode": (1, False, torch.bfloat16), "prefill": (1024, False, torch.bfloat16),
-                "wide": (1024, True, torch.bfloat16), "wide_decode": (1, False, torch.float32)}
+                "w16": (1024, True, torch.bfloat16), "fp32": (1024, False, torch.float32),
+                "fp32_decode": (1, False, torch.float32)}
 
 
 @pytest.mark.parametrize("edge", EDGES)
@@ -98,7 +99,7 @@ INT8_REGIMES = {"decode": (1, False, torch.bfloat16), "prefill": (1024, False, t
 def test_int8_mm(regime, edge, device):
     """The forward GEMM, and the input-gradient GEMM (the same kernel on the transposed codes)."""
     m_regime, has_w16, dtype = INT8_REGIMES[regime]
-    tiles = int8_matmul._tiles(m_regime, 4096, 4096, has_w16 or dtype.itemsize >= 4)
+    tiles = int8_matmul._tiles(m_regime, 4096, 4096, has_w16, dtype.itemsize >= 4)
     M, N, K = (around(tiles[name], edge) for name in ("BLOCK_M", "BLOCK_N", "BLOCK_K"))
     if m_regime == 1:
         M = min(M, tiles["BLOCK_M"])  # past 16 rows is the prefill regime

@@ -30,12 +30,14 @@ class Int8Linear(nn.Module):
             the batch); "static" uses a fixed set from ``calibrate_outliers`` (batch-invariant). Columns known
             from calibration keep their weight columns in 16-bit in both modes (the paper's decomposition);
             other outlier columns use the dequantized int8 weight (what bitsandbytes does for all of them).
-        capacity: at most this many outlier columns per call.
+        capacity: the length of the per-call outlier list, and at most this many known columns; None (default):
+            in_features, so any number of outlier columns is exact (a shorter list that overflows gives NaN
+            outputs, never silently wrong ones).
         int8_backward: input gradient by int8 GEMM on the codes (True) or in 16-bit (False, more accurate).
     """
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, threshold: float = 6.0,
-                 outliers: str = "dynamic", capacity: int = DEFAULT_CAPACITY, int8_backward: bool = True,
+                 outliers: str = "dynamic", capacity: int | None = None, int8_backward: bool = True,
                  device=None, dtype=None):
         super().__init__()
         if outliers not in ("dynamic", "static"):

@@ -17,7 +17,9 @@ if HAS_TRITON:
 # What kind of kernel backs each op on CUDA (read by `python -m torchext info`).
 KERNELS = {"int8_vectorwise_quant": "cuda", "int8_mm": "triton", "int8_linear": "triton"}
 
-DEFAULT_CAPACITY = 64  # outlier columns per call: the paper sees at most 7 per layer up to 13B parameters
+# Outlier columns a calibration keeps per layer (static mode): the paper sees at most 7 per layer up to 13B parameters.
+# Dynamic detection lists up to K columns (all of them), so its decomposition is exact whatever the count.
+DEFAULT_CAPACITY = 64
 ACTIVATION_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
@@ -71,7 +73,7 @@ def _(x, threshold, capacity, excluded):
             x.new_empty(capacity, dtype=torch.int32), x.new_empty(1, dtype=torch.int32))
 
 
-def int8_vectorwise_quant(x: Tensor, threshold: float = 0.0, capacity: int = DEFAULT_CAPACITY,
+def int8_vectorwise_quant(x: Tensor, threshold: float = 0.0, capacity: int | None = None,
                           excluded: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Vector-wise int8 quantization of each row, with LLM.int8() outlier-column detection, in one pass.
 
@@ -81,7 +83,8 @@ def int8_vectorwise_quant(x: Tensor, threshold: float = 0.0, capacity: int = DEF
     Args:
         x: [M, K] float32/bfloat16/float16 with unit stride on K.
         threshold: columns holding any |x| >= threshold are outliers; <= 0 turns detection off.
-        capacity: length of the returned outlier list.
+        capacity: length of the returned outlier list; None (default): K, room for every column. With a
+            shorter list and more outliers than it holds, int8_mm gives NaN (never a silently wrong product).
         excluded: [K] bool, columns fixed as outliers in advance (static mode), left out of the codes.
 
     Returns:
@@ -89,7 +92,9 @@ def int8_vectorwise_quant(x: Tensor, threshold: float = 0.0, capacity: int = DEF
         row_scale [M] fp32 absmax over inlier elements (NaN for rows holding NaN/Inf);
         outlier_cols [capacity] int32 ascending, -1 padded; n_outliers [1] int32 (the true count).
     """
-    return torch.ops.torchext.int8_vectorwise_quant(x, threshold, capacity, excluded)
+    check_tensor("int8_vectorwise_quant", "x", x, ACTIVATION_DTYPES, ndim=2)
+    return torch.ops.torchext.int8_vectorwise_quant(x, threshold, x.shape[1] if capacity is None else capacity,
+                                                    excluded)
 
 
 # ---- int8_mm ------------------------------------------------------------------------------------------------------
@@ -258,7 +263,7 @@ _int8_linear.register_autograd(_int8_linear_grad, setup_context=_int8_linear_set
 
 
 def int8_linear(x: Tensor, w_codes: Tensor, w_scale: Tensor, bias: Tensor | None = None, threshold: float = 6.0,
-                capacity: int = DEFAULT_CAPACITY, static_cols: Tensor | None = None, w16: Tensor | None = None,
+                capacity: int | None = None, static_cols: Tensor | None = None, w16: Tensor | None = None,
                 w16_slot: Tensor | None = None, int8_backward: bool = True) -> Tensor:
     """LLM.int8() linear layer: quantize x per row, find outlier columns, int8 GEMM with fused dequantization.
 
@@ -267,7 +272,8 @@ def int8_linear(x: Tensor, w_codes: Tensor, w_scale: Tensor, bias: Tensor | None
         w_codes: [N, K] int8 and w_scale: [N] fp32 (``torchext.reference.int8_matmul.quantize_weight``).
         bias: [N] or None (gets a gradient when it requires one).
         threshold: dynamic mode: columns of this x holding any |x| >= threshold take the 16-bit path.
-        capacity: at most this many outlier columns per call.
+        capacity: the length of the outlier list; None (default): K, so any number of outlier columns is exact.
+            A shorter list that overflows gives NaN outputs, never silently wrong ones.
         static_cols: [n] int32 ascending: a fixed outlier set (static mode: batch-invariant results).
         w16, w16_slot: weight columns kept in 16-bit and the w16 column of each input column (-1: none);
             outlier columns with a copy use it (the paper), the others the dequantized codes (see int8_mm).
@@ -276,5 +282,7 @@ def int8_linear(x: Tensor, w_codes: Tensor, w_scale: Tensor, bias: Tensor | None
     Returns:
         [..., N] in x.dtype. Gradients flow to x (and bias); the int8 weight is frozen.
     """
+    check_tensor("int8_linear", "w_codes", w_codes, (torch.int8,), ndim=2)
+    capacity = w_codes.shape[1] if capacity is None else capacity
     return torch.ops.torchext.int8_linear(x, w_codes, w_scale, bias, threshold, capacity, static_cols, w16, w16_slot,
                                           int8_backward)

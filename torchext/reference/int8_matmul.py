@@ -20,14 +20,15 @@ from torch import Tensor
 INT8_MAX = 127
 
 
-def int8_vectorwise_quant(x: Tensor, threshold: float = 0.0, capacity: int = 64,
+def int8_vectorwise_quant(x: Tensor, threshold: float = 0.0, capacity: int | None = None,
                           excluded: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Quantize each row of x to int8 and find the outlier columns.
 
     Args:
         x: [M, K] float32/bfloat16/float16 activations (or weights, with threshold 0).
         threshold: |x| at or above which an input-feature column is an outlier; <= 0 disables detection.
-        capacity: length of the returned column list (a fixed size, so no host sync is ever needed).
+        capacity: length of the returned column list (a fixed size, so no host sync is ever needed); None: K,
+            room for every column, so the decomposition is exact whatever the count.
         excluded: [K] bool, columns fixed as outliers in advance (static mode): code 0, left out of the
             absmax and of the detected list.
 
@@ -35,6 +36,7 @@ def int8_vectorwise_quant(x: Tensor, threshold: float = 0.0, capacity: int = 64,
         codes: [M, K] int8; row_scale: [M] fp32 absmax; outlier_cols: [capacity] int32, ascending, padded
         with -1; n_outliers: [1] int32, the number of outlier columns (may exceed capacity).
     """
+    capacity = x.shape[1] if capacity is None else capacity
     xf = x.float()
     magnitude = xf.abs()
     inlier = magnitude < threshold if threshold > 0 else torch.ones_like(magnitude, dtype=torch.bool)
@@ -61,6 +63,19 @@ def int8_dequantize(codes: Tensor, row_scale: Tensor) -> Tensor:
     return codes.float() * (row_scale.float()[:, None] / INT8_MAX)
 
 
+def _usable(outlier_cols: Tensor, n_outliers: Tensor, K: int, w16: Tensor | None, w16_slot: Tensor | None) -> bool:
+    """Whether the outlier list can be applied exactly: at most its capacity, columns in [0, K), slots inside w16.
+    int8_mm gives NaN otherwise (the kernel's device-side check: never an out-of-range read, never a silently
+    wrong number)."""
+    n = int(n_outliers.item())
+    if not 0 <= n <= outlier_cols.numel():
+        return False
+    cols = outlier_cols[:n].long()
+    if ((cols < 0) | (cols >= K)).any():
+        return False
+    return w16 is None or not (w16_slot[cols] >= w16.shape[1]).any()
+
+
 def int8_mm(a_codes: Tensor, a_scale: Tensor, w_codes: Tensor, w_scale: Tensor, bias: Tensor | None,
             x: Tensor, outlier_cols: Tensor, n_outliers: Tensor, w16: Tensor | None = None,
             w16_slot: Tensor | None = None) -> Tensor:
@@ -77,11 +92,14 @@ def int8_mm(a_codes: Tensor, a_scale: Tensor, w_codes: Tensor, w_scale: Tensor, 
             one without uses the dequantized int8 weight column (what bitsandbytes always does).
 
     For every listed outlier column j the int8 contribution a_codes[:, j] w_codes[:, j] (dequantized) is
-    replaced by the fp32 product of x[:, j] and the weight column.
+    replaced by the fp32 product of x[:, j] and the weight column. A list that cannot be applied exactly (more
+    outliers than its length, a column outside [0, K), a slot outside w16) gives a NaN output.
     """
     acc = a_codes.double() @ w_codes.double().T  # exact, like the int32 accumulator (fp32 is not past K ~ 1000)
     y = acc * (a_scale.double()[:, None] * w_scale.double()[None, :]) / INT8_MAX ** 2
-    n = min(int(n_outliers.item()), outlier_cols.numel())
+    if not _usable(outlier_cols, n_outliers, a_codes.shape[1], w16, w16_slot):
+        return torch.full_like(y, float("nan")).to(x.dtype)
+    n = int(n_outliers.item())
     if n:
         cols = outlier_cols[:n].long()
         w_deq = int8_dequantize(w_codes[:, cols], w_scale).double()  # [N, n]
@@ -98,12 +116,12 @@ def int8_mm(a_codes: Tensor, a_scale: Tensor, w_codes: Tensor, w_scale: Tensor, 
 
 
 def int8_linear(x: Tensor, w_codes: Tensor, w_scale: Tensor, bias: Tensor | None, threshold: float = 6.0,
-                capacity: int = 64, static_cols: Tensor | None = None, w16: Tensor | None = None,
+                capacity: int | None = None, static_cols: Tensor | None = None, w16: Tensor | None = None,
                 w16_slot: Tensor | None = None) -> Tensor:
     """LLM.int8() linear layer: x [..., K] -> [..., N] in x.dtype.
 
-    Dynamic mode (static_cols None): the outlier columns are the ones of this x with |x| >= threshold (at most
-    ``capacity`` of them). Static mode: static_cols [n] int32 ascending (from calibration) whatever x holds.
+    Dynamic mode (static_cols None): the outlier columns are the ones of this x with |x| >= threshold (a list of
+    ``capacity`` slots, default K: NaN if more are found, see int8_mm). Static mode: static_cols [n] int32 ascending (from calibration) whatever x holds.
     w16 / w16_slot: the weight columns kept in 16-bit (see int8_mm).
     """
     x2 = x.reshape(-1, x.shape[-1])
