@@ -121,7 +121,8 @@ def int8_linear(x: Tensor, w_codes: Tensor, w_scale: Tensor, bias: Tensor | None
     """LLM.int8() linear layer: x [..., K] -> [..., N] in x.dtype.
 
     Dynamic mode (static_cols None): the outlier columns are the ones of this x with |x| >= threshold (a list of
-    ``capacity`` slots, default K: NaN if more are found, see int8_mm). Static mode: static_cols [n] int32 ascending (from calibration) whatever x holds.
+    ``capacity`` slots, default K: NaN if more are found, see int8_mm). Static mode: static_cols [n] int32
+    ascending (from calibration) whatever x holds.
     w16 / w16_slot: the weight columns kept in 16-bit (see int8_mm).
     """
     x2 = x.reshape(-1, x.shape[-1])
