@@ -147,6 +147,7 @@ def test_conv_compiles_fullgraph():
 def bad_input_cases():
     return [
         (lambda: ops.gram_spectral_norm(torch.ones(4)), ValueError, "w must have at least 2 dim(s)"),
+        (lambda: ops.gram_spectral_norm([[1.0]]), TypeError, "gram_spectral_norm: w must be a torch.Tensor, got list"),
         (lambda: ops.gram_spectral_norm(torch.ones(4, 4, dtype=torch.int32)), TypeError, "w must have dtype in"),
         (lambda: ops.gram_spectral_norm(torch.ones(4, 4), n_iter=0), ValueError, "n_iter must be in [1, 30]"),
         (lambda: ops.conv_spectral_norm(torch.ones(2, 2, 3, 3), 8, padding="reflect"), ValueError,

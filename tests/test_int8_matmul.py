@@ -240,6 +240,7 @@ def bad_input_cases():
     _, w_codes, w_scale = quantized_weight(8, 32)
     return [
         (lambda: ops.int8_linear(x.double(), w_codes, w_scale), TypeError, "int8_linear: x must have dtype in"),
+        (lambda: ops.int8_linear(x.tolist(), w_codes, w_scale), TypeError, "int8_linear: x must be a torch.Tensor"),
         (lambda: ops.int8_linear(x, w_codes.float(), w_scale), TypeError, "int8_linear: w_codes must have dtype"),
         (lambda: ops.int8_linear(x[:, :31], w_codes, w_scale), ValueError,
          "x has 31 input features but the weight has 32"),

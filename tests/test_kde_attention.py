@@ -307,6 +307,11 @@ def test_bad_inputs_raise_clear_errors(device):
     check_raises(lambda: run(q.transpose(2, 3), k, v), ValueError, "q must have unit stride in its last dim")
     big = torch.zeros(1, 1, 4, 512, device=device)
     check_raises(lambda: run(big, big, big), ValueError, "head dims must be <= 256")
+    empty = torch.zeros(1, 1, 4, 0, device=device)
+    check_raises(lambda: run(empty, empty, empty), ValueError, "kde_attention: head dims must be >= 1")
+    check_raises(lambda: run(q, k, v, seed=2**70), ValueError, "kde_attention: seed must fit in int64")
+    check_raises(lambda: run(q, k, v, seed=1.5), TypeError, "kde_attention: seed must be an int, got float")
+    check_raises(lambda: run([1.0], k, v), TypeError, "kde_attention: q must be a torch.Tensor, got list")
 
 
 def test_opcheck(device):

@@ -272,6 +272,8 @@ def test_bad_inputs():
                  "key levels and boundaries must be finite and strictly ascending")
     check_raises(lambda: ops.allocate_storage(1, 4, 32, 8, codebook), ValueError,
                  "the codebook is for [kv_heads, head_dim] = [2, 32], not [4, 32]")
+    check_raises(lambda: decode(q.tolist(), storage, codebook, inv_freq), TypeError,
+                 "kv_quant_decode_attention: q must be a torch.Tensor, got list")
     check_raises(lambda: decode(q, storage, codebook, inv_freq, scale=float("nan")), ValueError,
                  "scale must be finite and > 0, got nan")
     check_raises(lambda: KVQuantConfig(key_bits=9), ValueError, "KVQuantConfig: key_bits must be one of (2, 3, 4)")

@@ -173,6 +173,8 @@ def test_bad_inputs(device):
     q, k1, k2, v1, v2 = inputs(1, 2, 1, 6, 8, device=device, grad=False)
     call = lambda *xs, **kw: (lambda: tensor_attention(*xs, **kw))  # noqa: E731
     check_raises(call(q, k1, k2, v1, v2.double()), TypeError, "v2 must have q's dtype")
+    empty = torch.zeros(1, 1, 4, 0, device=device)
+    check_raises(call(empty, empty, empty, empty, empty), ValueError, "tensor_attention: head dim must be >= 1")
     check_raises(call(q, k1, k2[:, :, :5], v1, v2), ValueError, "k2 must have shape (1, 1, 6, 8)")
     check_raises(call(q[:, :1], *inputs(1, 2, 2, 6, 8, grad=False)[1:]), ValueError, "must be a multiple")
     check_raises(call(q, k1, k2, v1, v2, window=(2, 3), causal=False), ValueError, "pass causal=True")

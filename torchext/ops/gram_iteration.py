@@ -100,6 +100,7 @@ def gram_spectral_norm(w: Tensor, n_iter: int = 6, return_lower: bool = False) -
         upper [...] real (fp32 for fp32/complex64 inputs, else fp64); with return_lower, (upper, lower).
         An all-zero matrix gives 0.
     """
+    check_tensor("gram_spectral_norm", "w", w, MATRIX_DTYPES, min_ndim=2)
     upper, lower = torch.ops.torchext.gram_spectral_norm(w, n_iter)
     return (upper, lower) if return_lower else upper
 

@@ -282,6 +282,7 @@ def int8_linear(x: Tensor, w_codes: Tensor, w_scale: Tensor, bias: Tensor | None
     Returns:
         [..., N] in x.dtype. Gradients flow to x (and bias); the int8 weight is frozen.
     """
+    check_tensor("int8_linear", "x", x, ACTIVATION_DTYPES)
     check_tensor("int8_linear", "w_codes", w_codes, (torch.int8,), ndim=2)
     capacity = w_codes.shape[1] if capacity is None else capacity
     return torch.ops.torchext.int8_linear(x, w_codes, w_scale, bias, threshold, capacity, static_cols, w16, w16_slot,

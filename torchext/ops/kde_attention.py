@@ -15,7 +15,7 @@ from torch import Tensor
 
 from torchext._backend import HAS_TRITON, use_triton
 from torchext._dtypes import accumulator_dtype
-from torchext.ops._checks import check_same_device, check_tensor, check_unit_last_stride
+from torchext.ops._checks import check_int, check_same_device, check_tensor, check_unit_last_stride
 from torchext.reference import kde_attention as ref
 
 if HAS_TRITON:
@@ -45,6 +45,8 @@ def _check_inputs(op: str, q: Tensor, k: Tensor, v: Tensor) -> None:
     if k.dtype != q.dtype or v.dtype != q.dtype:
         raise TypeError(f"{op}: q, k and v must share one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
     B, H, n, D = q.shape
+    if D < 1 or v.shape[3] < 1:
+        raise ValueError(f"{op}: head dims must be >= 1, got q {tuple(q.shape)} and v {tuple(v.shape)}")
     if k.shape[0] != B or k.shape[2] != n or k.shape[3] != D:
         raise ValueError(f"{op}: k must be [B, Hk, N, D] = [{B}, Hk, {n}, {D}] like q (self-attention: equal query "
                          f"and key lengths), got {tuple(k.shape)}")
@@ -179,6 +181,10 @@ def kde_attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False, scal
     """
     _check_inputs("kde_attention", q, k, v)
     _check_params("kde_attention", causal, bucket_size, num_samples, num_hash_bits, sampling, exact_window)
+    if seed is not None and not isinstance(seed, Tensor):
+        check_int("kde_attention", "seed", seed)
+        if not -2**63 <= seed < 2**63:
+            raise ValueError(f"kde_attention: seed must fit in int64, got {seed}")
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     n = q.shape[2]
     threshold = (MIN_SEQ_LEN_CAUSAL if causal else MIN_SEQ_LEN) if min_seq_len is None else min_seq_len

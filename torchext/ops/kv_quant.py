@@ -284,6 +284,7 @@ def kv_quant_decode_attention(q: Tensor, storage: Storage, codebook: Codebook, i
     Returns:
         [batch, heads, 1, head_dim] in q.dtype. Not differentiable (inference).
     """
+    check_tensor("kv_quant_decode_attention", "q", q, ndim=4)
     head_dim = q.shape[-1]
     scale = head_dim ** -0.5 if scale is None else scale
     for name, value in (("scale", scale), ("attention_scaling", attention_scaling)):

@@ -11,7 +11,7 @@ from torch import Tensor
 
 from torchext._backend import CUDA_EXT, HAS_TRITON, cuda_dtype_code, use_cuda_ext, use_triton
 from torchext._dtypes import accumulator_dtype
-from torchext.ops._checks import (as_rows, check_dim, check_same_device, check_shape, check_tensor,
+from torchext.ops._checks import (as_rows, check_dim, check_int, check_same_device, check_shape, check_tensor,
                                   check_unit_last_stride)
 from torchext.reference import ngpt as ref
 
@@ -173,6 +173,8 @@ def hypersphere_update(h: Tensor, h_branch: Tensor, alpha: Tensor, eps: float = 
     Returns:
         h' of h's shape and dtype.
     """
+    for name, x in (("h", h), ("h_branch", h_branch), ("alpha", alpha)):
+        check_tensor("hypersphere_update", name, x)
     return torch.ops.torchext.hypersphere_update(h, h_branch, alpha, eps)
 
 
@@ -274,6 +276,8 @@ def qk_norm_rope(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor, s_qk: Tensor,
     Returns:
         (q, k) in the attention layout [B, H, T, D] and [B, Hk, T, D], contiguous, dtypes of q and k.
     """
+    for name, x in (("q", q), ("k", k), ("cos", cos), ("sin", sin), ("s_qk", s_qk)):
+        check_tensor("qk_norm_rope", name, x)
     return torch.ops.torchext.qk_norm_rope(q, k, cos, sin, s_qk, eps)
 
 
@@ -353,6 +357,9 @@ def scaled_swiglu(u: Tensor, v: Tensor, s_u: Tensor, s_v: Tensor, d_model: int) 
     Returns:
         A tensor of u's shape and dtype.
     """
+    for name, x in (("u", u), ("v", v), ("s_u", s_u), ("s_v", s_v)):
+        check_tensor("scaled_swiglu", name, x)
+    check_int("scaled_swiglu", "d_model", d_model, minimum=1)
     return torch.ops.torchext.scaled_swiglu(u, v, s_u, s_v, d_model)
 
 

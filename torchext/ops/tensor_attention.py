@@ -152,6 +152,8 @@ def tensor_attention(q: Tensor, k1: Tensor, k2: Tensor, v1: Tensor, v2: Tensor, 
         the natural-log normaliser log sum_(j,k) exp(s_ijk)). Both are differentiable.
     """
     check_tensor("tensor_attention", "q", q, ndim=4)
+    if q.shape[-1] < 1:
+        raise ValueError(f"tensor_attention: head dim must be >= 1, got q {tuple(q.shape)}")
     if window is None:
         window1 = window2 = 0
     else:
