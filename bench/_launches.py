@@ -12,8 +12,8 @@ specialisation (which integers are 1 or multiples of 16, which pointers are 16-b
 launch gets; a stand-in driver names the target, so no GPU is touched. It must run in a process where
 TRITON_INTERPRET is unset (kernels are then JIT functions, not interpreted ones).
 
-Users: bench/offline.py (the compile check and its table), bench/gpu.py (warming the kernels before timing) and
-the tests that count a kernel's specialisations.
+Users: bench/offline.py (the compile check and its table), bench/gpu.py (warming the kernels before timing), both
+through `record_case`, and the tests that count a kernel's specialisations.
 """
 
 import contextlib
@@ -138,6 +138,23 @@ def recording() -> Iterator[list[Launch]]:
     finally:
         KernelInterface.__getitem__ = original
         _backend.RECORDING = recording_before
+
+
+def record_case(case, device: torch.device) -> list[Launch]:
+    """The launches of one benchmark case (bench/_harness.Case) in each of its modes but "step" (an optimizer step
+    launches nothing its forward and backward do not), its inputs made on `device`."""
+    from bench._harness import _make_work
+
+    launches = []
+    for mode in case.modes:
+        if mode == "step":
+            continue
+        torch.manual_seed(0)
+        args = case.make_inputs(device, case.dtype)
+        with recording() as recorded:
+            _make_work(case.torchext, args, mode)()
+        launches += recorded
+    return launches
 
 
 def unique(launches: list[Launch]) -> list[Launch]:

@@ -32,7 +32,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench._harness import (PROVIDERS, REPO_ROOT, Case, ResultsFile, Row, _make_work,  # noqa: E402
+from bench._harness import (PROVIDERS, REPO_ROOT, Case, ResultsFile, Row,  # noqa: E402
                             bench_device, device_info, enable_interpreter_without_cuda)
 
 START = float(os.environ.get("TORCHEXT_GPU_START", time.time()))  # ./dev sets it before setup: setup counts
@@ -76,21 +76,16 @@ def selection(families: dict[str, list[Case]], gpu: bool) -> list[Case]:
 
 def warm(cases: list[Case], device: torch.device, jobs: int, deadline: float):
     """Record the launches of `cases` (forward and backward) and compile them in a pool: returns the futures."""
-    from bench._launches import compiling_process, recording, unique, warm_launch
+    from bench._launches import compiling_process, record_case, unique, warm_launch
 
     launches = []
     for case in cases:
         if time.time() > deadline:
             break
-        for mode in case.modes:
-            try:
-                torch.manual_seed(0)
-                args = case.make_inputs(device, case.dtype)
-                with recording() as recorded:
-                    _make_work(case.torchext, args, mode)()
-                launches += recorded
-            except Exception:  # outputs are garbage while recording; a case that trips on them is warmed by its run
-                pass
+        try:
+            launches += record_case(case, device)
+        except Exception:  # outputs are garbage while recording; a case that trips on them is warmed by its run
+            pass
     launches = unique(launches)
     arch = torch.cuda.get_device_capability(device) if device.type == "cuda" else (9, 0)
     pool = ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn"), initializer=compiling_process)

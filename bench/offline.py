@@ -42,7 +42,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script: `bench` and `examples` import
 
 from bench import sizes as size_table  # noqa: E402
-from bench._launches import Build, Launch, compile_launch, recording  # noqa: E402
+from bench._launches import Build, Launch, compile_launch, record_case  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 OFFLINE_DIR = ROOT / "bench" / "results" / "offline"
@@ -111,27 +111,12 @@ class Row:
 # ---- recording ------------------------------------------------------------------------------------------------------
 
 
-def _family_module(family: str):
-    return importlib.import_module(f"bench.bench_{family}")
-
-
 def record(size: size_table.Size) -> list[Launch]:
-    """The launches of every case of a size (at its capture dims): forward, and forward + backward where the case
-    has a backward mode."""
-    from bench._harness import _make_work
+    """The launches of every case of a size, at its capture dims, on CPU tensors."""
+    from bench._harness import cases_of
 
-    made = _family_module(size.family).KINDS[size.kind](**size.for_capture().dims, gpu=True)
-    launches = []
-    for case in made if isinstance(made, list) else [made]:
-        for mode in case.modes:
-            if mode == "step":
-                continue
-            torch.manual_seed(0)
-            args = case.make_inputs(torch.device("cpu"), case.dtype)
-            with recording() as recorded:
-                _make_work(case.torchext, args, mode)()
-            launches += recorded
-    return launches
+    cases = cases_of([size.for_capture()], importlib.import_module(f"bench.bench_{size.family}").KINDS)
+    return [launch for case in cases for launch in record_case(case, torch.device("cpu"))]
 
 
 def all_kernels() -> set[tuple[str, str]]:

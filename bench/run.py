@@ -62,7 +62,7 @@ def row_line(row: Row) -> str:
     return f"  {where}: {row.ms:.4g} ms{error}"
 
 
-def run_case(case: Case, device, providers: tuple[str, ...], results: ResultsFile | None = None) -> list[Row]:
+def run_case(case: Case, device, providers: tuple[str, ...], results: ResultsFile) -> None:
     """Every mode x provider (the given ones, then the case's anchors) of one case. A failure becomes a row with
     its error ("reference" if the check failed), a NotApplicable one with its reason. Each row is printed, and
     added to `results`, as soon as it is measured; so is the case's summary line."""
@@ -71,8 +71,7 @@ def run_case(case: Case, device, providers: tuple[str, ...], results: ResultsFil
     def add(row: Row) -> None:
         rows.append(row)
         print(row_line(row), file=sys.stderr, flush=True)
-        if results is not None:
-            results.add(row)
+        results.add(row)
 
     for mode in case.modes:
         try:
@@ -88,10 +87,7 @@ def run_case(case: Case, device, providers: tuple[str, ...], results: ResultsFil
             except Exception as e:
                 add(Row.of(case, provider, mode, error=describe(e)))
     if case.summary:
-        line = case.summary({r.provider: r.ms for r in rows if r.ms is not None})
-        if results is not None:
-            results.add_summary(line)
-    return rows
+        results.add_summary(case.summary({r.provider: r.ms for r in rows if r.ms is not None}))
 
 
 class BudgetSpent(BaseException):

@@ -24,6 +24,13 @@ def check_tensor(op: str, name: str, x: Tensor, dtypes: Sequence[torch.dtype] = 
         raise ValueError(f"{op}: {name} must have at least {min_ndim} dim(s), got shape {tuple(x.shape)}")
 
 
+def check_tensors(op: str, **tensors: Tensor) -> None:
+    """check_tensor with the default float dtypes for each named argument (a public wrapper's first check, before
+    the op's schema sees a list or a number)."""
+    for name, x in tensors.items():
+        check_tensor(op, name, x)
+
+
 def check_int(op: str, name: str, value, minimum: int | None = None) -> None:
     """value is a Python int (not a bool, float or tensor), at least `minimum`."""
     if not isinstance(value, int) or isinstance(value, bool):

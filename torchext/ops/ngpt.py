@@ -12,7 +12,7 @@ from torch import Tensor
 from torchext._backend import CUDA_EXT, HAS_TRITON, cuda_dtype_code, use_cuda_ext, use_triton
 from torchext._dtypes import accumulator_dtype
 from torchext.ops._checks import (as_rows, check_dim, check_int, check_same_device, check_shape, check_tensor,
-                                  check_unit_last_stride)
+                                  check_tensors, check_unit_last_stride)
 from torchext.reference import ngpt as ref
 
 if HAS_TRITON:
@@ -173,8 +173,7 @@ def hypersphere_update(h: Tensor, h_branch: Tensor, alpha: Tensor, eps: float = 
     Returns:
         h' of h's shape and dtype.
     """
-    for name, x in (("h", h), ("h_branch", h_branch), ("alpha", alpha)):
-        check_tensor("hypersphere_update", name, x)
+    check_tensors("hypersphere_update", h=h, h_branch=h_branch, alpha=alpha)
     return torch.ops.torchext.hypersphere_update(h, h_branch, alpha, eps)
 
 
@@ -276,8 +275,7 @@ def qk_norm_rope(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor, s_qk: Tensor,
     Returns:
         (q, k) in the attention layout [B, H, T, D] and [B, Hk, T, D], contiguous, dtypes of q and k.
     """
-    for name, x in (("q", q), ("k", k), ("cos", cos), ("sin", sin), ("s_qk", s_qk)):
-        check_tensor("qk_norm_rope", name, x)
+    check_tensors("qk_norm_rope", q=q, k=k, cos=cos, sin=sin, s_qk=s_qk)
     return torch.ops.torchext.qk_norm_rope(q, k, cos, sin, s_qk, eps)
 
 
@@ -357,8 +355,7 @@ def scaled_swiglu(u: Tensor, v: Tensor, s_u: Tensor, s_v: Tensor, d_model: int) 
     Returns:
         A tensor of u's shape and dtype.
     """
-    for name, x in (("u", u), ("v", v), ("s_u", s_u), ("s_v", s_v)):
-        check_tensor("scaled_swiglu", name, x)
+    check_tensors("scaled_swiglu", u=u, v=v, s_u=s_u, s_v=s_v)
     check_int("scaled_swiglu", "d_model", d_model, minimum=1)
     return torch.ops.torchext.scaled_swiglu(u, v, s_u, s_v, d_model)
 
