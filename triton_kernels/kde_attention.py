@@ -472,7 +472,11 @@ def _meta(kernel: str, q: Tensor, v: Tensor, plan) -> dict:
 
 
 def _consts(scale: float, dtype: torch.dtype, device) -> Tensor:
-    return torch.tensor([scale * LOG2E, scale, LOG2E, LN2], dtype=accumulator_dtype(dtype), device=device)
+    """[qk_scale, scale, log2(e), ln(2)] in the accumulator dtype (fp64 ones for fp64 inputs, which a float kernel
+    argument would round to fp32), filled on the device: torch.tensor would copy from pageable host memory on every
+    call, which a CUDA graph cannot capture."""
+    return torch.stack([torch.full((), c, dtype=accumulator_dtype(dtype), device=device)
+                        for c in (scale * LOG2E, scale, LOG2E, LN2)])
 
 
 def kde_attention_fwd(q: Tensor, k: Tensor, v: Tensor, plan, scale: float) -> tuple[Tensor, Tensor]:

@@ -83,8 +83,7 @@ def _check(op, q, k, v, seed, causal, scale, bucket_size, num_samples, num_hash_
 
 
 def _plan(q, k, v, seed, causal, bucket_size, num_samples, num_hash_bits, sampling, exact_window) -> ref.KDEPlan:
-    return ref.make_plan(q, k, v, int(seed.item()), causal, bucket_size, num_samples, num_hash_bits, sampling,
-                         exact_window)
+    return ref.make_plan(q, k, v, seed, causal, bucket_size, num_samples, num_hash_bits, sampling, exact_window)
 
 
 @torch.library.custom_op("torchext::kde_attention", mutates_args=())
@@ -170,7 +169,9 @@ def kde_attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False, scal
         num_samples: m, sampled keys per query tile (min(bucket_size, 128) queries of one LSH block, each tile
             drawing its own keys); 0 gives block-sparse attention.
         num_hash_bits: SimHash hyperplanes r (2^r buckets, ordered by the inverse Gray code).
-        seed: seeds hyperplanes and samples; None draws one from torch's default generator (a new plan per call).
+        seed: seeds hyperplanes and samples: an int, a one-element int64 tensor (best on q's device: a CUDA graph
+            then replays with whatever seed it holds), or None to draw one from torch's generator on q's device
+            (a new plan per call). Nothing is read back to the host.
         sampling: "value_norm" or "uniform".
         exact_window: causal only, a multiple of bucket_size.
         min_seq_len: run exact attention below this length; None: MIN_SEQ_LEN (MIN_SEQ_LEN_CAUSAL when causal).
@@ -194,10 +195,12 @@ def kde_attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False, scal
         # Exact attention with its lse: one block holding every key, no samples.
         bucket_size = exact_window = max(16, 1 << max(n - 1, 0).bit_length())
         num_samples = 0
+    # The seed lives on q's device and is made without a host-to-device copy (a fill, or torch's capturable
+    # generator), so the whole call can be captured in a CUDA graph.
     if seed is None:
-        seed = torch.randint(-2**63, 2**63 - 1, (), dtype=torch.int64)
+        seed = torch.randint(-2**63, 2**63 - 1, (), dtype=torch.int64, device=q.device)
     elif not isinstance(seed, Tensor):
-        seed = torch.tensor(seed, dtype=torch.int64)
+        seed = torch.full((), seed, dtype=torch.int64, device=q.device)
     out, lse = torch.ops.torchext.kde_attention(q, k, v, seed, causal, scale, bucket_size, num_samples,
                                                 num_hash_bits, sampling, exact_window)
     return (out, lse) if return_lse else out

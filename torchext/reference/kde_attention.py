@@ -203,18 +203,31 @@ def _mix32(x: Tensor) -> Tensor:
     return x ^ (x >> 16)
 
 
-def _uniform(seed: int, device, *counters) -> Tensor:
+# Streams of the counter-based generator: each draw hashes (seed, stream, its own counters...).
+_SAMPLES_STREAM, _PLANES_STREAM = 0, 1
+
+
+def _uniform(seed: Tensor, *counters) -> Tensor:
     """Uniforms in (0, 1), fp64, one per element of the broadcast counters (ints or non-negative int64 tensors below
-    2^32): a hash of the seed and the counters, so each draw depends only on its own counters."""
-    h = _mix32(torch.tensor(seed & _MASK32, device=device))
+    2^32): a hash of the seed (an int64 tensor on the counters' device, so no host read) and the counters, so each
+    draw depends only on its own counters."""
+    h = _mix32(seed & _MASK32)
     h = _mix32(h ^ ((seed >> 32) & _MASK32))
     for counter in counters:
         h = _mix32(h ^ counter)
     return (h.double() + 0.5) / 2.0**32
 
 
+def _hyperplanes(seed: Tensor, dim: int, bits: int) -> Tensor:
+    """[dim, bits] fp32 standard Gaussian hyperplane normals (Box-Muller of two counter-based uniforms)."""
+    device = seed.device
+    row, col = torch.arange(dim, device=device)[:, None], torch.arange(bits, device=device)
+    radius = torch.sqrt(-2 * torch.log(_uniform(seed, _PLANES_STREAM, row, col, 0)))
+    return (radius * torch.cos(2 * math.pi * _uniform(seed, _PLANES_STREAM, row, col, 1))).float()
+
+
 def _level(q_rank: Tensor, k_rank: Tensor, v_norm: Tensor, chunk: int, pair: int, bucket: int, tile: int,
-           num_samples: int, hash_bits: int, sampling: str, seed: int, level: int) -> Level:
+           num_samples: int, hash_bits: int, sampling: str, seed: Tensor, level: int) -> Level:
     B, H, n = q_rank.shape
     Hk = k_rank.shape[1]
     device = q_rank.device
@@ -259,7 +272,8 @@ def _level(q_rank: Tensor, k_rank: Tensor, v_norm: Tensor, chunk: int, pair: int
     slot = torch.arange(num_samples, device=device)
     batch = torch.arange(B, device=device)[:, None, None, None]
     head = torch.arange(H, device=device)[:, None, None]
-    u = _uniform(seed, device, batch, head, level, tile_block[..., None], tile_index[..., None], slot)  # [B, H, T, m]
+    u = _uniform(seed, _SAMPLES_STREAM, batch, head, level, tile_block[..., None], tile_index[..., None],
+                 slot)  # [B, H, T, m]
     tile_piece = tile_block // blocks_per_piece  # [B, H, T]
     if sampling == "uniform":
         local = (u * keys_per_piece).long().clamp_max(keys_per_piece - 1)
@@ -281,7 +295,7 @@ def _level(q_rank: Tensor, k_rank: Tensor, v_norm: Tensor, chunk: int, pair: int
                  sample_logw)
 
 
-def make_plan(q: Tensor, k: Tensor, v: Tensor, seed: int, causal: bool = False, bucket_size: int = 256,
+def make_plan(q: Tensor, k: Tensor, v: Tensor, seed: int | Tensor, causal: bool = False, bucket_size: int = 256,
               num_samples: int = 256, num_hash_bits: int = 8, sampling: str = "value_norm",
               exact_window: int = 2048) -> KDEPlan:
     """The shared hashing / sorting / sampling step of KDE attention (deterministic given ``seed``).
@@ -289,7 +303,9 @@ def make_plan(q: Tensor, k: Tensor, v: Tensor, seed: int, causal: bool = False, 
     Args:
         q: [B, H, N, D]; k: [B, Hk, N, D]; v: [B, Hk, N, Dv] with Hk dividing H (any float dtype; inputs are not
             differentiated through the plan).
-        seed: seeds the hyperplanes (a generator on q's device) and the samples (a counter-based hash).
+        seed: an int, or a one-element int64 tensor (read on the device: building the plan reads nothing back to
+            the host, so it can be captured in a CUDA graph, and a graph replays with whatever seed the tensor
+            holds). Hyperplanes and samples are counter-based hashes of it.
         causal: plan HyperAttention's causal split with exact windows of ``exact_window`` tokens.
         bucket_size: keys per LSH block.
         num_samples: m, sampled keys per query tile (min(bucket_size, QUERY_TILE) queries of one block).
@@ -301,8 +317,9 @@ def make_plan(q: Tensor, k: Tensor, v: Tensor, seed: int, causal: bool = False, 
         A KDEPlan (see Level for the tensors).
     """
     q, k, v = q.detach(), k.detach(), v.detach()
-    generator = torch.Generator(device=q.device).manual_seed(seed)
-    planes = torch.randn(q.shape[-1], num_hash_bits, generator=generator, device=q.device)  # [D, r]
+    seed = seed.to(q.device).reshape(()) if isinstance(seed, Tensor) else torch.full((), seed, device=q.device,
+                                                                                         dtype=torch.int64)
+    planes = _hyperplanes(seed, q.shape[-1], num_hash_bits)  # [D, r]
     q_rank, k_rank = simhash(q, planes), simhash(k, planes)  # [B, H, N], [B, Hk, N]
     v_norm = torch.linalg.vector_norm(v, dim=-1, dtype=upcast(v).dtype).float()  # [B, Hk, N]
     n = q.shape[2]
