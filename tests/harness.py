@@ -9,6 +9,9 @@ from collections.abc import Callable, Sequence
 import pytest
 import torch
 from torch import Tensor
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import torchext.ops
 
 # The device the suite runs on (the `device` fixture; property tests, which cannot take fixtures, use it directly).
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -85,6 +88,47 @@ def check_compile(fn: Callable, inputs: Sequence[Tensor]) -> None:
 def check_raises(fn: Callable, error: type[Exception], match: str) -> None:
     with pytest.raises(error, match=re.escape(match) if not match.startswith("re:") else match[3:]):
         fn()
+
+
+# ---- host reads ----------------------------------------------------------------------------------------------------
+# Ops that read tensor values back to the host: on a GPU each is a sync, and inside CUDA-graph capture an error.
+_HOST_READS = {"aten._local_scalar_dense", "aten.nonzero", "aten.is_nonzero", "aten.equal", "aten.masked_select",
+               "aten._unique2", "aten.unique_dim", "aten.unique_consecutive", "aten.bincount", "aten.histc"}
+# What each torchext op runs on CUDA; an op whose GPU path is CUDA C++ runs the reference on CPU, which may read.
+_KERNEL_KINDS = {op: kind for family in torchext.ops.FAMILIES.values() for op, kind in family.KERNELS.items()}
+_CPU_KEYS = torch._C.DispatchKeySet(torch._C.DispatchKey.CPU)
+
+
+def _host_read(func, args, kwargs) -> str | None:
+    """Why running func(*args, **kwargs) on a GPU would read the host, or None."""
+    name, overload = str(func.overloadpacket), func._overloadname
+    if name in _HOST_READS:
+        return "reads values"
+    if name == "aten.repeat_interleave" and overload != "self_int" and kwargs.get("output_size") is None:
+        return "sizes its output from the repeats' values"
+    if name in ("aten.index", "aten.index_put", "aten.index_put_") and any(
+            isinstance(i, Tensor) and i.dtype in (torch.bool, torch.uint8) for i in args[1]):
+        return "indexes with a boolean mask (a nonzero inside)"
+    if name == "aten.lift_fresh" and args[0].dim() > 0:
+        return "copies a tensor built from host data (torch.tensor of a list)"
+    return None
+
+
+class NoHostReads(TorchDispatchMode):
+    """Fails on any op that would read the host on a GPU (see _host_read), including inside the torchext ops
+    whose GPU path is Triton (under the interpreter they run the same launchers as on a GPU). Ops whose GPU path is
+    CUDA C++ are opaque: on CPU they run the reference, which may read; their launchers are checked by the gpu
+    CUDA-graph tests."""
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        reason = _host_read(func, args, kwargs)
+        if reason:
+            raise AssertionError(f"host read: {func} {reason}")
+        if func.namespace == "torchext" and _KERNEL_KINDS.get(func._opname.removesuffix("_backward")) == "triton":
+            with self:  # below the Python key, so the op's own aten calls come back through this mode
+                return func.redispatch(_CPU_KEYS, *args, **kwargs)
+        return func(*args, **kwargs)
 
 
 # ---- hypothesis, optional -----------------------------------------------------------------------------------------

@@ -3,6 +3,7 @@
 Each check raises with a message that names the op, the argument, what was expected and what came.
 """
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -37,6 +38,33 @@ def check_int(op: str, name: str, value, minimum: int | None = None) -> None:
         raise TypeError(f"{op}: {name} must be an int, got {type(value).__name__} {value!r}")
     if minimum is not None and value < minimum:
         raise ValueError(f"{op}: {name} must be >= {minimum}, got {value}")
+
+
+def check_ints(op: str, name: str, values, length: int | None = None, minimum: int | None = None) -> None:
+    """values is a list or tuple of Python ints (each as check_int), of `length` entries when given."""
+    if not isinstance(values, (list, tuple)):
+        raise TypeError(f"{op}: {name} must be a list or tuple of ints, got {type(values).__name__} {values!r}")
+    if length is not None and len(values) != length:
+        raise ValueError(f"{op}: {name} must have {length} entries, got {len(values)}: {values!r}")
+    for i, value in enumerate(values):
+        check_int(op, f"{name}[{i}]", value, minimum)
+
+
+def check_float(op: str, name: str, value, positive: bool = False) -> None:
+    """value is a finite real Python number (int or float, not a bool or tensor), > 0 when `positive`."""
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        raise TypeError(f"{op}: {name} must be a float, got {type(value).__name__} {value!r}")
+    if not math.isfinite(value) or (positive and value <= 0):
+        raise ValueError(f"{op}: {name} must be finite{' and > 0' if positive else ''}, got {value}")
+
+
+def check_tensor_list(op: str, name: str, tensors) -> None:
+    """tensors is a list or tuple of torch.Tensors (the dtype and shape checks are the op's)."""
+    if not isinstance(tensors, (list, tuple)):
+        raise TypeError(f"{op}: {name} must be a list or tuple of tensors, got {type(tensors).__name__}")
+    for i, t in enumerate(tensors):
+        if not isinstance(t, Tensor):
+            raise TypeError(f"{op}: {name}[{i}] must be a torch.Tensor, got {type(t).__name__}")
 
 
 def check_dim(op: str, dim, ndim: int) -> None:
