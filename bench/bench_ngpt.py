@@ -127,7 +127,7 @@ def _model_weights(config, device, dtype):
 
 
 def _renormalize_torchext(weights, dims):
-    ops.renormalize_(weights, dims, check=False)  # check=False: the zero-row check is a host sync, not kernel time
+    ops.renormalize_(weights, dims)
     return weights
 
 
@@ -173,7 +173,7 @@ class _TrainSteps:
     def ngpt(self):
         model = NGPT(NGPTConfig(**TRAIN_MODEL), device=self.device)
         optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)  # nGPT: Adam, no weight decay
-        renormalize_after_step(optimizer, model, check=False)  # torchext.nn.renormalize_; no host sync per step
+        renormalize_after_step(optimizer, model)  # torchext.nn.renormalize_; no host sync per step
         return _step(model, optimizer)
 
     def _gpt(self, compile_model):

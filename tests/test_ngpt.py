@@ -161,6 +161,30 @@ def test_nan_rows_stay_nan_and_huge_rows_are_unit(cols, dtype, device):
     assert grad[1].isnan().all() and grad[[0, 2, 3]].isfinite().all()
 
 
+def overflowing_rows(rows, cols, dtype, device):
+    """Entries of +-2e38: ||x|| = 2e38 sqrt(cols) is past fp32's range, x / ||x|| is not (and RoPE's rotation of a
+    pair stays below 3.4e38)."""
+    return (torch.randn(rows, cols, device=device).sign() * 2e38).to(dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("cols", [37, LONG_ROW], ids=["rows", "split_rows"])
+def test_rows_whose_norm_overflows_are_unit(cols, dtype, device):
+    """The norm itself is never formed: y = (x / s) / max(||x / s||, eps / s), s = max|x| (these rows gave 0)."""
+    x = overflowing_rows(3, cols, dtype, device).requires_grad_()
+    y = ops.l2_normalize(x)
+    torch.testing.assert_close(y, ref.l2_normalize(x), **TOLERANCES[dtype])
+    torch.testing.assert_close(y.float().norm(dim=1), torch.ones(3, device=device), atol=1e-2, rtol=0)
+    grad = torch.autograd.grad((y.float() * torch.randn(3, cols, device=device)).sum(), x)[0]
+    assert grad.isfinite().all()  # ~1e-39: the norm's reciprocal
+    h, alpha = unit(3, cols, dtype=dtype, device=device).detach(), torch.full((cols,), 0.05, device=device)
+    out = ops.hypersphere_update(h, x.detach(), alpha)  # a branch output that overflows its norm
+    torch.testing.assert_close(out, ref.hypersphere_update(h, x.detach(), alpha), **TOLERANCES[dtype])
+    weight = x.detach().clone()
+    ops.renormalize_([weight], [1])
+    torch.testing.assert_close(weight, y.detach(), **TOLERANCES[dtype])
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_qk_norm_rope_nan_and_huge_rows(dtype, device):
     q, k, cos, sin, s_qk = qk_inputs(1, 4, 1, 1, 16, False, dtype=dtype, device=device)
@@ -169,6 +193,12 @@ def test_qk_norm_rope_nan_and_huge_rows(dtype, device):
     q_out, _ = ops.qk_norm_rope(q, k, cos[:4], sin[:4], s_qk)
     expected, _ = ref.qk_norm_rope(q, k, cos[:4], sin[:4], s_qk)
     check_extreme(q_out[0, 0], expected[0, 0], dtype, s_qk.detach())  # [T, D]: tokens 0-3 of the one head
+    q[0, 3] = overflowing_rows(1, 16, dtype, device)[0]
+    q_out, _ = ops.qk_norm_rope(q, k, cos[:4], sin[:4], s_qk)
+    expected, _ = ref.qk_norm_rope(q, k, cos[:4], sin[:4], s_qk)
+    torch.testing.assert_close(q_out[0, 0, 3], expected[0, 0, 3], **TOLERANCES[dtype])
+    torch.testing.assert_close((q_out[0, 0, 3].float() / s_qk.detach()).norm(), torch.tensor(1.0, device=device),
+                               atol=1e-2, rtol=0)
 
 
 # ---- qk_norm_rope ---------------------------------------------------------------------------------------------
@@ -281,12 +311,31 @@ def test_renormalize_matches_reference(device):
                                        atol=1e-2 if t.dtype != torch.float32 else 1e-5, rtol=0)
 
 
-def test_renormalize_rejects_zero_rows(device):
+def test_renormalize_counts_zero_rows_and_raises_only_when_asked(device):
     w = torch.randn(4, 6, device=device)
     w[2] = 0
-    check_raises(lambda: ops.renormalize_([torch.randn(3, 3, device=device), w], [1, 1]), ValueError,
+    counts = ops.renormalize_([torch.randn(3, 3, device=device), w], [1, 1])
+    assert counts.device == w.device and counts.tolist() == [0, 1]
+    assert (w[2] == 0).all() and not w.isnan().any()
+    check_raises(lambda: ops.renormalize_([torch.randn(3, 3, device=device), w], [1, 1], check=True), ValueError,
                  "zero vectors (norm 0) in tensors {1: 1}")
-    assert not w.isnan().any()
+
+
+@pytest.mark.parametrize("dim", [0, 1])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_renormalize_nan_huge_and_tiny_vectors(device, dim, dtype):
+    """A NaN vector becomes NaN (not 1/eps times the rest), a vector of 1e30 a unit vector (its sum of squares
+    overflows), and one of 1e-30 x / eps (its norm, computed without flushing to zero, is below eps)."""
+    vectors = torch.randn(5, 6, device=device)  # [vector, element]
+    vectors[0], vectors[1], vectors[2, 1] = 1e30, 1e-30, float("nan")
+    w = (vectors if dim == 1 else vectors.t()).to(dtype).contiguous()
+    counts = ops.renormalize_([w], [dim])
+    norms = w.double().norm(dim=dim)
+    assert counts.tolist() == [0] and (w if dim == 1 else w.t())[2].isnan().all()
+    unit = torch.cat((norms[:1], norms[3:]))
+    torch.testing.assert_close(unit, torch.ones_like(unit), atol=1e-2, rtol=0)
+    torch.testing.assert_close(norms[1], torch.tensor(6 ** 0.5 * 1e-30 / ref.DEFAULT_EPS, device=device).double(),
+                               rtol=1e-2, atol=0)
 
 
 def test_renormalize_opcheck_compile(device):
@@ -310,12 +359,16 @@ def test_renormalize_cuda_kernel_matches_reference():
     dims = [d for _, d, _ in specs]
     tensors[0][5] = 0
     tensors[1][:, 7] = 0
+    # Vectors that overflow or flush a plain sum of squares (the scaled pass), whose norm itself overflows (2e38),
+    # and NaN ones, rows and columns.
+    tensors[0][6], tensors[0][7], tensors[0][8, 3], tensors[0][9] = 1e30, 1e-30, float("nan"), 2e38
+    tensors[3][:, 6], tensors[3][:, 7], tensors[3][3, 8], tensors[3][:, 9] = 1e30, 1e-30, float("nan"), -2e38
     expected = [t.clone() for t in tensors]
     counts = torch.ops.torchext.renormalize_(tensors, dims, 1e-6)
     ref_counts = ref.renormalize_(expected, dims)
     assert counts.tolist() == ref_counts.tolist() == [1, 1, 0, 0, 0, 0]
     for t, e in zip(tensors, expected):
-        torch.testing.assert_close(t, e, atol=1e-2 if t.dtype != torch.float32 else 1e-6, rtol=1e-2)
+        torch.testing.assert_close(t, e, atol=1e-2 if t.dtype != torch.float32 else 1e-6, rtol=1e-2, equal_nan=True)
 
 
 # ---- bad inputs: a clear error naming the argument, never a crash or a silent wrong answer ----------------------
@@ -328,7 +381,7 @@ def bad_input_cases():
     return [
         (lambda: ops.l2_normalize(x.to(torch.int32)), TypeError, "l2_normalize: x must have dtype in"),
         (lambda: ops.l2_normalize(x.t()), ValueError, "l2_normalize: x must have unit stride in its last dim"),
-        (lambda: ops.l2_normalize(x, eps=0.0), ValueError, "l2_normalize: eps must be > 0"),
+        (lambda: ops.l2_normalize(x, eps=0.0), ValueError, "l2_normalize: eps must be >= 1.175e-38"),
         (lambda: ops.l2_normalize(x, dim=5), ValueError,
          "l2_normalize: dim must be in [-2, 1] for a 2-D tensor, got 5"),
         (lambda: ops.l2_normalize(x, dim=1.0), TypeError, "l2_normalize: dim must be an int, got float 1.0"),
@@ -361,6 +414,19 @@ def bad_input_cases():
         (lambda: ops.renormalize_([x.t()], [0]), ValueError, "renormalize_: tensors[0] must be contiguous"),
         (lambda: ops.renormalize_([x], [2]), ValueError, "dims[0] = 2 is out of range"),
         (lambda: ops.renormalize_([x], [0, 1]), ValueError, "got 1 tensors but 2 dims"),
+        # eps >= the smallest normal fp32 (1 / eps must not overflow), finite, on every nGPT op
+        (lambda: ops.l2_normalize(x, eps=1e-44), ValueError, "l2_normalize: eps must be >= 1.175e-38"),
+        (lambda: ops.hypersphere_update(x, x, torch.ones(8), eps=1e-40), ValueError,
+         "hypersphere_update: eps must be >= 1.175e-38"),
+        (lambda: ops.qk_norm_rope(q, q, cos, sin, torch.ones(8), eps=float("inf")), ValueError,
+         "qk_norm_rope: eps must be finite"),
+        (lambda: ops.renormalize_([x], [1], eps=1e-39), ValueError, "renormalize_: eps must be >= 1.175e-38"),
+        (lambda: ops.l2_normalize(x, eps="1e-6"), TypeError, "l2_normalize: eps must be a float, got str"),
+        # renormalize_ takes lists: one tensor is not a list of its rows
+        (lambda: ops.renormalize_(x, [1]), TypeError, "renormalize_: tensors must be a list or tuple of tensors"),
+        (lambda: ops.renormalize_([[x]], [1]), TypeError, "renormalize_: tensors[0] must be a torch.Tensor, got list"),
+        (lambda: ops.renormalize_([x], [1.0]), TypeError, "renormalize_: dims[0] must be an int, got float"),
+        (lambda: ops.renormalize_([x], [True]), TypeError, "renormalize_: dims[0] must be an int, got bool"),
     ]
 
 
@@ -420,11 +486,54 @@ def test_zero_rows_give_a_clear_error():
     model = NGPT(tiny_config())
     with torch.no_grad():
         model.blocks[1].mlp.up.weight[3] = 0
-    check_raises(lambda: torchext.nn.renormalize_(model), ValueError, "zero vectors (norm 0)")
+    check_raises(lambda: torchext.nn.renormalize_(model, check=True), ValueError, "zero vectors (norm 0)")
+
+
+def test_renormalize_after_step_counts_zero_rows_on_the_device_until_checked():
+    model = NGPT(tiny_config())
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
+    hook = renormalize_after_step(optimizer, model)
+    optimizer.step()
+    hook.check()
+    with torch.no_grad():
+        model.blocks[0].attn.out.weight[:, 1] = 0
+    optimizer.step()
+    optimizer.step()
+    assert hook.zero_vectors.item() == 2
+    check_raises(hook.check, ValueError, "2 zero vectors (norm 0) met since the hook was made")
+    hook.remove()
+    optimizer.step()
+    assert hook.zero_vectors.item() == 2
 
 
 def test_normalized_linear_rejects_bad_norm_dim():
     check_raises(lambda: NormalizedLinear(4, 4, norm_dim=2), ValueError, "norm_dim must be 0 (columns) or 1 (rows)")
+
+
+@pytest.mark.parametrize("in_features, out_features, norm_dim", [(0, 4, 1), (4, 0, 0), (0, 4, 0)])
+def test_empty_normalized_layers_are_valid(in_features, out_features, norm_dim):
+    """As nn.Linear(0, 4): an empty weight (the init's 1 / sqrt(0) raised ZeroDivisionError)."""
+    layer = NormalizedLinear(in_features, out_features, norm_dim=norm_dim)
+    assert layer.weight.shape == (out_features, in_features) and not layer.weight.isnan().any()
+    assert torchext.nn.NormalizedEmbedding(5, 0).weight.shape == (5, 0)
+
+
+def test_scaled_vector_checks_its_arguments_at_construction():
+    check_raises(lambda: torchext.nn.ScaledVector(4, 0.5, 0.0), ValueError, "ScaledVector: scale must be nonzero")
+    check_raises(lambda: torchext.nn.ScaledVector(-1, 0.5, 1.0), ValueError, "ScaledVector: size must be >= 0")
+    check_raises(lambda: torchext.nn.ScaledVector(4.0, 0.5, 1.0), TypeError, "ScaledVector: size must be an int")
+    check_raises(lambda: torchext.nn.ScaledVector(4, float("nan"), 1.0), ValueError,
+                 "ScaledVector: init must be finite")
+
+
+def test_modules_name_a_hidden_state_of_the_wrong_shape():
+    attn, mlp = NormalizedAttention(8, 2, max_seq_len=4), torchext.nn.NormalizedSwiGLU(8, 16)
+    check_raises(lambda: attn(torch.randn(3, 8)), ValueError,
+                 "NormalizedAttention: h must be [batch, seq, d_model] with d_model = 8, got shape (3, 8)")
+    check_raises(lambda: attn(torch.randn(1, 3, 6)), ValueError,
+                 "NormalizedAttention: h must be [batch, seq, d_model] with d_model = 8, got shape (1, 3, 6)")
+    check_raises(lambda: mlp(torch.randn(3, 6)), ValueError,
+                 "NormalizedSwiGLU: h must be [..., d_model] with d_model = 8, got shape (3, 6)")
 
 
 def test_ngpt_compiles_fullgraph():

@@ -22,15 +22,20 @@ from ._launch import (MAX_ROW_ELEMENTS, accumulator_dtype, compute_dtype, elemen
 
 
 # Norms are taken of x / scale with scale = max|x| over the row (1 for a zero row), as LAPACK's nrm2 does, so that
-# ||x|| = scale ||x / scale|| cannot overflow (or flush to zero) where x itself is representable: rows of 1e30
-# normalise to unit rows, not 0. NaN anywhere in a row makes its norm, and so the whole row, NaN.
+# they cannot overflow (or flush to zero) where x itself is representable: rows of 1e30 normalise to unit rows,
+# not 0. ||x|| = scale ||x / scale|| itself is never formed (it overflows for rows peaking near 3e38, whose unit
+# vector is representable): y = (x / scale) / max(||x / scale||, eps / scale). NaN anywhere in a row makes its
+# norm, and so the whole row, NaN.
 
 
 @triton.jit
 def _inv_norm(sum_sq, scale, eps):
-    """1 / max(||x||, eps) and whether ||x|| > eps, from sum_sq = ||x / scale||^2 [BLOCK_M, 1] (or scalars)."""
-    norm = scale * tl.sqrt(sum_sq)
-    return 1.0 / tl.maximum(norm, eps, propagate_nan=tl.PropagateNan.ALL), norm > eps
+    """From sum_sq = ||x / scale||^2 [BLOCK_M, 1] (or scalars): (to_unit, inv, above_eps) with to_unit =
+    1 / max(||x / scale||, eps / scale), the factor that takes x / scale to x / max(||x||, eps); inv =
+    1 / max(||x||, eps), which scales the gradients; above_eps = ||x|| > eps."""
+    norm_s, eps_s = tl.sqrt(sum_sq), eps / scale
+    to_unit = 1.0 / tl.maximum(norm_s, eps_s, propagate_nan=tl.PropagateNan.ALL)
+    return to_unit, to_unit / scale, norm_s > eps_s
 
 
 @triton.jit
@@ -42,10 +47,11 @@ def _row_scale(x):
 
 @triton.jit
 def _unit(x, eps):
+    """(x / max(||x||, eps), inv, above_eps) of each row of x [BLOCK_M, BLOCK_N] (see _inv_norm)."""
     scale = _row_scale(x)
     xs = x / scale
-    inv, above_eps = _inv_norm(tl.sum(xs * xs, axis=1)[:, None], scale, eps)
-    return x * inv, inv, above_eps
+    to_unit, inv, above_eps = _inv_norm(tl.sum(xs * xs, axis=1)[:, None], scale, eps)
+    return xs * to_unit, inv, above_eps
 
 
 @triton.jit
@@ -59,12 +65,29 @@ def _add_squares(sum_sq, scale, x):
 
 
 @triton.jit
+def _add_dot(dot, scale, x, dy):
+    """Add chunk x.dy [BLOCK_N] to a row's running dot product, kept per lane relative to the lane's running
+    max|x| as _add_squares keeps the squares (scale is the one before x), so that it cannot overflow either."""
+    new_scale = tl.maximum(scale, tl.abs(x))
+    safe = tl.where(new_scale > 0, new_scale, 1.0)
+    return dot * (scale / safe) + (x / safe) * dy
+
+
+@triton.jit
+def _lanes_dot(dot, scale, row_scale):
+    """x.dy / row_scale from the per-lane running dot products of _add_dot."""
+    return tl.sum(dot * (scale / row_scale), axis=0)
+
+
+@triton.jit
 def _lanes_inv_norm(sum_sq, scale, eps):
-    """_inv_norm of a row from its per-lane running squares (_add_squares)."""
+    """(row_scale, to_unit, inv, above_eps) of a row from its per-lane running squares (_add_squares): its unit
+    vector is (x / row_scale) * to_unit (see _inv_norm)."""
     row_scale = tl.max(scale, axis=0)
     row_scale = tl.where(row_scale > 0, row_scale, 1.0)
     ratio = scale / row_scale
-    return _inv_norm(tl.sum(sum_sq * (ratio * ratio), axis=0), row_scale, eps)
+    to_unit, inv, above_eps = _inv_norm(tl.sum(sum_sq * (ratio * ratio), axis=0), row_scale, eps)
+    return row_scale, to_unit, inv, above_eps
 
 
 @triton.jit
@@ -243,10 +266,10 @@ def _l2_normalize_split_fwd_kernel(x_ptr, y_ptr, n_cols, x_row_stride, eps, BLOC
     for c0 in range(0, n_cols, BLOCK_N):
         x, _, _ = _chunk(x_row, c0, n_cols, BLOCK_N, COMPUTE)
         sum_sq, scale = _add_squares(sum_sq, scale, x)
-    inv, _ = _lanes_inv_norm(sum_sq, scale, eps)
+    row_scale, to_unit, _, _ = _lanes_inv_norm(sum_sq, scale, eps)
     for c0 in range(0, n_cols, BLOCK_N):
         x, cols, mask = _chunk(x_row, c0, n_cols, BLOCK_N, COMPUTE)
-        tl.store(y_row + cols, (x * inv).to(y_ptr.dtype.element_ty), mask=mask)
+        tl.store(y_row + cols, (x / row_scale * to_unit).to(y_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -259,23 +282,25 @@ def _l2_normalize_split_bwd_kernel(dy_ptr, x_ptr, dx_ptr, n_cols, x_row_stride, 
     for c0 in range(0, n_cols, BLOCK_N):
         x, _, _ = _chunk(x_row, c0, n_cols, BLOCK_N, COMPUTE)
         dy, _, _ = _chunk(dy_row, c0, n_cols, BLOCK_N, COMPUTE)
+        x_dot_dy = _add_dot(x_dot_dy, scale, x, dy)
         sum_sq, scale = _add_squares(sum_sq, scale, x)
-        x_dot_dy += x * dy
-    inv, above_eps = _lanes_inv_norm(sum_sq, scale, eps)
-    y_dot_dy = tl.where(above_eps, tl.sum(x_dot_dy) * inv, 0.0)
+    row_scale, to_unit, inv, above_eps = _lanes_inv_norm(sum_sq, scale, eps)
+    y_dot_dy = tl.where(above_eps, _lanes_dot(x_dot_dy, scale, row_scale) * to_unit, 0.0)
     for c0 in range(0, n_cols, BLOCK_N):
         x, cols, mask = _chunk(x_row, c0, n_cols, BLOCK_N, COMPUTE)
         dy, _, _ = _chunk(dy_row, c0, n_cols, BLOCK_N, COMPUTE)
-        tl.store(dx_row + cols, ((dy - x * inv * y_dot_dy) * inv).to(dx_ptr.dtype.element_ty), mask=mask)
+        y = x / row_scale * to_unit
+        tl.store(dx_row + cols, ((dy - y * y_dot_dy) * inv).to(dx_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
-def _residual_chunk(h_row, b_row, alpha_ptr, b_inv, c0, n_cols, BLOCK_N: tl.constexpr, COMPUTE: tl.constexpr):
+def _residual_chunk(h_row, b_row, alpha_ptr, b_scale, b_to_unit, c0, n_cols, BLOCK_N: tl.constexpr,
+                    COMPUTE: tl.constexpr):
     """(r, h, Norm(b), |alpha|, cols, mask) of one chunk: r = h + |alpha| (Norm(b) - h), eq. 10 before its Norm."""
     h, cols, mask = _chunk(h_row, c0, n_cols, BLOCK_N, COMPUTE)
     b, _, _ = _chunk(b_row, c0, n_cols, BLOCK_N, COMPUTE)
     a = tl.abs(tl.load(alpha_ptr + cols, mask=mask, other=0.0).to(COMPUTE))
-    b_unit = b * b_inv
+    b_unit = b / b_scale * b_to_unit
     return h + a * (b_unit - h), h, b_unit, a, cols, mask
 
 
@@ -293,15 +318,17 @@ def _hypersphere_update_split_fwd_kernel(h_ptr, b_ptr, alpha_ptr, out_ptr, n_col
                                          BLOCK_N: tl.constexpr, COMPUTE: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     h_row, b_row, out_row = h_ptr + row * h_row_stride, b_ptr + row * b_row_stride, out_ptr + row * n_cols
-    b_inv, b_above_eps = _branch_inv_norm(b_row, n_cols, eps, BLOCK_N, COMPUTE)
+    b_scale, b_to_unit, _, _ = _branch_inv_norm(b_row, n_cols, eps, BLOCK_N, COMPUTE)
     sum_sq, scale = tl.zeros([BLOCK_N], dtype=COMPUTE), tl.zeros([BLOCK_N], dtype=COMPUTE)
     for c0 in range(0, n_cols, BLOCK_N):
-        r, h, b_unit, a, cols, mask = _residual_chunk(h_row, b_row, alpha_ptr, b_inv, c0, n_cols, BLOCK_N, COMPUTE)
+        r, h, b_unit, a, cols, mask = _residual_chunk(h_row, b_row, alpha_ptr, b_scale, b_to_unit, c0, n_cols,
+                                                      BLOCK_N, COMPUTE)
         sum_sq, scale = _add_squares(sum_sq, scale, r)
-    r_inv, r_above_eps = _lanes_inv_norm(sum_sq, scale, eps)
+    r_scale, r_to_unit, _, _ = _lanes_inv_norm(sum_sq, scale, eps)
     for c0 in range(0, n_cols, BLOCK_N):
-        r, h, b_unit, a, cols, mask = _residual_chunk(h_row, b_row, alpha_ptr, b_inv, c0, n_cols, BLOCK_N, COMPUTE)
-        tl.store(out_row + cols, (r * r_inv).to(out_ptr.dtype.element_ty), mask=mask)
+        r, h, b_unit, a, cols, mask = _residual_chunk(h_row, b_row, alpha_ptr, b_scale, b_to_unit, c0, n_cols,
+                                                      BLOCK_N, COMPUTE)
+        tl.store(out_row + cols, (r / r_scale * r_to_unit).to(out_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -317,28 +344,29 @@ def _hypersphere_update_split_bwd_kernel(dout_ptr, h_ptr, b_ptr, alpha_ptr, dh_p
         if row < n_rows:
             h_row, b_row = h_ptr + row * h_row_stride, b_ptr + row * b_row_stride
             dout_row = dout_ptr + row * n_cols
-            b_inv, b_above_eps = _branch_inv_norm(b_row, n_cols, eps, BLOCK_N, COMPUTE)
-            r_sq, r_scale = tl.zeros([BLOCK_N], dtype=COMPUTE), tl.zeros([BLOCK_N], dtype=COMPUTE)
+            b_scale, b_to_unit, b_inv, b_above_eps = _branch_inv_norm(b_row, n_cols, eps, BLOCK_N, COMPUTE)
+            r_sq, r_lane_scale = tl.zeros([BLOCK_N], dtype=COMPUTE), tl.zeros([BLOCK_N], dtype=COMPUTE)
             r_dot_dout = tl.zeros([BLOCK_N], dtype=COMPUTE)
             for c0 in range(0, n_cols, BLOCK_N):
-                r, _, _, _, _, _ = _residual_chunk(h_row, b_row, alpha_ptr, b_inv, c0, n_cols, BLOCK_N, COMPUTE)
+                r, _, _, _, _, _ = _residual_chunk(h_row, b_row, alpha_ptr, b_scale, b_to_unit, c0, n_cols,
+                                                   BLOCK_N, COMPUTE)
                 dout, _, _ = _chunk(dout_row, c0, n_cols, BLOCK_N, COMPUTE)
-                r_sq, r_scale = _add_squares(r_sq, r_scale, r)
-                r_dot_dout += r * dout
-            r_inv, r_above_eps = _lanes_inv_norm(r_sq, r_scale, eps)
-            out_dot_dout = tl.where(r_above_eps, tl.sum(r_dot_dout) * r_inv, 0.0)
+                r_dot_dout = _add_dot(r_dot_dout, r_lane_scale, r, dout)
+                r_sq, r_lane_scale = _add_squares(r_sq, r_lane_scale, r)
+            r_scale, r_to_unit, r_inv, r_above_eps = _lanes_inv_norm(r_sq, r_lane_scale, eps)
+            out_dot_dout = tl.where(r_above_eps, _lanes_dot(r_dot_dout, r_lane_scale, r_scale) * r_to_unit, 0.0)
             unit_dot_g = tl.zeros([BLOCK_N], dtype=COMPUTE)
             for c0 in range(0, n_cols, BLOCK_N):
-                r, _, b_unit, a, _, _ = _residual_chunk(h_row, b_row, alpha_ptr, b_inv, c0, n_cols, BLOCK_N,
-                                                        COMPUTE)
+                r, _, b_unit, a, _, _ = _residual_chunk(h_row, b_row, alpha_ptr, b_scale, b_to_unit, c0, n_cols,
+                                                        BLOCK_N, COMPUTE)
                 dout, _, _ = _chunk(dout_row, c0, n_cols, BLOCK_N, COMPUTE)
-                unit_dot_g += b_unit * (dout - r * r_inv * out_dot_dout) * r_inv * a
+                unit_dot_g += b_unit * (dout - r / r_scale * r_to_unit * out_dot_dout) * r_inv * a
             b_unit_dot_g = tl.where(b_above_eps, tl.sum(unit_dot_g), 0.0)
             for c0 in range(0, n_cols, BLOCK_N):
-                r, h, b_unit, a, cols, mask = _residual_chunk(h_row, b_row, alpha_ptr, b_inv, c0, n_cols, BLOCK_N,
-                                                              COMPUTE)
+                r, h, b_unit, a, cols, mask = _residual_chunk(h_row, b_row, alpha_ptr, b_scale, b_to_unit, c0, n_cols,
+                                                              BLOCK_N, COMPUTE)
                 dout, _, _ = _chunk(dout_row, c0, n_cols, BLOCK_N, COMPUTE)
-                dr = (dout - r * r_inv * out_dot_dout) * r_inv
+                dr = (dout - r / r_scale * r_to_unit * out_dot_dout) * r_inv
                 db = (dr * a - b_unit * b_unit_dot_g) * b_inv
                 tl.store(dh_ptr + row * n_cols + cols, (dr * (1.0 - a)).to(dh_ptr.dtype.element_ty), mask=mask)
                 tl.store(db_ptr + row * n_cols + cols, db.to(db_ptr.dtype.element_ty), mask=mask)
@@ -369,11 +397,12 @@ def _qk_tile(x_ptr, cos_ptr, sin_ptr, bt_start, head, T, H, half, n_bt, stride_b
 
 
 @triton.jit
-def _rotated_inv_norm(r1, r2, eps):
-    """_inv_norm of rows held as two halves r1, r2 [BLOCK_M, BLOCK_HALF] (RoPE's pairs)."""
+def _rotated_unit(r1, r2, eps):
+    """_unit of rows held as two halves r1, r2 [BLOCK_M, BLOCK_HALF] (RoPE's pairs): (y1, y2, inv, above_eps)."""
     scale = tl.maximum(_row_scale(r1), _row_scale(r2))
     r1s, r2s = r1 / scale, r2 / scale
-    return _inv_norm(tl.sum(r1s * r1s + r2s * r2s, axis=1)[:, None], scale, eps)
+    to_unit, inv, above_eps = _inv_norm(tl.sum(r1s * r1s + r2s * r2s, axis=1)[:, None], scale, eps)
+    return r1s * to_unit, r2s * to_unit, inv, above_eps
 
 
 @triton.jit
@@ -383,12 +412,12 @@ def _qk_norm_rope_fwd_rows(x_ptr, out_ptr, cos_ptr, sin_ptr, scale_ptr, head, T,
     bt_start = tl.program_id(0).to(tl.int64) * BLOCK_M
     r1, r2, c, s, b, t, cols, mask = _qk_tile(x_ptr, cos_ptr, sin_ptr, bt_start, head, T, H, half, n_bt,
                                               stride_b, stride_t, stride_h, BLOCK_M, BLOCK_HALF, COMPUTE)
-    inv, _ = _rotated_inv_norm(r1, r2, eps)
+    y1, y2, _, _ = _rotated_unit(r1, r2, eps)
     scale1 = tl.load(scale_ptr + cols, mask=cols < half, other=0.0).to(COMPUTE)
     scale2 = tl.load(scale_ptr + half + cols, mask=cols < half, other=0.0).to(COMPUTE)
     out = out_ptr + ((b * H + head) * T + t) * (2 * half) + cols  # output layout [B, H, T, D]
-    tl.store(out, (r1 * inv * scale1).to(out_ptr.dtype.element_ty), mask=mask)
-    tl.store(out + half, (r2 * inv * scale2).to(out_ptr.dtype.element_ty), mask=mask)
+    tl.store(out, (y1 * scale1).to(out_ptr.dtype.element_ty), mask=mask)
+    tl.store(out + half, (y2 * scale2).to(out_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -419,8 +448,7 @@ def _qk_norm_rope_bwd_rows(dout_ptr, x_ptr, dx_ptr, cos_ptr, sin_ptr, scale_ptr,
         bt_start = (pid * blocks_per_program + i) * BLOCK_M
         r1, r2, c, s, b, t, cols, mask = _qk_tile(x_ptr, cos_ptr, sin_ptr, bt_start, head, T, H, half, n_bt,
                                                   stride_b, stride_t, stride_h, BLOCK_M, BLOCK_HALF, COMPUTE)
-        inv, above_eps = _rotated_inv_norm(r1, r2, eps)
-        y1, y2 = r1 * inv, r2 * inv
+        y1, y2, inv, above_eps = _rotated_unit(r1, r2, eps)
         dout = dout_ptr + ((b * H + head) * T + t) * (2 * half) + cols
         g1 = tl.load(dout, mask=mask, other=0.0).to(COMPUTE)
         g2 = tl.load(dout + half, mask=mask, other=0.0).to(COMPUTE)

@@ -7,13 +7,14 @@ from torchext.nn.kde_attention import KDEAttention, use_kde_attention
 from torchext.nn.kronecker_attention import KroneckerAttention2d, KroneckerAttention3d
 from torchext.nn.kv_quant import KVQuantCache, KVQuantConfig, KVQuantLayer, calibrate, use_kvquant_attention
 from torchext.nn.ngpt import (NGPT, HypersphereResidual, NGPTBlock, NGPTConfig, NormalizedAttention,
-                              NormalizedEmbedding, NormalizedLinear, NormalizedSwiGLU, ScaledVector, renormalize_,
-                              renormalize_after_step)
+                              NormalizedEmbedding, NormalizedLinear, NormalizedSwiGLU, RenormalizeAfterStep,
+                              ScaledVector, renormalize_, renormalize_after_step)
 from torchext.nn.tensor_attention import TensorAttention
 
 __all__ = ["GramSpectralNorm", "HypersphereResidual", "Int8Linear", "KDEAttention", "KVQuantCache", "KVQuantConfig",
            "KVQuantLayer", "KroneckerAttention2d", "KroneckerAttention3d", "NGPT", "NGPTBlock", "NGPTConfig",
-           "NormalizedAttention", "NormalizedEmbedding", "NormalizedLinear", "NormalizedSwiGLU", "ScaledVector",
-           "TensorAttention", "calibrate", "calibrate_outliers", "format_lipschitz_table", "gram_spectral_norm",
-           "lipschitz_bound", "lipschitz_penalty", "record_input_sizes", "renormalize_", "renormalize_after_step",
-           "replace_linear", "use_kde_attention", "use_kvquant_attention"]
+           "NormalizedAttention", "NormalizedEmbedding", "NormalizedLinear", "NormalizedSwiGLU",
+           "RenormalizeAfterStep", "ScaledVector", "TensorAttention", "calibrate", "calibrate_outliers",
+           "format_lipschitz_table", "gram_spectral_norm", "lipschitz_bound", "lipschitz_penalty",
+           "record_input_sizes", "renormalize_", "renormalize_after_step", "replace_linear", "use_kde_attention",
+           "use_kvquant_attention"]

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from torchext import ops
+from torchext.ops._checks import check_float, check_int, check_tensor
 from torchext.reference.ngpt import DEFAULT_EPS, rope_cos_sin
 
 
@@ -20,11 +21,17 @@ class ScaledVector(nn.Module):
     """A trainable vector stored as p = s_scale and used as p * (s_init / s_scale) (section 2.5).
 
     Decoupling the stored value from the used one sets the vector's effective Adam learning rate
-    without touching the global one. Stored in fp32.
+    without touching the global one. Stored in fp32. ``size`` is an int >= 0 and ``init``, ``scale`` finite
+    numbers, ``scale`` nonzero (TypeError / ValueError otherwise).
     """
 
     def __init__(self, size: int, init: float, scale: float, device=None):
         super().__init__()
+        check_int("ScaledVector", "size", size, minimum=0)
+        check_float("ScaledVector", "init", init)
+        check_float("ScaledVector", "scale", scale)
+        if scale == 0:
+            raise ValueError("ScaledVector: scale must be nonzero (the vector is used as param * init / scale)")
         self.init, self.scale = init, scale
         self.param = nn.Parameter(torch.full((size,), scale, dtype=torch.float32, device=device))
 
@@ -33,6 +40,22 @@ class ScaledVector(nn.Module):
 
     def extra_repr(self) -> str:
         return f"size={self.param.numel()}, init={self.init:g}, scale={self.scale:g}"
+
+
+@torch.no_grad()
+def _random_unit_(weight: Tensor, norm_dim: int) -> None:
+    """Random unit vectors along norm_dim, uniform on the sphere (normal draws put on it: their scale is moot, so an
+    empty weight needs no special case)."""
+    weight.normal_()
+    ops.renormalize_([weight], [norm_dim])
+
+
+def _check_hidden(module: str, h: Tensor, d_model: int, batch_and_seq: bool = False) -> None:
+    """h is a float tensor [..., d_model] ([batch, seq, d_model] when batch_and_seq), or an error naming the module."""
+    check_tensor(module, "h", h)
+    layout = "[batch, seq, d_model]" if batch_and_seq else "[..., d_model]"
+    if (batch_and_seq and h.dim() != 3) or h.shape[-1] != d_model:
+        raise ValueError(f"{module}: h must be {layout} with d_model = {d_model}, got shape {tuple(h.shape)}")
 
 
 class NormalizedLinear(nn.Linear):
@@ -50,9 +73,7 @@ class NormalizedLinear(nn.Linear):
         super().__init__(in_features, out_features, bias=False, device=device, dtype=dtype)
 
     def reset_parameters(self) -> None:
-        with torch.no_grad():
-            self.weight.normal_(0.0, self.weight.shape[self.norm_dim] ** -0.5)
-            ops.renormalize_([self.weight], [self.norm_dim])
+        _random_unit_(self.weight, self.norm_dim)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, norm_dim={self.norm_dim}"
@@ -64,9 +85,7 @@ class NormalizedEmbedding(nn.Embedding):
     norm_dim = 1
 
     def reset_parameters(self) -> None:
-        with torch.no_grad():
-            self.weight.normal_(0.0, self.embedding_dim ** -0.5)
-            ops.renormalize_([self.weight], [self.norm_dim])
+        _random_unit_(self.weight, self.norm_dim)
 
 
 class HypersphereResidual(nn.Module):
@@ -103,6 +122,7 @@ class NormalizedAttention(nn.Module):
 
     def forward(self, h: Tensor) -> Tensor:
         """h: [B, T, d_model] -> [B, T, d_model], T <= max_seq_len."""
+        _check_hidden("NormalizedAttention", h, self.n_heads * self.head_dim, batch_and_seq=True)
         B, T, d_model = h.shape
         if T > self.rope_cos.shape[0]:
             raise ValueError(f"NormalizedAttention: sequence length {T} exceeds max_seq_len {self.rope_cos.shape[0]}")
@@ -127,6 +147,7 @@ class NormalizedSwiGLU(nn.Module):
 
     def forward(self, h: Tensor) -> Tensor:
         """h: [..., d_model] -> [..., d_model]."""
+        _check_hidden("NormalizedSwiGLU", h, self.d_model)
         u, v = self.up(h).chunk(2, dim=-1)
         return self.down(ops.scaled_swiglu(u, v, self.s_u(), self.s_v(), self.d_model))
 
@@ -196,17 +217,51 @@ def _normalized_weights(model: nn.Module) -> tuple[list[Tensor], list[int]]:
 
 
 @torch.no_grad()
-def renormalize_(model: nn.Module, eps: float = DEFAULT_EPS, check: bool = True) -> None:
+def renormalize_(model: nn.Module, eps: float = DEFAULT_EPS, check: bool = False) -> Tensor:
     """Put every NormalizedLinear / NormalizedEmbedding weight of ``model`` back on the unit sphere, in one launch.
 
-    Raises ValueError if a row/column is all zeros (``check=False`` skips the one host sync that costs).
+    Returns the int32 zero-vector count of each weight (see torchext.ops.renormalize_), with no host read;
+    ``check=True`` reads it and raises ValueError on a zero row/column (one host sync).
     """
     weights, dims = _normalized_weights(model)
-    if weights:
-        ops.renormalize_(weights, dims, eps=eps, check=check)
+    if not weights:
+        return torch.zeros(0, dtype=torch.int32)
+    return ops.renormalize_(weights, dims, eps=eps, check=check)
+
+
+class RenormalizeAfterStep:
+    """The optimizer hook of renormalize_after_step: ``renormalize_(model)`` after every ``optimizer.step()``.
+
+    Sync-free (CUDA-graph capturable): each step adds its zero-vector counts to ``zero_vectors``, an int64
+    scalar on the weights' device, and ``check()`` reads it (one host sync) whenever the caller already syncs,
+    e.g. when logging the loss. ``check_every_step=True`` raises at the step itself (a debug mode).
+    """
+
+    def __init__(self, optimizer: torch.optim.Optimizer, model: nn.Module, eps: float = DEFAULT_EPS,
+                 check_every_step: bool = False):
+        self.model, self.eps, self.check_every_step = model, eps, check_every_step
+        self.zero_vectors: Tensor | None = None
+        self._handle = optimizer.register_step_post_hook(self._after_step)
+
+    def _after_step(self, *_) -> None:
+        counts = renormalize_(self.model, eps=self.eps, check=self.check_every_step)
+        if self.zero_vectors is None or self.zero_vectors.device != counts.device:
+            self.zero_vectors = torch.zeros((), dtype=torch.int64, device=counts.device)
+        self.zero_vectors += counts.sum()
+
+    def check(self) -> None:
+        """Raise ValueError if any step since the hook was made met a zero row/column (reads one scalar)."""
+        if self.zero_vectors is not None and bool(self.zero_vectors):
+            raise ValueError(f"renormalize_after_step: {int(self.zero_vectors)} zero vectors (norm 0) met since the "
+                             f"hook was made; nGPT needs every row/column to have a direction (was a weight "
+                             f"zero-initialised?)")
+
+    def remove(self) -> None:
+        self._handle.remove()
 
 
 def renormalize_after_step(optimizer: torch.optim.Optimizer, model: nn.Module, eps: float = DEFAULT_EPS,
-                           check: bool = True):
-    """Run ``renormalize_(model)`` after every ``optimizer.step()``; returns the hook handle (``.remove()``)."""
-    return optimizer.register_step_post_hook(lambda *_: renormalize_(model, eps=eps, check=check))
+                           check_every_step: bool = False) -> RenormalizeAfterStep:
+    """Run ``renormalize_(model)`` after every ``optimizer.step()``, with no host sync; returns the hook
+    (``.check()`` raises if a zero row/column was met, ``.remove()`` detaches it)."""
+    return RenormalizeAfterStep(optimizer, model, eps, check_every_step)

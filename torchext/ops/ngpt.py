@@ -11,8 +11,8 @@ from torch import Tensor
 
 from torchext._backend import CUDA_EXT, HAS_TRITON, cuda_dtype_code, use_cuda_ext, use_triton
 from torchext._dtypes import accumulator_dtype
-from torchext.ops._checks import (as_rows, check_dim, check_int, check_same_device, check_shape, check_tensor,
-                                  check_tensors, check_unit_last_stride)
+from torchext.ops._checks import (as_rows, check_dim, check_float, check_int, check_ints, check_same_device,
+                                  check_shape, check_tensor, check_tensor_list, check_tensors, check_unit_last_stride)
 from torchext.reference import ngpt as ref
 
 if HAS_TRITON:
@@ -25,9 +25,14 @@ KERNELS = {"l2_normalize": "triton", "hypersphere_update": "triton", "qk_norm_ro
            "scaled_swiglu": "triton", "renormalize_": "cuda"}
 
 
+# The smallest eps: the kernels divide by max(norm, eps) in fp32, and 1 / eps overflows for a subnormal eps.
+MIN_EPS = torch.finfo(torch.float32).tiny
+
+
 def _check_eps(op: str, eps: float) -> None:
-    if not eps > 0:
-        raise ValueError(f"{op}: eps must be > 0, got {eps}")
+    check_float(op, "eps", eps)
+    if not eps >= MIN_EPS:
+        raise ValueError(f"{op}: eps must be >= {MIN_EPS:.4g} (the smallest normal float32), got {eps}")
 
 
 # ---- l2_normalize -----------------------------------------------------------------------------------------------
@@ -85,13 +90,16 @@ def l2_normalize(x: Tensor, dim: int = -1, eps: float = DEFAULT_EPS) -> Tensor:
     Args:
         x: [..., n] float32/bfloat16/float16 with unit stride along its last dim.
         dim: the axis to normalise. The kernel works on the last axis; any other costs a transposed copy.
-        eps: lower bound on the norm, so an all-zero vector maps to zero instead of NaN.
+        eps: lower bound on the norm, so an all-zero vector maps to zero instead of NaN; finite and at least
+            torch.finfo(torch.float32).tiny (ValueError otherwise).
 
     Returns:
-        A tensor of x's shape and dtype.
+        A tensor of x's shape and dtype. The norm is never formed itself: rows peaking near the top of the
+        range (3e38 in fp32) give unit rows, and a NaN anywhere in a row makes the row NaN.
     """
     check_tensor("l2_normalize", "x", x)
     check_dim("l2_normalize", dim, x.dim())
+    _check_eps("l2_normalize", eps)
     if x.dim() > 1 and dim % x.dim() != x.dim() - 1:
         return torch.ops.torchext.l2_normalize(x.movedim(dim, -1).contiguous(), eps).movedim(-1, dim)
     return torch.ops.torchext.l2_normalize(x, eps)
@@ -168,12 +176,13 @@ def hypersphere_update(h: Tensor, h_branch: Tensor, alpha: Tensor, eps: float = 
         h: [..., d] float32/bfloat16/float16, unit-norm hidden states.
         h_branch: [..., d] the attention or MLP output (any float dtype; need not be normalised).
         alpha: [d] the eigen learning rates (the forward uses |alpha|).
-        eps: lower bound on both norms.
+        eps: lower bound on both norms (finite, >= torch.finfo(torch.float32).tiny).
 
     Returns:
         h' of h's shape and dtype.
     """
     check_tensors("hypersphere_update", h=h, h_branch=h_branch, alpha=alpha)
+    _check_eps("hypersphere_update", eps)
     return torch.ops.torchext.hypersphere_update(h, h_branch, alpha, eps)
 
 
@@ -270,12 +279,13 @@ def qk_norm_rope(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor, s_qk: Tensor,
         k: [B, T, Hk, D], same dtype family; Hk may differ from H (GQA/MQA) when s_qk is one shared row.
         cos, sin: [>= T, D/2] RoPE tables for positions 0..T-1 (see ``rope_cos_sin``); no gradient.
         s_qk: [D] or [H, D] scale applied to both q and k.
-        eps: lower bound on the norms.
+        eps: lower bound on the norms (finite, >= torch.finfo(torch.float32).tiny).
 
     Returns:
         (q, k) in the attention layout [B, H, T, D] and [B, Hk, T, D], contiguous, dtypes of q and k.
     """
     check_tensors("qk_norm_rope", q=q, k=k, cos=cos, sin=sin, s_qk=s_qk)
+    _check_eps("qk_norm_rope", eps)
     return torch.ops.torchext.qk_norm_rope(q, k, cos, sin, s_qk, eps)
 
 
@@ -377,8 +387,14 @@ def _check_renormalize(tensors: list[Tensor], dims: list[int], eps: float) -> No
     _check_eps(op, eps)
 
 
-def _renormalize_cuda(tensors: list[Tensor], dims: list[int], eps: float) -> Tensor:
-    """One launch of the CUDA C++ multi-tensor kernel (csrc/ngpt/renormalize.cu).
+# The block table of each tensor list, pinned on the host and copied to the device once: an optimizer step then
+# launches with no host-to-device copy, and a CUDA graph that captured the copy replays it from a host buffer that
+# stays alive (a per-call pinned buffer would be freed and reused after capture). Keyed by what the table holds.
+_RENORMALIZE_TABLES: dict[tuple, tuple[Tensor, Tensor]] = {}
+
+
+def _renormalize_table(tensors: list[Tensor], dims: list[int]) -> tuple[Tensor, int]:
+    """([tensors, 6] int64 on the tensors' device, number of blocks) for the CUDA C++ multi-tensor kernel.
 
     Each tensor is seen as [outer, n, inner] and normalised along n. A thread block takes one vector
     when inner == 1 (a contiguous row) or one tile of columns otherwise; the table tells every block
@@ -390,10 +406,19 @@ def _renormalize_cuda(tensors: list[Tensor], dims: list[int], eps: float) -> Ten
         outer, n, inner = math.prod(t.shape[:dim]), t.shape[dim], math.prod(t.shape[dim + 1:])
         table.append((t.data_ptr(), outer, n, inner, cuda_dtype_code(t.dtype), first_block))
         first_block += outer if inner == 1 else outer * -(-inner // CUDA_EXT.RENORMALIZE_COLUMNS_PER_BLOCK)
+    key = (tensors[0].device, *map(tuple, table))
+    if key not in _RENORMALIZE_TABLES:
+        host = torch.tensor(table, dtype=torch.int64).pin_memory()
+        _RENORMALIZE_TABLES[key] = host, host.to(tensors[0].device, non_blocking=True)
+    return _RENORMALIZE_TABLES[key][1], first_block
+
+
+def _renormalize_cuda(tensors: list[Tensor], dims: list[int], eps: float) -> Tensor:
+    """One launch of the CUDA C++ multi-tensor kernel (csrc/ngpt/renormalize.cu)."""
     device = tensors[0].device
-    meta = torch.tensor(table, dtype=torch.int64).pin_memory().to(device, non_blocking=True)  # [tensors, 6]
+    table, num_blocks = _renormalize_table(tensors, dims)
     zero_counts = torch.zeros(len(tensors), dtype=torch.int32, device=device)
-    CUDA_EXT.renormalize(meta.data_ptr(), len(tensors), first_block, zero_counts.data_ptr(), eps,
+    CUDA_EXT.renormalize(table.data_ptr(), len(tensors), num_blocks, zero_counts.data_ptr(), eps,
                          torch.cuda.current_stream(device).cuda_stream)
     return zero_counts
 
@@ -413,21 +438,32 @@ def _(tensors, dims, eps):
     return torch.empty(len(tensors), dtype=torch.int32, device=tensors[0].device if tensors else "cpu")
 
 
-def renormalize_(tensors: list[Tensor], dims: list[int], eps: float = DEFAULT_EPS, check: bool = True) -> None:
+def renormalize_(tensors: list[Tensor], dims: list[int], eps: float = DEFAULT_EPS, check: bool = False) -> Tensor:
     """In place, in one launch: tensors[i] <- tensors[i] / ||tensors[i]|| along dims[i] (fp32 math).
 
     The retraction nGPT runs after every optimizer step (section 2.1). On CUDA one multi-tensor CUDA C++
-    launch covers every matrix; elsewhere it runs the reference.
+    launch covers every matrix; elsewhere it runs the reference. Nothing is read back to the host by default,
+    so an optimizer step that calls it can be captured in a CUDA graph.
 
     Args:
-        tensors: contiguous float32/bfloat16/float16 tensors on one device.
-        dims: the axis to normalise in each tensor (e.g. 1 for rows of an [out, in] weight, 0 for columns).
-        eps: lower bound on the norms.
-        check: raise ValueError if any vector has norm zero (it cannot be put on the sphere). The check
-            reads one small count tensor back to the host; pass False to skip that sync.
+        tensors: a list of contiguous float32/bfloat16/float16/float64 tensors on one device (TypeError for a
+            single tensor).
+        dims: a list of ints, the axis to normalise in each tensor (e.g. 1 for rows of an [out, in] weight, 0 for
+            columns).
+        eps: lower bound on the norms (finite, >= torch.finfo(torch.float32).tiny).
+        check: raise ValueError if any vector has norm zero (one host sync: a debug mode).
+
+    Returns:
+        int32 [len(tensors)] on the tensors' device: the zero vectors of each tensor. A zero vector has no
+        direction and stays zero; a vector holding a NaN becomes NaN; norms cannot overflow or underflow.
+        torchext.nn.renormalize_after_step sums these counts on the device for a later ``check()``.
     """
+    check_tensor_list("renormalize_", "tensors", tensors)
+    check_ints("renormalize_", "dims", dims)
+    _check_eps("renormalize_", eps)
     zero_counts = torch.ops.torchext.renormalize_(list(tensors), list(dims), eps)
     if check and bool(zero_counts.any()):
         bad = {i: int(c) for i, c in enumerate(zero_counts.tolist()) if c}
         raise ValueError(f"renormalize_: zero vectors (norm 0) in tensors {bad} (index: count); nGPT needs every "
                          f"row/column to have a direction (was a weight zero-initialised?)")
+    return zero_counts

@@ -16,36 +16,41 @@ from torchext._dtypes import upcast
 DEFAULT_EPS = 1e-6
 
 
-def _norm(x: Tensor, dim: int = -1) -> Tensor:
-    """||x|| along dim (kept), computed as max|x| ||x / max|x||| so that it cannot overflow or flush to zero where
-    x is representable (LAPACK's nrm2; the kernels do the same). NaN in x gives NaN."""
+def _scaled(x: Tensor, dim: int = -1) -> tuple[Tensor, Tensor]:
+    """(x / s, s) with s = max|x| along dim (kept; 1 for a zero or empty vector): LAPACK nrm2's scaling, so that
+    ||x / s|| neither overflows nor flushes to zero where x is representable (the kernels do the same)."""
+    if x.shape[dim] == 0:  # amax has no identity to reduce an empty vector to
+        return x, x.new_ones(x.shape[:dim % x.dim()] + (1,) + x.shape[dim % x.dim() + 1:])
     scale = x.abs().amax(dim, keepdim=True)
     scale = torch.where(scale > 0, scale, torch.ones_like(scale))
-    return scale * (x / scale).norm(dim=dim, keepdim=True)
+    return x / scale, scale
 
 
-def _unit(x: Tensor, eps: float) -> tuple[Tensor, Tensor]:
-    """(x / max(||x||, eps), ||x||) over the last dim."""
-    norm = _norm(x)
-    return x / norm.clamp_min(eps), norm
+def _unit(x: Tensor, eps: float, dim: int = -1) -> tuple[Tensor, Tensor, Tensor]:
+    """(y, inv, above_eps) along dim (kept): y = x / max(||x||, eps), inv = 1 / max(||x||, eps), ||x|| > eps.
+
+    y is computed as (x / s) / max(||x / s||, eps / s), without forming ||x||: it overflows for vectors near the
+    top of the range (peaks of 3e38 in fp32) whose unit vector is representable. NaN in x gives NaN."""
+    xs, scale = _scaled(x, dim)
+    norm_s, eps_s = xs.norm(dim=dim, keepdim=True), eps / scale
+    clamped = torch.maximum(norm_s, eps_s)  # propagates NaN
+    return xs / clamped, 1 / clamped / scale, norm_s > eps_s
 
 
-def _unit_backward(grad_y: Tensor, y: Tensor, norm: Tensor, eps: float) -> Tensor:
+def _unit_backward(grad_y: Tensor, y: Tensor, inv: Tensor, above_eps: Tensor) -> Tensor:
     """dx for y = x / max(||x||, eps): (dy - y (y.dy)) / ||x||, or dy / eps where the norm was clamped."""
-    y_dot_grad = torch.where(norm > eps, (y * grad_y).sum(-1, keepdim=True), 0.0)
-    return (grad_y - y * y_dot_grad) / norm.clamp_min(eps)
+    y_dot_grad = torch.where(above_eps, (y * grad_y).sum(-1, keepdim=True), 0.0)
+    return (grad_y - y * y_dot_grad) * inv
 
 
 def l2_normalize(x: Tensor, dim: int = -1, eps: float = DEFAULT_EPS) -> Tensor:
     """Norm(x) = x / max(||x||_2, eps) along ``dim`` (the paper's Norm, with an eps guard)."""
-    xf = upcast(x)
-    return (xf / _norm(xf, dim).clamp_min(eps)).to(x.dtype)
+    return _unit(upcast(x), eps, dim)[0].to(x.dtype)
 
 
 def l2_normalize_backward(grad_y: Tensor, x: Tensor, eps: float = DEFAULT_EPS) -> Tensor:
     """Gradient of ``l2_normalize(x, -1, eps)``: grad_y, x [..., n] -> dx [..., n] in x.dtype."""
-    y, norm = _unit(upcast(x), eps)
-    return _unit_backward(upcast(grad_y), y, norm, eps).to(x.dtype)
+    return _unit_backward(upcast(grad_y), *_unit(upcast(x), eps)).to(x.dtype)
 
 
 def hypersphere_update(h: Tensor, h_branch: Tensor, alpha: Tensor, eps: float = DEFAULT_EPS) -> Tensor:
@@ -61,10 +66,10 @@ def hypersphere_update_backward(grad_out: Tensor, h: Tensor, h_branch: Tensor, a
                                 eps: float = DEFAULT_EPS) -> tuple[Tensor, Tensor, Tensor]:
     """Gradient of ``hypersphere_update``: (dh, dh_branch, dalpha) in the dtypes of (h, h_branch, alpha)."""
     hf, a = upcast(h), upcast(alpha).abs()
-    b_unit, b_norm = _unit(upcast(h_branch), eps)
-    out, r_norm = _unit(hf + a * (b_unit - hf), eps)
-    dr = _unit_backward(upcast(grad_out), out, r_norm, eps)
-    db = _unit_backward(dr * a, b_unit, b_norm, eps)
+    b_unit, *b_inv = _unit(upcast(h_branch), eps)
+    out, *r_inv = _unit(hf + a * (b_unit - hf), eps)
+    dr = _unit_backward(upcast(grad_out), out, *r_inv)
+    db = _unit_backward(dr * a, b_unit, *b_inv)
     dalpha = (dr * (b_unit - hf)).reshape(-1, h.shape[-1]).sum(0) * torch.sign(upcast(alpha))
     return (dr * (1 - a)).to(h.dtype), db.to(h_branch.dtype), dalpha.to(alpha.dtype)
 
@@ -114,11 +119,11 @@ def qk_norm_rope_backward(grad_q: Tensor, grad_k: Tensor, q: Tensor, k: Tensor, 
     """Gradient of ``qk_norm_rope``: grads in [B, H, T, D] -> (dq, dk [B, T, H, D], ds_qk like s_qk)."""
     scale, ds_qk, grads = upcast(s_qk), torch.zeros_like(upcast(s_qk)), []
     for x, grad in ((q, grad_q), (k, grad_k)):
-        y, norm = _unit(apply_rope(x, cos, sin), eps)
+        y, *inv = _unit(apply_rope(x, cos, sin), eps)
         g = upcast(grad).transpose(1, 2)  # [B, T, H, D]
         per_head = (g * y).sum((0, 1))  # [H, D]
         ds_qk = ds_qk + (per_head.sum(0) if s_qk.dim() == 1 else per_head)
-        dr = _unit_backward(g * scale, y, norm, eps)
+        dr = _unit_backward(g * scale, y, *inv)
         grads.append(apply_rope(dr, cos, -sin).to(x.dtype))  # the inverse rotation
     return grads[0], grads[1], ds_qk.to(s_qk.dtype)
 
@@ -155,8 +160,7 @@ def renormalize_(tensors: list[Tensor], dims: list[int], eps: float = DEFAULT_EP
     zero_counts = []
     with torch.no_grad():
         for t, dim in zip(tensors, dims):
-            norm = upcast(t).norm(dim=dim, keepdim=True)
-            t.copy_(upcast(t) / norm.clamp_min(eps))
-            zero_counts.append((norm == 0).sum())
+            zero_counts.append((t == 0).all(dim).sum())
+            t.copy_(_unit(upcast(t), eps, dim)[0])
     device = tensors[0].device if tensors else "cpu"
     return torch.stack(zero_counts).to(torch.int32) if zero_counts else torch.zeros(0, dtype=torch.int32, device=device)
