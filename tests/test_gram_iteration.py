@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from harness import check_opcheck, check_raises
 
 from torchext import ops
-from torchext.nn import gram_spectral_norm, lipschitz_bound, lipschitz_penalty, record_input_sizes
+from torchext.nn import GramSpectralNorm, gram_spectral_norm, lipschitz_bound, lipschitz_penalty, record_input_sizes
 from torchext.reference import gram_iteration as ref
 
 
@@ -47,6 +47,22 @@ def test_zero_matrix_gives_zero_not_nan():
     upper, lower = ops.gram_spectral_norm(w, return_lower=True)
     upper.sum().backward()
     assert torch.equal(upper, torch.zeros(3)) and torch.equal(lower, torch.zeros(3)) and w.grad.isfinite().all()
+
+
+@pytest.mark.parametrize("shape", [(3, 0), (0, 3), (2, 0, 4)], ids=str)
+def test_matrices_without_entries_have_bound_zero(shape):
+    """An empty matrix maps to or from a zero-dimensional space: spectral norm 0 (not amax's IndexError)."""
+    w = torch.zeros(shape, requires_grad=True)
+    upper, lower = ops.gram_spectral_norm(w, return_lower=True)
+    upper.sum().backward()
+    assert torch.equal(upper, torch.zeros(shape[:-2])) and torch.equal(lower, upper) and w.grad.shape == w.shape
+
+
+@pytest.mark.parametrize("shape", [(0, 2, 3), (4, 0, 3), (0, 2, 3, 3)], ids=str)
+def test_conv_without_channels_has_bound_zero(shape):
+    """No output (or input) channels: bound 0, where the FFT libraries reject the empty kernel."""
+    for padding in ("circular", "zeros"):
+        assert torch.equal(ops.conv_spectral_norm(torch.ones(shape), 6, padding), torch.zeros(()))
 
 
 def test_error_falls_with_iterations_as_in_the_note():
@@ -152,9 +168,27 @@ def bad_input_cases():
         (lambda: ops.gram_spectral_norm(torch.ones(4, 4), n_iter=0), ValueError, "n_iter must be in [1, 30]"),
         (lambda: ops.conv_spectral_norm(torch.ones(2, 2, 3, 3), 8, padding="reflect"), ValueError,
          "padding must be 'circular' or 'zeros'"),
-        (lambda: ops.conv_spectral_norm(torch.ones(2, 2, 5, 5), 3), ValueError, "is larger than the FFT size"),
+        (lambda: ops.conv_spectral_norm(torch.ones(2, 2, 5, 5), 3), ValueError,
+         "conv_spectral_norm: input_size (3, 3) is smaller than the kernel (5, 5)"),
         (lambda: ops.conv_spectral_norm(torch.ones(2, 2, 3, 3), 7, stride=2), ValueError,
-         "stride 2 must divide the input size"),
+         "conv_spectral_norm: stride 2 must divide input_size (7, 7)"),
+        # n_iter, input_size: checked by the op itself (not by its schema, nor as gram_spectral_norm's argument)
+        (lambda: ops.gram_spectral_norm(torch.ones(4, 4), n_iter=2.0), TypeError,
+         "gram_spectral_norm: n_iter must be an int, got float"),
+        (lambda: ops.gram_spectral_norm(torch.ones(4, 4), n_iter=True), TypeError,
+         "gram_spectral_norm: n_iter must be an int, got bool"),
+        (lambda: ops.conv_spectral_norm(torch.ones(2, 2, 3), 8, n_iter=0), ValueError,
+         "conv_spectral_norm: n_iter must be in [1, 30], got 0"),
+        (lambda: ops.conv_spectral_norm(torch.ones(2, 2, 3), 8, n_iter=6.0), TypeError,
+         "conv_spectral_norm: n_iter must be an int"),
+        (lambda: ops.conv_spectral_norm(torch.ones(2, 2, 3), 8.0), TypeError,
+         "conv_spectral_norm: input_size must be a list or tuple of ints, got float"),
+        (lambda: ops.conv_spectral_norm(torch.ones(2, 2, 3), "8"), TypeError,
+         "conv_spectral_norm: input_size must be a list or tuple of ints, got str"),
+        (lambda: ops.conv_spectral_norm(torch.ones(2, 2, 3), 0), ValueError,
+         "conv_spectral_norm: input_size must be >= 1"),
+        (lambda: ops.conv_spectral_norm(torch.ones(2, 2, 3, 3), (6, -4)), ValueError,
+         "conv_spectral_norm: input_size[1] must be >= 1, got -4"),
         (lambda: ops.conv_spectral_norm(torch.ones(2, 2, 3, 3), 8, stride=0), ValueError, "stride must be >= 1, got 0"),
         (lambda: ops.conv_spectral_norm(torch.ones(2, 2, 3, 3), 8, stride=-1), ValueError,
          "stride must be >= 1, got -1"),
@@ -214,6 +248,29 @@ def test_penalty_adds_the_bounds_above_tau_and_is_differentiable():
     torch.testing.assert_close(penalty, bounds[0] + bounds[1])
     penalty.backward()
     assert net[0].weight.grad is not None and net[1].weight.grad is not None
+
+
+def test_registering_the_parametrization_by_hand_normalises_the_weight():
+    """torch's register_parametrization evaluates the parametrization at once; it must not be left a no-op."""
+    linear = torch.nn.Linear(5, 4)
+    torch.nn.utils.parametrize.register_parametrization(linear, "weight", GramSpectralNorm(linear, target=2.0))
+    torch.testing.assert_close(ops.gram_spectral_norm(linear.weight.detach()), torch.tensor(2.0), rtol=1e-5, atol=0)
+    conv = torch.nn.Conv1d(2, 3, 3, padding=1)
+    check_raises(lambda: torch.nn.utils.parametrize.register_parametrization(conv, "weight", GramSpectralNorm(conv)),
+                 RuntimeError, "pass input_size to gram_spectral_norm / GramSpectralNorm")
+    conv = torch.nn.Conv1d(2, 3, 3, padding=1)
+    torch.nn.utils.parametrize.register_parametrization(conv, "weight", GramSpectralNorm(conv, input_size=(8,)))
+    conv(torch.randn(1, 2, 6))  # the size hook follows the input
+    bound = ops.conv_spectral_norm(conv.weight.detach(), 6, "zeros")
+    torch.testing.assert_close(bound, torch.tensor(1.0), rtol=1e-5, atol=0)
+
+
+def test_parametrization_checks_its_arguments():
+    check_raises(lambda: GramSpectralNorm(torch.nn.Linear(5, 4), n_iter=0), ValueError,
+                 "GramSpectralNorm: n_iter must be in [1, 30], got 0")
+    check_raises(lambda: GramSpectralNorm(torch.nn.Linear(5, 4), target=0.0), ValueError,
+                 "GramSpectralNorm: target must be finite and > 0")
+    check_raises(lambda: GramSpectralNorm(torch.nn.Embedding(5, 4)), TypeError, "GramSpectralNorm: expected Linear")
 
 
 def test_unsupported_layers_say_why():

@@ -16,6 +16,8 @@ from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
 from torchext import ops
+from torchext.ops._checks import check_float
+from torchext.ops.gram_iteration import check_n_iter
 
 BOUNDED = (nn.Linear, nn.Conv1d, nn.Conv2d)
 
@@ -48,7 +50,8 @@ def layer_bound(module: nn.Module, weight: Tensor, n_iter: int = 6) -> Tensor:
     size = getattr(module, "torchext_input_size", None)
     if size is None:
         raise RuntimeError(f"{type(module).__name__}: its input size is unknown; run a forward first "
-                           f"(record_input_sizes(model) or lipschitz_bound(model, example_input))")
+                           f"(record_input_sizes(model) or lipschitz_bound(model, example_input)), or pass "
+                           f"input_size to gram_spectral_norm / GramSpectralNorm")
     padding, stride = _conv_geometry(module)
     return ops.conv_spectral_norm(weight, size, padding, stride, module.groups, n_iter)
 
@@ -67,18 +70,29 @@ class GramSpectralNorm(nn.Module):
     """Parametrization W -> W * target / b(W), b a certified bound on the layer's operator norm.
 
     Stateless and deterministic (no power-iteration buffers); in eval mode the bound is cached until the
-    weight changes.
+    weight changes. ``gram_spectral_norm(module)`` registers it; registering it by hand with
+    ``torch.nn.utils.parametrize.register_parametrization(module, "weight", GramSpectralNorm(module))`` works
+    too, but torch then evaluates it at once, so a conv needs ``input_size`` (RuntimeError otherwise).
+    A conv remembers the spatial size of its input at each forward (the bound depends on it).
     """
 
-    def __init__(self, module: nn.Module, n_iter: int = 6, target: float = 1.0):
+    def __init__(self, module: nn.Module, n_iter: int = 6, target: float = 1.0,
+                 input_size: tuple[int, ...] | None = None):
         super().__init__()
+        if not isinstance(module, BOUNDED):
+            raise TypeError(f"GramSpectralNorm: expected Linear, Conv1d or Conv2d, got {type(module).__name__}")
+        check_n_iter("GramSpectralNorm", n_iter)
+        check_float("GramSpectralNorm", "target", target, positive=True)
+        if not isinstance(module, nn.Linear):
+            _conv_geometry(module)  # fail now, not at the first forward
+            if not hasattr(module, "torchext_size_hook"):
+                module.torchext_size_hook = module.register_forward_pre_hook(_remember_input_size)
+            if input_size is not None:
+                module.torchext_input_size = tuple(input_size)
         self.module_ref, self.n_iter, self.target = [module], n_iter, target  # a list: not a submodule
         self._cache: tuple | None = None
-        self.registering = True  # register_parametrization evaluates it once, before any input size is known
 
     def forward(self, weight: Tensor) -> Tensor:
-        if self.registering:
-            return weight
         key = (weight.data_ptr(), weight._version, getattr(self.module_ref[0], "torchext_input_size", None))
         if not self.training and self._cache is not None and self._cache[0] == key:
             bound = self._cache[1]
@@ -97,14 +111,10 @@ def gram_spectral_norm(module: nn.Module, n_iter: int = 6, target: float = 1.0,
     """
     if not isinstance(module, BOUNDED):
         raise TypeError(f"gram_spectral_norm: expected Linear, Conv1d or Conv2d, got {type(module).__name__}")
-    if not isinstance(module, nn.Linear):
-        _conv_geometry(module)  # fail now, not at the first forward
-        module.torchext_size_hook = module.register_forward_pre_hook(_remember_input_size)
-        if input_size is not None:
-            module.torchext_input_size = tuple(input_size)
-    parametrization = GramSpectralNorm(module, n_iter, target)
-    parametrize.register_parametrization(module, "weight", parametrization)
-    parametrization.registering = False
+    # unsafe: the parametrization keeps shape and dtype, so torch need not evaluate it now (a conv's input size
+    # may only be known at its first forward)
+    parametrize.register_parametrization(module, "weight", GramSpectralNorm(module, n_iter, target, input_size),
+                                         unsafe=True)
     return module
 
 

@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 
 from torchext._backend import CUDA_EXT, use_cuda_ext
-from torchext.ops._checks import check_int, check_tensor
+from torchext.ops._checks import check_int, check_ints, check_tensor
 from torchext.reference import gram_iteration as ref
 
 # What kind of kernel backs each op on CUDA (read by `python -m torchext info`).
@@ -19,11 +19,17 @@ MATRIX_DTYPES = (torch.float32, torch.float64, torch.complex64, torch.complex128
 MAX_ITERATIONS = 30  # 2^30-th roots: past this the bound equals sigma_max to any float precision
 
 
+def check_n_iter(op: str, n_iter: int) -> None:
+    """n_iter is a Python int in [1, MAX_ITERATIONS] (shared by the ops and the nn parametrization)."""
+    check_int(op, "n_iter", n_iter)
+    if not 1 <= n_iter <= MAX_ITERATIONS:
+        raise ValueError(f"{op}: n_iter must be in [1, {MAX_ITERATIONS}], got {n_iter}")
+
+
 def _check_gram(w: Tensor, n_iter: int) -> None:
     op = "gram_spectral_norm"
     check_tensor(op, "w", w, MATRIX_DTYPES, min_ndim=2)
-    if not 1 <= n_iter <= MAX_ITERATIONS:
-        raise ValueError(f"{op}: n_iter must be in [1, {MAX_ITERATIONS}], got {n_iter}")
+    check_n_iter(op, n_iter)
 
 
 def _fits_shared_memory(w: Tensor) -> bool:
@@ -98,11 +104,23 @@ def gram_spectral_norm(w: Tensor, n_iter: int = 6, return_lower: bool = False) -
 
     Returns:
         upper [...] real (fp32 for fp32/complex64 inputs, else fp64); with return_lower, (upper, lower).
-        An all-zero matrix gives 0.
+        An all-zero matrix, or one with no rows or no columns, gives 0.
+
+    Raises:
+        TypeError: w is not a tensor of those dtypes, n_iter is not an int. ValueError: n_iter outside [1, 30].
     """
-    check_tensor("gram_spectral_norm", "w", w, MATRIX_DTYPES, min_ndim=2)
+    _check_gram(w, n_iter)
     upper, lower = torch.ops.torchext.gram_spectral_norm(w, n_iter)
     return (upper, lower) if return_lower else upper
+
+
+def _conv_input_size(op: str, input_size, d: int) -> tuple[int, ...]:
+    """input_size (an int, or one int per spatial dim) as a d-tuple of ints >= 1."""
+    if isinstance(input_size, int) and not isinstance(input_size, bool):
+        check_int(op, "input_size", input_size, minimum=1)
+        return (input_size,) * d
+    check_ints(op, "input_size", input_size, length=d, minimum=1)
+    return tuple(input_size)
 
 
 def conv_spectral_norm(weight: Tensor, input_size: tuple[int, ...] | int, padding: str = "circular",
@@ -122,17 +140,24 @@ def conv_spectral_norm(weight: Tensor, input_size: tuple[int, ...] | int, paddin
         n_iter: Gram iterations.
 
     Returns:
-        A 0-d real tensor.
+        A 0-d real tensor; 0 for a weight with no output (or input) channels.
+
+    Raises:
+        TypeError: a wrong dtype, or input_size / stride / groups / n_iter not ints. ValueError: a weight that is
+        not 3-D or 4-D, input_size entries < 1 or (circular padding) smaller than the kernel, a stride that does not
+        divide the circular input size, groups not dividing the output channels, n_iter outside [1, 30].
     """
     op = "conv_spectral_norm"
     check_tensor(op, "weight", weight, (torch.float32, torch.float64))
+    if weight.dim() not in (3, 4):
+        raise ValueError(f"{op}: weight must be 3-D (Conv1d) or 4-D (Conv2d), got shape {tuple(weight.shape)}")
+    size = _conv_input_size(op, input_size, weight.dim() - 2)
     check_int(op, "stride", stride, minimum=1)
     check_int(op, "groups", groups, minimum=1)
+    check_n_iter(op, n_iter)
     if weight.shape[0] % groups:
         raise ValueError(f"{op}: groups={groups} must divide the {weight.shape[0]} output channels of weight "
                          f"{tuple(weight.shape)}")
-    d = weight.dim() - 2
-    size = (input_size,) * d if isinstance(input_size, int) else tuple(input_size)
     blocks = ref.conv_frequency_blocks(weight, size, padding, stride, groups)  # [freq, c_out/g, c_in/g], complex
     with torch.no_grad():
         winner = gram_spectral_norm(blocks.detach(), n_iter).argmax()

@@ -34,6 +34,8 @@ def gram_side(w: Tensor) -> Tensor:
 
 def _frobenius(g: Tensor) -> Tensor:
     """||g||_F [...] computed as max|g| * ||g / max|g|||_F, so fp32 matrices of 1e30 do not overflow."""
+    if g.shape[-2] == 0 or g.shape[-1] == 0:  # no entries: norm 0 (amax has no identity to reduce to)
+        return g.new_zeros(g.shape[:-2], dtype=g.real.dtype)
     peak = g.abs().amax(dim=(-2, -1))
     safe_peak = torch.where(peak > 0, peak, torch.ones_like(peak))
     return safe_peak * torch.linalg.matrix_norm(g / safe_peak[..., None, None], ord="fro")
@@ -49,7 +51,8 @@ def gram_log_bounds(w: Tensor, n_iter: int = 6) -> tuple[Tensor, Tensor]:
     Returns:
         Two real tensors [...]: log of ||G_T||_F^(1/2^T) >= sigma_max (upper) and of
         (||G_T||_F^2 / tr G_T)^(1/2^T) <= sigma_max (lower: lambda_max of a PSD matrix is at least
-        ||G||_F^2 / tr G). An all-zero matrix gives log 0 = -inf for both (a bound of 0, never NaN).
+        ||G||_F^2 / tr G). An all-zero matrix, or one with no rows or no columns, gives log 0 = -inf for both
+        (a bound of 0, never NaN).
     """
     if n_iter < 1:
         raise ValueError(f"gram iteration needs n_iter >= 1, got {n_iter}")
@@ -124,27 +127,37 @@ def conv_frequency_blocks(weight: Tensor, input_size: tuple[int, ...], padding: 
     if d not in (1, 2) or len(input_size) != d:
         raise ValueError(f"conv_spectral_norm: weight must be 3-D or 4-D with one input size per spatial dim, "
                          f"got weight {tuple(weight.shape)} and input_size {tuple(input_size)}")
-    if padding == "zeros":
-        input_size = tuple(math.ceil((n + k - 1) / stride) * stride for n, k in zip(input_size, weight.shape[2:]))
+    kernel = tuple(weight.shape[2:])
+    if padding == "zeros":  # an FFT size of at least n + k - 1 >= k
+        input_size = tuple(math.ceil((n + k - 1) / stride) * stride for n, k in zip(input_size, kernel))
     elif padding != "circular":
         raise ValueError(f"conv_spectral_norm: padding must be 'circular' or 'zeros', got {padding!r}")
-    if stride > 1:
+    elif any(k > n for k, n in zip(kernel, input_size)):  # the kernel would wrap onto itself
+        raise ValueError(f"conv_spectral_norm: input_size {tuple(input_size)} is smaller than the kernel {kernel}; "
+                         f"circular padding needs input_size >= kernel_size (zero padding does not)")
+    if stride > 1:  # n >= k and s | n give n / s >= ceil(k / s): the polyphase kernel fits too
         weight, input_size = _polyphase(weight, tuple(input_size), stride)
-    kernel, size = weight.shape[2:], tuple(input_size)
-    if any(k > n for k, n in zip(kernel, size)):
-        raise ValueError(f"conv_spectral_norm: kernel {tuple(kernel)} is larger than the FFT size {size}")
-    dims = tuple(range(2, 2 + d))
-    spectrum = torch.fft.rfftn(weight, s=size, dim=dims)  # [c_out, c_in/g, *freq]; the other half is conjugate
     c_out, c_in_g = weight.shape[:2]
-    blocks = spectrum.reshape(groups, c_out // groups, c_in_g, -1).permute(0, 3, 1, 2)  # [g, freq, co/g, ci/g]
-    return blocks.reshape(-1, c_out // groups, c_in_g)
+    spectrum = _spectrum(weight, tuple(input_size))  # [c_out, c_in/g, *freq]
+    n_freq = math.prod(spectrum.shape[2:])  # not -1 in the reshapes: they must also take no channels
+    blocks = spectrum.reshape(groups, c_out // groups, c_in_g, n_freq).permute(0, 3, 1, 2)  # [g, freq, co/g, ci/g]
+    return blocks.reshape(groups * n_freq, c_out // groups, c_in_g)
+
+
+def _spectrum(weight: Tensor, size: tuple[int, ...]) -> Tensor:
+    """The DFT of the kernel at the FFT size over its spatial dims (the half rfftn keeps: the rest is conjugate)."""
+    if weight.numel() == 0:  # FFT libraries reject empty inputs; no channels: an empty spectrum, a bound of 0
+        complex_dtype = torch.complex128 if weight.dtype == torch.float64 else torch.complex64
+        return weight.new_zeros((*weight.shape[:2], *size[:-1], size[-1] // 2 + 1), dtype=complex_dtype)
+    return torch.fft.rfftn(weight, s=size, dim=tuple(range(2, weight.dim())))
 
 
 def _polyphase(weight: Tensor, input_size: tuple[int, ...], stride: int) -> tuple[Tensor, tuple[int, ...]]:
     """A stride-s conv as a stride-1 conv over the s^d phases of the input (exact for circular padding)."""
     d = weight.dim() - 2
     if any(n % stride for n in input_size):
-        raise ValueError(f"stride {stride} must divide the input size {input_size} for the polyphase form")
+        raise ValueError(f"conv_spectral_norm: stride {stride} must divide input_size {input_size} with circular "
+                         f"padding (the polyphase form)")
     kernel = weight.shape[2:]
     padded = [math.ceil(k / stride) * stride for k in kernel]
     w = torch.nn.functional.pad(weight, [p for k, pk in zip(reversed(kernel), reversed(padded)) for p in (0, pk - k)])
