@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 from torch import nn
-from harness import assert_close, check_against_reference, check_opcheck, check_raises
+from harness import NoHostReads, assert_close, check_against_reference, check_opcheck, check_raises
 
 import torchext
 from torchext import ops
@@ -64,6 +64,22 @@ def test_quant_zero_rows_nonfinite_rows_and_outlier_list():
     assert cols.tolist() == [7] and n.item() == 2, "the count stays true when the list is full"
 
 
+def test_quant_codes_of_tiny_rows_are_the_formula_and_normal_rows_are_unchanged():
+    """127 / absmax overflows fp32 below absmax ~ 2^-121 (it saturated every code at +-127): tiny and subnormal
+    rows get rint(127 x / absmax) too, and rows where 127 / absmax is finite keep the plain fp32 formula's codes
+    bit for bit (bitsandbytes-compatible)."""
+    base = torch.randn(6, 33)
+    base[:, 5] = 3.0  # a row peak whose ratios are not ties
+    x = base * torch.tensor([1e-40, 1e-38, 1e-37, 2.0 ** -70, 1.0, 1e30])[:, None]
+    codes, scale, _, _ = ops.int8_vectorwise_quant(x)
+    xd = x.double()
+    torch.testing.assert_close(codes, (xd * (127 / xd.abs().amax(1, keepdim=True))).round().to(torch.int8),
+                               rtol=0, atol=0)
+    normal = x[3:]
+    plain = (normal * (127 / normal.abs().amax(1, keepdim=True))).round().clamp(-127, 127).to(torch.int8)
+    assert torch.equal(codes[3:], plain) and torch.equal(scale, x.abs().amax(1))
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape", [(1, 1), (3, 4096), (300, 1000), (8192, 4103)], ids=str)
@@ -71,6 +87,8 @@ def test_quant_cuda_kernel_matches_reference(shape, dtype):
     assert torchext._backend.CUDA_EXT is not None, "torchext._C was not built"
     x = with_outliers(*shape, cols=(0, 17, 999), dtype=dtype, device="cuda")
     x[min(2, shape[0] - 1), 0] = float("inf") if shape[0] > 2 else x[0, 0]
+    if shape[0] > 4 and dtype != torch.float16:  # subnormal rows (fp16 has none below 2^-64)
+        x[3:5] = (x[3:5].float() * 1e-40 / x[3:5].float().abs().amax()).to(dtype)
     excluded = torch.zeros(shape[1], dtype=torch.bool, device="cuda")
     excluded[shape[1] // 2] = True
     for args in ((6.0, 64, None), (0.0, 64, None), (6.0, 2, None), (0.0, 0, excluded)):
@@ -222,6 +240,15 @@ def test_int8_linear_opcheck_and_compile(device):
     check_against_reference(torch.compile(fn, fullgraph=True), fn, [x])
 
 
+def test_int8_linear_compiles_with_dynamic_shapes(device):
+    """The default capacity is a size, a SymInt under dynamic shapes: the int checks must take it."""
+    fn = torch.compile(lambda x, w_codes, w_scale: ops.int8_linear(x, w_codes, w_scale), dynamic=True, fullgraph=True)
+    for M, K in ((4, 32), (6, 48)):
+        x = with_outliers(M, K, device=device)
+        _, w_codes, w_scale = quantized_weight(8, K, device)
+        torch.testing.assert_close(fn(x, w_codes, w_scale), ops.int8_linear(x, w_codes, w_scale))
+
+
 def test_nonfinite_activations_give_nonfinite_rows_not_silent_numbers(device):
     x = torch.randn(4, 32, device=device)
     x[1, 3], x[2, 5] = float("nan"), float("inf")
@@ -233,6 +260,49 @@ def test_nonfinite_activations_give_nonfinite_rows_not_silent_numbers(device):
 def test_empty_batch(device):
     _, w_codes, w_scale = quantized_weight(8, 32, device)
     assert ops.int8_linear(torch.empty(0, 32, device=device), w_codes, w_scale).shape == (0, 8)
+
+
+def test_no_input_features_gives_the_bias(device):
+    """x @ W^T with K = 0 is a zero matrix: int8_linear gives the bias (it reshaped [4, 0] with -1 and failed)."""
+    bias = torch.randn(5, device=device)
+    y = ops.int8_linear(torch.empty(4, 0, device=device), torch.empty(5, 0, dtype=torch.int8, device=device),
+                        torch.ones(5, device=device), bias)
+    assert torch.equal(y, bias.expand(4, 5))
+
+
+def test_out_of_range_static_column_gives_nan_without_host_reads(device):
+    """A static column outside [0, K) is an unusable outlier list: NaN outputs on every path, found on the device
+    (it was an IndexError in index_fill_, a device assert on CUDA); the backward skips its 16-bit column."""
+    x = with_outliers(6, 16, device=device).requires_grad_()
+    w, w_codes, w_scale = quantized_weight(5, 16, device)
+    slot = torch.full((16,), -1, dtype=torch.int32, device=device)
+    slot[3] = 0
+    for bad in (16, -1):
+        static_cols = torch.tensor([3, bad], dtype=torch.int32, device=device)
+        kwargs = dict(static_cols=static_cols, w16=w[:, [3]].contiguous(), w16_slot=slot)
+        assert ref.int8_linear(x.detach(), w_codes, w_scale, None, **kwargs).isnan().all()
+        with NoHostReads():
+            y = ops.int8_linear(x, w_codes, w_scale, int8_backward=False, **kwargs)
+            grad_x, = torch.autograd.grad(y, x, torch.ones_like(y))
+        assert y.isnan().all(), f"static column {bad}"
+        y_good = ops.int8_linear(x, w_codes, w_scale, int8_backward=False, **{**kwargs, "static_cols": static_cols[:1]})
+        torch.testing.assert_close(grad_x, torch.autograd.grad(y_good.sum(), x)[0])
+
+
+def test_inf_scales_give_nan_rows_and_columns(device):
+    """An Inf scale dequantizes to +-Inf and 0 * Inf: NaN in its output row (a_scale) or column (w_scale) on
+    every path (the kernel gave -Inf where its int8 sum and outlier term had one sign), the rest unchanged."""
+    x = with_outliers(5, 24, device=device)
+    _, w_codes, w_scale = quantized_weight(7, 24, device)
+    a_codes, a_scale, cols, n = ref.int8_vectorwise_quant(x, 6.0)
+    a_inf, w_inf = a_scale.clone(), w_scale.clone()
+    a_inf[2], w_inf[1] = float("inf"), float("inf")
+    args = [a_codes, a_inf, w_codes, w_inf, None, x, cols, n]
+    got, expected = ops.int8_mm(*args), ref.int8_mm(*args)
+    nan = torch.zeros(5, 7, dtype=torch.bool, device=device)
+    nan[2], nan[:, 1] = True, True
+    assert torch.equal(got.isnan(), nan) and torch.equal(expected.isnan(), nan)
+    assert_close(got[~nan], ops.int8_mm(a_codes, a_scale, w_codes, w_scale, None, x, cols, n)[~nan], "int8_mm")
 
 
 def bad_input_cases():
@@ -252,6 +322,25 @@ def bad_input_cases():
          "w16 and w16_slot go together"),
         (lambda: ops.int8_vectorwise_quant(x, capacity=-1), ValueError, "capacity must be >= 0"),
         (lambda: ops.int8_vectorwise_quant(x[0]), ValueError, "x must be 2-D"),
+        # the wrappers check before the schema (no schema dump, no bool taken for an int); int8_linear checks what
+        # its inner ops would, so the error names the op the user called
+        (lambda: ops.int8_vectorwise_quant(x, capacity=2.5), TypeError, "int8_vectorwise_quant: capacity must be"),
+        (lambda: ops.int8_vectorwise_quant(x, capacity=True), TypeError, "int8_vectorwise_quant: capacity must be"),
+        (lambda: ops.int8_vectorwise_quant(x, excluded=[False] * 32), TypeError,
+         "int8_vectorwise_quant: excluded must be a torch.Tensor"),
+        (lambda: ops.int8_mm(w_codes[:4], w_scale[:4], w_codes, w_scale, [0.0] * 8, x[:4],
+                             torch.zeros(0, dtype=torch.int32), torch.zeros(1, dtype=torch.int32)), TypeError,
+         "int8_mm: bias must be a torch.Tensor"),
+        (lambda: ops.int8_linear(x, w_codes, w_scale.half()), TypeError, "int8_linear: w_scale must have dtype"),
+        (lambda: ops.int8_linear(x, w_codes, w_scale.tolist()), TypeError, "int8_linear: w_scale must be a torch"),
+        (lambda: ops.int8_linear(x, w_codes, w_scale.to("meta")), ValueError, "int8_linear: all tensors must be on"),
+        (lambda: ops.int8_linear(x, w_codes, w_scale, threshold=float("nan")), ValueError,
+         "int8_linear: threshold must be a number, got NaN"),
+        (lambda: ops.int8_linear(x, w_codes, w_scale, capacity=-1), ValueError, "int8_linear: capacity must be >= 0"),
+        (lambda: ops.int8_linear(x, w_codes, w_scale, capacity=2.5), TypeError, "int8_linear: capacity must be an"),
+        (lambda: ops.int8_linear(x, w_codes, w_scale, capacity=False), TypeError, "int8_linear: capacity must be an"),
+        (lambda: Int8Linear(32, 8).set_outlier_cols(torch.tensor([3, 32])), ValueError,
+         "Int8Linear.set_outlier_cols: cols must be in [0, 32) (in_features), got column 32"),
     ]
 
 
@@ -307,6 +396,22 @@ def test_state_dict_uses_the_bitsandbytes_layout():
     assert torch.equal(fresh(x), layer(x))
     check_raises(lambda: fresh.load_state_dict({**state, "weight_format": torch.tensor(1, dtype=torch.uint8)}),
                  RuntimeError, "only row-major int8 (0) is supported")
+
+
+@pytest.mark.parametrize("cast", ["bfloat16", "half"])
+def test_module_casts_keep_the_scales_fp32(cast):
+    """model.to(bf16) / .half() after replace_linear: the codes stay int8, SCB stays fp32 (a bf16 SCB made the next
+    forward raise), the bias and any 16-bit outlier columns take the new dtype, and the layer still works."""
+    torch.manual_seed(0)
+    layer = Int8Linear.from_float(torch.nn.Linear(40, 12))
+    x = with_outliers(4, 40)
+    expected = layer(x)
+    getattr(layer, cast)()
+    dtype = getattr(torch, "float16" if cast == "half" else cast)
+    assert layer.weight.dtype == torch.int8 and layer.SCB.dtype == torch.float32 and layer.bias.dtype == dtype
+    y = layer(x.to(dtype))
+    assert y.dtype == dtype
+    torch.testing.assert_close(y.float(), expected, atol=3e-2, rtol=3e-2)
 
 
 def test_frozen_int8_weight_passes_gradients_to_the_input_in_bf16():

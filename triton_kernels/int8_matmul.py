@@ -19,6 +19,11 @@ INT8_MAX = tl.constexpr(127)  # kernels read only constexpr globals (a plain int
 
 
 @triton.jit
+def _inf_as_nan(scale):
+    return tl.where(tl.abs(scale) == float("inf"), float("nan"), scale)
+
+
+@triton.jit
 def _int8_mm_fwd_kernel(a_ptr, a_scale_ptr, w_ptr, w_scale_ptr, bias_ptr, x_ptr, cols_ptr, n_cols_ptr, w16_ptr,
                         slot_ptr, out_ptr, M, N, K, capacity, n16, a_stride, w_stride_n, w_stride_k, x_stride,
                         w16_stride,
@@ -75,8 +80,10 @@ def _int8_mm_fwd_kernel(a_ptr, a_scale_ptr, w_ptr, w_scale_ptr, bias_ptr, x_ptr,
             w_out = tl.where(kept, 0, w_out)
         acc_deq = dot(x_out, w_out, acc_deq, DOT16)
 
-    a_scale = tl.load(a_scale_ptr + rm, mask=m_mask, other=0.0)
-    w_scale = tl.load(w_scale_ptr + rn, mask=n_mask, other=0.0)
+    # An Inf scale counts as NaN, as in the reference: its dequantized codes are +-Inf and 0 * Inf, not numbers,
+    # whatever order they are summed in (scaling acc after the sum alone would give +-Inf for some of them).
+    a_scale = _inf_as_nan(tl.load(a_scale_ptr + rm, mask=m_mask, other=0.0))
+    w_scale = _inf_as_nan(tl.load(w_scale_ptr + rn, mask=n_mask, other=0.0))
     y = acc.to(tl.float32) * (a_scale[:, None] * (w_scale[None, :] * (1.0 / (INT8_MAX * INT8_MAX))))
     y += acc16 + acc_deq * (w_scale[None, :] * (1.0 / INT8_MAX))
     if HAS_BIAS:

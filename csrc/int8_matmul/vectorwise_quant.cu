@@ -18,6 +18,10 @@ constexpr int64_t kFillThreads = 1 << 18;  // about the threads an H100 holds at
 constexpr int kCompactThreads = 1024;
 constexpr int kCompactWarps = kCompactThreads / 32;
 constexpr float kInt8Max = 127.f;
+// 127 / absmax overflows fp32 below absmax ~ 2^-121: a row with absmax < kTinyAbsmax is multiplied by kTinyLift
+// (exactly, a power of two) before quantization, which changes no code where 127 / absmax was finite.
+constexpr float kTinyAbsmax = 0x1p-64f;
+constexpr float kTinyLift = 0x1p64f;
 
 __device__ __forceinline__ float to_float(float v) { return v; }
 __device__ __forceinline__ float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
@@ -54,8 +58,8 @@ __device__ __forceinline__ void store_codes(int8_t* dst, const int8_t (&c)[n], b
   }
 }
 
-// clamp(rint(v * inv), -127, 127), ties to even. cvt.rni saturates +-Inf and turns NaN (0 * Inf, possible only
-// when 1 / absmax overflowed) into 0, as torch's float -> int8 cast does.
+// clamp(rint(v * inv), -127, 127), ties to even. cvt.rni saturates +-Inf (an outlier whose product overflows).
+// inv is finite, and 0 only when absmax is 0, so finite v gives no NaN.
 __device__ __forceinline__ int8_t quantize(float v, float inv) {
   const int q = __float2int_rn(__fmul_rn(v, inv));
   return static_cast<int8_t>(min(max(q, -127), 127));
@@ -140,11 +144,17 @@ __global__ void __launch_bounds__(kMaxThreads)
     // ---- pass 2: codes and row scale ----
     if (t == 0) row_scale[row] = nonfinite ? __int_as_float(0x7fc00000) : absmax;  // NaN as float("nan")
     // The reference's `127 / absmax` is torch's reciprocal(absmax) * 127: two roundings, not one division.
-    const float inv = absmax > 0.f ? __fmul_rn(kInt8Max, __frcp_rn(absmax)) : 0.f;
+    const bool tiny = absmax > 0.f && absmax < kTinyAbsmax;
+    const float inv = absmax > 0.f ? __fmul_rn(kInt8Max, __frcp_rn(tiny ? __fmul_rn(absmax, kTinyLift) : absmax))
+                                   : 0.f;
     auto code = [&](float v, int j) -> int8_t {
       if (nonfinite || (excluded != nullptr && excluded[j])) return 0;
       return quantize(v, inv);
     };
+    if (tiny) {  // rare (degenerate data): element by element from L2, so the common path keeps its registers
+      for (int j = t; j < cols; j += threads) out[j] = code(__fmul_rn(to_float(in[j]), kTinyLift), j);
+      continue;
+    }
     auto write_vector = [&](const Vector<T>& vec, int col) {
       int8_t c[V];
 #pragma unroll

@@ -16,11 +16,12 @@ namespace torchext {
 //   |v| < threshold); 0 when there is none.
 // - A row holding a NaN or Inf in any column (excluded or not) is non-finite: row_scale[i] = NaN, codes 0.
 //   Otherwise row_scale[i] = absmax_i.
-// - codes[i, j] = 0 for excluded columns and non-finite rows; else, with
-//   inv = absmax_i > 0 ? 127 * (1 / absmax_i) : 0 (two correctly rounded fp32 operations, a reciprocal then a
-//   product, as torch evaluates `127 / absmax`), codes[i, j] = clamp(rint(v * inv), -127, 127): fp32 product,
-//   ties to even. Elements at or above the threshold therefore saturate at +-127 (intended: the outlier
-//   correction removes them). A NaN product (0 * Inf, only when 1 / absmax overflows, absmax < 2^-128) gives 0.
+// - codes[i, j] = 0 for excluded columns and non-finite rows; else, with lift = 2^64 for 0 < absmax_i < 2^-64
+//   and 1 otherwise (exact scalings, so that 127 / absmax cannot overflow, for subnormal rows too) and
+//   inv = absmax_i > 0 ? 127 * (1 / (absmax_i * lift)) : 0 (correctly rounded fp32 operations, a reciprocal
+//   then a product, as torch evaluates `127 / absmax`), codes[i, j] = clamp(rint((v * lift) * inv), -127, 127):
+//   fp32 products, ties to even. Elements at or above the threshold therefore saturate at +-127 (intended: the
+//   outlier correction removes them).
 // - Column j is an outlier when threshold > 0, j is not excluded and some row has |v| >= threshold (NaN never
 //   is, +-Inf is). outlier_cols gets the outlier columns in ascending order, at most `capacity` of them, and -1
 //   in the remaining entries; n_outliers[0] = the number of outlier columns (may exceed capacity).

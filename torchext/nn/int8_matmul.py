@@ -69,13 +69,27 @@ class Int8Linear(nn.Module):
         return layer
 
     def set_outlier_cols(self, cols: Tensor, weight: Tensor | None = None) -> None:
-        """Record known outlier columns; their 16-bit weight columns come from ``weight``, else from the codes."""
+        """Record known outlier columns; their 16-bit weight columns come from ``weight``, else from the codes.
+
+        Raises TypeError for cols not an integer tensor, ValueError for a column outside [0, in_features) (a
+        setup-time check on the host)."""
+        self._check_cols(cols)
         cols = torch.unique(cols.to(device=self.weight.device, dtype=torch.int64))[: self.capacity]
         source = weight.detach() if weight is not None else int8_dequantize(self.weight, self.SCB)
         slot = torch.full((self.in_features,), -1, dtype=torch.int32, device=cols.device)
         slot[cols] = torch.arange(cols.numel(), dtype=torch.int32, device=cols.device)
         self.outlier_cols, self.weight16_slot = cols.to(torch.int32), slot
         self.weight16 = source[:, cols].to(self.bias.dtype if self.bias is not None else source.dtype).contiguous()
+
+    def _check_cols(self, cols: Tensor) -> None:
+        where = "Int8Linear.set_outlier_cols"
+        if not isinstance(cols, Tensor) or cols.is_floating_point() or cols.is_complex() or cols.dtype == torch.bool:
+            got = cols.dtype if isinstance(cols, Tensor) else type(cols).__name__
+            raise TypeError(f"{where}: cols must be an integer torch.Tensor of column indices, got {got}")
+        outside = cols[(cols < 0) | (cols >= self.in_features)]
+        if outside.numel():
+            raise ValueError(f"{where}: cols must be in [0, {self.in_features}) (in_features), got column "
+                             f"{int(outside[0])}")
 
     def forward(self, x: Tensor) -> Tensor:
         """x: [..., in_features] float32/bfloat16/float16 -> [..., out_features] in x.dtype."""
@@ -87,6 +101,15 @@ class Int8Linear(nn.Module):
         bias = self.bias.to(x.dtype) if self.bias is not None else None
         return ops.int8_linear(x, self.weight, self.SCB, bias, self.threshold, self.capacity, static_cols, w16,
                                self.weight16_slot, self.int8_backward)
+
+    def _apply(self, fn, recurse=True):
+        # Module casts (.to(dtype), .half(), .bfloat16()) convert every floating buffer; the per-row scales must
+        # stay fp32 (a bf16 SCB loses the scale's precision and the GEMM rejects it), so they only follow the
+        # device. The int8 codes are not floating, so casts leave them be and .to(device) moves them.
+        scales = self.SCB
+        super()._apply(fn, recurse)
+        self.SCB = scales.to(self.weight.device)
+        return self
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         super()._save_to_state_dict(destination, prefix, keep_vars)

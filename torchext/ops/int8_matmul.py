@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 
 from torchext._backend import CUDA_EXT, HAS_TRITON, cuda_dtype_code, use_cuda_ext, use_triton
-from torchext.ops._checks import check_same_device, check_shape, check_tensor, check_unit_last_stride
+from torchext.ops._checks import check_int, check_same_device, check_shape, check_tensor, check_unit_last_stride
 from torchext.reference import int8_matmul as ref
 
 if HAS_TRITON:
@@ -23,6 +23,23 @@ DEFAULT_CAPACITY = 64
 ACTIVATION_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
+def _check_threshold(op: str, threshold) -> None:
+    """A real number; +-Inf are valid (detection off / only Inf outliers), NaN is not (no column compares)."""
+    if not isinstance(threshold, (int, float)) or isinstance(threshold, bool):
+        raise TypeError(f"{op}: threshold must be a float, got {type(threshold).__name__} {threshold!r}")
+    if threshold != threshold:
+        raise ValueError(f"{op}: threshold must be a number, got NaN")
+
+
+def _check_capacity(op: str, capacity) -> None:
+    """check_int, also taking the SymInt that torch.compile with dynamic shapes passes for the default (a size)."""
+    if isinstance(capacity, torch.SymInt):
+        if capacity < 0:
+            raise ValueError(f"{op}: capacity must be >= 0, got {capacity}")
+        return
+    check_int(op, "capacity", capacity, minimum=0)
+
+
 # ---- int8_vectorwise_quant ------------------------------------------------------------------------------------
 
 
@@ -30,10 +47,8 @@ def _check_quant(x: Tensor, threshold: float, capacity: int, excluded: Tensor | 
     op = "int8_vectorwise_quant"
     check_tensor(op, "x", x, ACTIVATION_DTYPES, ndim=2)
     check_unit_last_stride(op, "x", x)
-    if capacity < 0:
-        raise ValueError(f"{op}: capacity must be >= 0, got {capacity}")
-    if threshold != threshold:
-        raise ValueError(f"{op}: threshold must be a number, got NaN")
+    _check_capacity(op, capacity)
+    _check_threshold(op, threshold)
     if excluded is not None:
         check_tensor(op, "excluded", excluded, (torch.bool,))
         check_shape(op, "excluded", excluded, x.shape[1:])
@@ -88,13 +103,19 @@ def int8_vectorwise_quant(x: Tensor, threshold: float = 0.0, capacity: int | Non
         excluded: [K] bool, columns fixed as outliers in advance (static mode), left out of the codes.
 
     Returns:
-        codes [M, K] int8 = rint(127 x / absmax) (saturating at +-127 for elements >= threshold);
+        codes [M, K] int8 = rint(127 x / absmax) (saturating at +-127 for elements >= threshold), for any
+        representable row (subnormal ones included);
         row_scale [M] fp32 absmax over inlier elements (NaN for rows holding NaN/Inf);
         outlier_cols [capacity] int32 ascending, -1 padded; n_outliers [1] int32 (the true count).
+
+    Raises:
+        TypeError: x or excluded not a tensor of the listed dtype, capacity not an int, threshold not a number.
+        ValueError: a wrong shape, stride or device, capacity < 0, threshold NaN.
     """
     check_tensor("int8_vectorwise_quant", "x", x, ACTIVATION_DTYPES, ndim=2)
-    return torch.ops.torchext.int8_vectorwise_quant(x, threshold, x.shape[1] if capacity is None else capacity,
-                                                    excluded)
+    capacity = x.shape[1] if capacity is None else capacity
+    _check_quant(x, threshold, capacity, excluded)
+    return torch.ops.torchext.int8_vectorwise_quant(x, threshold, capacity, excluded)
 
 
 # ---- int8_mm ------------------------------------------------------------------------------------------------------
@@ -107,6 +128,7 @@ def _check_w16(op: str, w16: Tensor | None, w16_slot: Tensor | None, N: int, K: 
         check_tensor(op, "w16", w16, ACTIVATION_DTYPES, ndim=2)
         if w16.shape[0] != N:
             raise ValueError(f"{op}: w16 must be [N, n16] with N = {N}, got {tuple(w16.shape)}")
+        check_unit_last_stride(op, "w16", w16)
         check_tensor(op, "w16_slot", w16_slot, (torch.int32,))
         check_shape(op, "w16_slot", w16_slot, (K,))
         tensors.update(w16=w16, w16_slot=w16_slot)
@@ -137,9 +159,8 @@ def _check_mm(a_codes, a_scale, w_codes, w_scale, bias, x, outlier_cols, n_outli
         tensors["bias"] = bias
     _check_w16(op, w16, w16_slot, N, K, tensors)
     check_same_device(op, **tensors)
-    for name in ("a_codes", "x", "w16"):
-        if name in tensors:
-            check_unit_last_stride(op, name, tensors[name])
+    check_unit_last_stride(op, "a_codes", a_codes)
+    check_unit_last_stride(op, "x", x)
 
 
 @torch.library.custom_op("torchext::int8_mm", mutates_args=())
@@ -177,8 +198,13 @@ def int8_mm(a_codes: Tensor, a_scale: Tensor, w_codes: Tensor, w_scale: Tensor, 
             (or all, when both are None) use the dequantized int8 weight column (as bitsandbytes does).
 
     Returns:
-        Y [M, N] in x.dtype.
+        Y [M, N] in x.dtype. NaN where the outlier list cannot be applied exactly (all of Y), and in the rows /
+        columns of a NaN or Inf a_scale / w_scale.
+
+    Raises:
+        TypeError: an argument not a tensor of its listed dtype. ValueError: a wrong shape, stride or device.
     """
+    _check_mm(a_codes, a_scale, w_codes, w_scale, bias, x, outlier_cols, n_outliers, w16, w16_slot)
     return torch.ops.torchext.int8_mm(a_codes, a_scale, w_codes, w_scale, bias, x, outlier_cols, n_outliers, w16,
                                       w16_slot)
 
@@ -186,26 +212,39 @@ def int8_mm(a_codes: Tensor, a_scale: Tensor, w_codes: Tensor, w_scale: Tensor, 
 # ---- int8_linear --------------------------------------------------------------------------------------------------
 
 
-def _check_linear(x: Tensor, w_codes: Tensor, static_cols: Tensor | None, w16: Tensor | None,
-                  w16_slot: Tensor | None) -> None:
+def _check_linear(x: Tensor, w_codes: Tensor, w_scale: Tensor, bias: Tensor | None, threshold: float, capacity: int,
+                  static_cols: Tensor | None, w16: Tensor | None, w16_slot: Tensor | None) -> None:
+    """Everything the inner quant and GEMM ops would check, so that their errors name int8_linear."""
     op = "int8_linear"
     check_tensor(op, "x", x, ACTIVATION_DTYPES)
     check_tensor(op, "w_codes", w_codes, (torch.int8,), ndim=2)
-    if x.shape[-1] != w_codes.shape[1]:
-        raise ValueError(f"{op}: x has {x.shape[-1]} input features but the weight has {w_codes.shape[1]}")
+    N, K = w_codes.shape
+    if x.shape[-1] != K:
+        raise ValueError(f"{op}: x has {x.shape[-1]} input features but the weight has {K}")
     check_unit_last_stride(op, "x", x)
     if not w_codes.is_contiguous():
         raise ValueError(f"{op}: w_codes must be contiguous [N, K] (the layout quantize_weight returns)")
+    check_tensor(op, "w_scale", w_scale, (torch.float32,))
+    check_shape(op, "w_scale", w_scale, (N,))
+    tensors = dict(x=x, w_codes=w_codes, w_scale=w_scale)
+    if bias is not None:
+        check_tensor(op, "bias", bias, ACTIVATION_DTYPES)
+        check_shape(op, "bias", bias, (N,))
+        tensors["bias"] = bias
+    _check_threshold(op, threshold)
+    _check_capacity(op, capacity)
     if static_cols is not None:
         check_tensor(op, "static_cols", static_cols, (torch.int32,), ndim=1)
-    _check_w16(op, w16, w16_slot, *w_codes.shape, {})
+        tensors["static_cols"] = static_cols
+    _check_w16(op, w16, w16_slot, N, K, tensors)
+    check_same_device(op, **tensors)
 
 
 def _quantize_activations(x2: Tensor, threshold: float, capacity: int, static_cols: Tensor | None):
     """(codes, scale, outlier_cols, n_outliers) for the rows x2 [M, K], dynamic or static."""
     if static_cols is None:
         return torch.ops.torchext.int8_vectorwise_quant(x2, threshold, capacity, None)
-    excluded = torch.zeros(x2.shape[1], dtype=torch.bool, device=x2.device).index_fill_(0, static_cols.long(), True)
+    excluded = ref.static_excluded(static_cols, x2.shape[1])
     codes, scale, _, _ = torch.ops.torchext.int8_vectorwise_quant(x2, 0.0, 0, excluded)
     count = torch.full((1,), static_cols.numel(), dtype=torch.int32, device=x2.device)
     return codes, scale, static_cols, count
@@ -215,8 +254,8 @@ def _quantize_activations(x2: Tensor, threshold: float, capacity: int, static_co
 def _int8_linear(x: Tensor, w_codes: Tensor, w_scale: Tensor, bias: Tensor | None, threshold: float, capacity: int,
                  static_cols: Tensor | None, w16: Tensor | None, w16_slot: Tensor | None,
                  int8_backward: bool) -> Tensor:
-    _check_linear(x, w_codes, static_cols, w16, w16_slot)
-    x2 = x.reshape(-1, x.shape[-1])
+    _check_linear(x, w_codes, w_scale, bias, threshold, capacity, static_cols, w16, w16_slot)
+    x2 = x.reshape(x.shape[:-1].numel(), x.shape[-1])  # not -1: K may be 0
     codes, scale, cols, count = _quantize_activations(x2, threshold, capacity, static_cols)
     y = torch.ops.torchext.int8_mm(codes, scale, w_codes, w_scale, bias, x2, cols, count, w16, w16_slot)
     return y.view(*x.shape[:-1], w_codes.shape[0])
@@ -224,7 +263,7 @@ def _int8_linear(x: Tensor, w_codes: Tensor, w_scale: Tensor, bias: Tensor | Non
 
 @_int8_linear.register_fake
 def _(x, w_codes, w_scale, bias, threshold, capacity, static_cols, w16, w16_slot, int8_backward):
-    _check_linear(x, w_codes, static_cols, w16, w16_slot)
+    _check_linear(x, w_codes, w_scale, bias, threshold, capacity, static_cols, w16, w16_slot)
     return x.new_empty((*x.shape[:-1], w_codes.shape[0]))
 
 
@@ -239,6 +278,22 @@ def _input_grad_int8(grad2: Tensor, w_codes: Tensor, w_scale: Tensor) -> Tensor:
                                       no_outliers, None, None)
 
 
+def _with_static_w16_grads(grad_x: Tensor, grad2: Tensor, static_cols: Tensor, w16: Tensor,
+                           w16_slot: Tensor) -> Tensor:
+    """grad_x with grad2 @ w16[:, slot] at the static columns that have a 16-bit weight column (the forward used it
+    there). No host read: a column outside [0, K) or without a usable slot writes into a scratch column past K."""
+    K = grad_x.shape[1]
+    if K == 0 or w16.shape[1] == 0 or static_cols.numel() == 0:
+        return grad_x
+    cols = static_cols.long()
+    in_range = (cols >= 0) & (cols < K)
+    slots = w16_slot[torch.where(in_range, cols, 0)].long()
+    kept = in_range & (slots >= 0) & (slots < w16.shape[1])
+    grads16 = grad2.float() @ w16[:, torch.where(kept, slots, 0)].float()  # [M, n]
+    padded = torch.cat((grad_x, grad_x.new_zeros(grad_x.shape[0], 1)), dim=1)
+    return padded.index_copy(1, torch.where(kept, cols, K), grads16)[:, :K]
+
+
 def _int8_linear_setup(ctx, inputs, output):
     x, w_codes, w_scale, bias, _, _, static_cols, w16, w16_slot, ctx.int8_backward = inputs
     ctx.x_shape, ctx.x_dtype, ctx.has_bias = x.shape, x.dtype, bias is not None
@@ -247,14 +302,13 @@ def _int8_linear_setup(ctx, inputs, output):
 
 def _int8_linear_grad(ctx, grad_out):
     w_codes, w_scale, static_cols, w16, w16_slot = ctx.saved_tensors
-    grad2 = grad_out.reshape(-1, w_codes.shape[0])
+    grad2 = grad_out.reshape(ctx.x_shape[:-1].numel(), w_codes.shape[0])  # not -1: N may be 0
     if ctx.int8_backward:
         grad_x = _input_grad_int8(grad2, w_codes, w_scale)
     else:  # the accurate 16-bit path: dequantized weight, fp32 products
         grad_x = grad2.float() @ ref.int8_dequantize(w_codes, w_scale)
-    if static_cols is not None and w16 is not None:  # static columns with a 16-bit copy used it in the forward
-        cols = static_cols.long()[w16_slot[static_cols.long()] >= 0]
-        grad_x = grad_x.index_copy(1, cols, grad2.float() @ w16[:, w16_slot[cols].long()].float())
+    if static_cols is not None and w16 is not None:
+        grad_x = _with_static_w16_grads(grad_x, grad2, static_cols, w16, w16_slot)
     grad_bias = grad2.sum(0) if ctx.has_bias else None
     return grad_x.to(ctx.x_dtype).view(ctx.x_shape), None, None, grad_bias, None, None, None, None, None, None
 
@@ -274,16 +328,21 @@ def int8_linear(x: Tensor, w_codes: Tensor, w_scale: Tensor, bias: Tensor | None
         threshold: dynamic mode: columns of this x holding any |x| >= threshold take the 16-bit path.
         capacity: the length of the outlier list; None (default): K, so any number of outlier columns is exact.
             A shorter list that overflows gives NaN outputs, never silently wrong ones.
-        static_cols: [n] int32 ascending: a fixed outlier set (static mode: batch-invariant results).
+        static_cols: [n] int32 ascending: a fixed outlier set (static mode: batch-invariant results). A column
+            outside [0, K) gives NaN outputs (checked on the device, like any unusable outlier list).
         w16, w16_slot: weight columns kept in 16-bit and the w16 column of each input column (-1: none);
             outlier columns with a copy use it (the paper), the others the dequantized codes (see int8_mm).
         int8_backward: input gradient by int8 GEMM on the stored codes (True) or in 16-bit (False).
 
     Returns:
-        [..., N] in x.dtype. Gradients flow to x (and bias); the int8 weight is frozen.
+        [..., N] in x.dtype (K = 0 gives bias, or zeros). Gradients flow to x (and bias); the int8 weight is frozen.
+
+    Raises:
+        TypeError: a tensor argument not a tensor of its listed dtype, capacity not an int, threshold not a number.
+        ValueError: a wrong shape, stride or device, capacity < 0, threshold NaN.
     """
-    check_tensor("int8_linear", "x", x, ACTIVATION_DTYPES)
     check_tensor("int8_linear", "w_codes", w_codes, (torch.int8,), ndim=2)
     capacity = w_codes.shape[1] if capacity is None else capacity
+    _check_linear(x, w_codes, w_scale, bias, threshold, capacity, static_cols, w16, w16_slot)
     return torch.ops.torchext.int8_linear(x, w_codes, w_scale, bias, threshold, capacity, static_cols, w16, w16_slot,
                                           int8_backward)

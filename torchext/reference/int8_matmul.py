@@ -8,9 +8,11 @@ computed in 16-bit instead: Y = X[:, O] W[:, O]^T + S * (X_i8[:, not O] W_i8[:, 
 Conventions shared with the kernels (so codes match exactly):
 - a row's scale is its absmax over elements with |x| < threshold (all elements when threshold <= 0),
   stored as is (bitsandbytes' SCB convention), and a row with absmax 0 gets codes 0, not a division by 0;
-- codes are rint(x * (127 / absmax)) clamped to [-127, 127] (fp32 math, ties to even); elements at or
-  above the threshold saturate, and the outlier correction removes their int8 contribution exactly;
-- a row holding NaN or Inf gets scale NaN, so its output row is NaN instead of silently finite;
+- codes are rint(x * (127 / absmax)) clamped to [-127, 127] (fp32 math, ties to even; a row with
+  absmax < 2^-64 is scaled by 2^64 first, so 127 / absmax cannot overflow); elements at or above the
+  threshold saturate, and the outlier correction removes their int8 contribution exactly;
+- a row holding NaN or Inf gets scale NaN, so its output row is NaN instead of silently finite; an Inf
+  scale given to int8_mm counts as NaN (codes * Inf is not a number at a zero code);
 - outlier columns are listed in ascending order, at most `capacity` of them; the count is the true one.
 """
 
@@ -18,6 +20,10 @@ import torch
 from torch import Tensor
 
 INT8_MAX = 127
+# 127 / absmax overflows fp32 for absmax below ~2^-121 (tiny normal and subnormal rows): such a row and its absmax
+# are first multiplied by 2^64, exactly, so the codes are still rint(127 x / absmax). Every row whose 127 / absmax
+# is finite gets bit-identical codes either way (scaling by a power of two commutes with fp32 rounding there).
+TINY_ABSMAX, TINY_LIFT = 2.0 ** -64, 2.0 ** 64
 
 
 def int8_vectorwise_quant(x: Tensor, threshold: float = 0.0, capacity: int | None = None,
@@ -45,8 +51,10 @@ def int8_vectorwise_quant(x: Tensor, threshold: float = 0.0, capacity: int | Non
     absmax = torch.where(inlier & magnitude.isfinite(), magnitude, 0.0).amax(dim=1) if x.shape[1] else \
         xf.new_zeros(x.shape[0])
     finite_rows = xf.isfinite().all(dim=1)
-    inv = torch.where(absmax > 0, INT8_MAX / absmax, 0.0)
-    codes = torch.where(finite_rows[:, None] & kept, xf * inv[:, None], 0.0).round().clamp(-INT8_MAX, INT8_MAX)
+    lift = torch.where((absmax > 0) & (absmax < TINY_ABSMAX), TINY_LIFT, 1.0)  # exact: a power of two
+    inv = torch.where(absmax > 0, INT8_MAX / (absmax * lift), 0.0)
+    codes = torch.where(finite_rows[:, None] & kept, (xf * lift[:, None]) * inv[:, None], 0.0)
+    codes = codes.round().clamp(-INT8_MAX, INT8_MAX)
     row_scale = torch.where(finite_rows, absmax, float("nan"))
     is_outlier = (magnitude >= threshold).any(dim=0) & kept if threshold > 0 and x.shape[0] else \
         torch.zeros(x.shape[1], dtype=torch.bool, device=x.device)
@@ -61,6 +69,20 @@ def int8_vectorwise_quant(x: Tensor, threshold: float = 0.0, capacity: int | Non
 def int8_dequantize(codes: Tensor, row_scale: Tensor) -> Tensor:
     """codes [M, K] int8, row_scale [M] -> codes * row_scale / 127 in fp32."""
     return codes.float() * (row_scale.float()[:, None] / INT8_MAX)
+
+
+def _inf_as_nan(scale: Tensor) -> Tensor:
+    """An Inf scale dequantizes its zero codes to 0 * Inf = NaN and the others to +-Inf: its products are not
+    numbers, whatever order they are summed in, so it is taken as NaN (and the kernel does the same)."""
+    return torch.where(scale.isinf(), float("nan"), scale)
+
+
+def static_excluded(static_cols: Tensor, K: int) -> Tensor:
+    """[K] bool, True at the static outlier columns (left out of the codes). A column outside [0, K) marks
+    nothing (int8_mm then gives NaN for the list): no host read, no out-of-range write."""
+    cols = static_cols.long()
+    marks = torch.zeros(K + 1, dtype=torch.bool, device=static_cols.device)  # the last one takes the bad columns
+    return marks.index_fill_(0, torch.where((cols >= 0) & (cols < K), cols, K), True)[:K]
 
 
 def _usable(outlier_cols: Tensor, n_outliers: Tensor, K: int, w16: Tensor | None, w16_slot: Tensor | None) -> bool:
@@ -93,8 +115,10 @@ def int8_mm(a_codes: Tensor, a_scale: Tensor, w_codes: Tensor, w_scale: Tensor, 
 
     For every listed outlier column j the int8 contribution a_codes[:, j] w_codes[:, j] (dequantized) is
     replaced by the fp32 product of x[:, j] and the weight column. A list that cannot be applied exactly (more
-    outliers than its length, a column outside [0, K), a slot outside w16) gives a NaN output.
+    outliers than its length, a column outside [0, K), a slot outside w16) gives a NaN output. An Inf in
+    a_scale or w_scale gives NaN in its output row or column (like a NaN scale).
     """
+    a_scale, w_scale = _inf_as_nan(a_scale), _inf_as_nan(w_scale)
     acc = a_codes.double() @ w_codes.double().T  # exact, like the int32 accumulator (fp32 is not past K ~ 1000)
     y = acc * (a_scale.double()[:, None] * w_scale.double()[None, :]) / INT8_MAX ** 2
     if not _usable(outlier_cols, n_outliers, a_codes.shape[1], w16, w16_slot):
@@ -122,15 +146,14 @@ def int8_linear(x: Tensor, w_codes: Tensor, w_scale: Tensor, bias: Tensor | None
 
     Dynamic mode (static_cols None): the outlier columns are the ones of this x with |x| >= threshold (a list of
     ``capacity`` slots, default K: NaN if more are found, see int8_mm). Static mode: static_cols [n] int32
-    ascending (from calibration) whatever x holds.
+    ascending (from calibration) whatever x holds; a column outside [0, K) gives a NaN output (see int8_mm).
     w16 / w16_slot: the weight columns kept in 16-bit (see int8_mm).
     """
-    x2 = x.reshape(-1, x.shape[-1])
+    x2 = x.reshape(x.shape[:-1].numel(), x.shape[-1])  # not -1: K may be 0
     if static_cols is None:
         a_codes, a_scale, cols, count = int8_vectorwise_quant(x2, threshold, capacity)
     else:
-        excluded = torch.zeros(x2.shape[1], dtype=torch.bool, device=x.device)
-        excluded[static_cols.long()] = True
+        excluded = static_excluded(static_cols, x2.shape[1])
         a_codes, a_scale, _, _ = int8_vectorwise_quant(x2, 0.0, 0, excluded)
         cols, count = static_cols, torch.tensor([static_cols.numel()], dtype=torch.int32, device=x.device)
     y = int8_mm(a_codes, a_scale, w_codes, w_scale, bias, x2, cols, count, w16, w16_slot)
