@@ -37,8 +37,8 @@ from ._launch import GPU_TILES, accumulator_dtype, compute_dtype, dot, dot_dtype
 # sm_90 without spilling and within an A100's 163 KB of shared memory (searched with bench/offline.py; its table
 # is bench/results/offline/). Past 256 tokens (16-bit) or 128 (32-bit) even the smallest backward tiles spill a
 # little (bench/offline.py's ALLOWED_SPILLS says why that is kept); past 512 the forward spills too, so 512 is the
-# limit. 64-bit operands (gradcheck) take the 32-bit tiles and a 256-token limit. Not yet timed on a GPU.
-MAX_TOKENS = {2: 512, 4: 512, 8: 256}  # by operand bytes
+# limit. 64-bit operands (gradcheck) take the 32-bit tiles and a 256-token limit. The op refuses longer maps on
+# every path (torchext/ops/kronecker_attention.py's MAX_TOKENS). Not yet timed on a GPU.
 _TILES = {
     2: {"fwd": {64: (32, 64), 128: (32, 64), 256: (16, 64), 512: (16, 32)},
         "bwd_tokens": {64: (32, 64), 128: (32, 32), 256: (16, 32), 512: (16, 16)},
@@ -355,18 +355,9 @@ def _token_weights(T: int, H: int, W: int) -> tuple[float, float, float]:
     return 1.0 / (H * W), 1.0 / (T * W), 1.0 / (T * H)
 
 
-def _check_tokens(shape: torch.Size, dtype: torch.dtype) -> None:
-    """All L keys of a head share one tile: refuse a map with more tokens before any pass over it."""
-    L, limit = sum(shape[2:]), MAX_TOKENS[_operand_bytes(dtype)]
-    if L > limit:
-        raise ValueError(f"kronecker_attention: {L} tokens (H + W, + T in 3-D) exceed the kernels' limit of {limit} "
-                         f"for {dtype}")
-
-
 def kronecker_attention_fwd(x: Tensor, mode: str, heads: int, scale: float) -> tuple[Tensor, Tensor]:
     """x [B, C, (T,) H, W] (contiguous spatial block) -> (out of x's shape, contiguous, x.dtype; tokens [B, C, L]
     fp32 / fp64, saved for the backward)."""
-    _check_tokens(x.shape, x.dtype)
     B, C = x.shape[:2]
     tokens = pool(x)
     if mode == "kv":
@@ -379,7 +370,6 @@ def kronecker_attention_bwd(grad_out: Tensor, x: Tensor | None, tokens: Tensor, 
                             scale: float) -> Tensor:
     """grad_out [B, C, (T,) H, W] contiguous; x the input (KV only, else None); tokens [B, C, L] from the forward.
     Returns dx [B, C, (T,) H, W] contiguous in grad_out's dtype."""
-    _check_tokens(grad_out.shape, grad_out.dtype)
     B, C = grad_out.shape[:2]
     if mode == "kv":
         q, dout = x.view(B, C, -1), grad_out.view(B, C, -1)

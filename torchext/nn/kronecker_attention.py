@@ -7,6 +7,7 @@
 
 from torch import Tensor, nn
 
+from torchext.ops._checks import check_float, check_int
 # The module path, not torchext.ops's attribute: there the name kronecker_attention is the function.
 from torchext.ops.kronecker_attention import MODES, kronecker_attention
 
@@ -24,8 +25,14 @@ class _KroneckerAttention(nn.Module):
         inner = inner_channels or channels
         if mode not in MODES:
             raise ValueError(f"{name}: mode must be one of {MODES}, got {mode!r}")
-        if heads < 1 or inner % heads:
-            raise ValueError(f"{name}: inner_channels ({inner}) must be a positive multiple of heads ({heads})")
+        check_int(name, "channels", channels, minimum=1)
+        check_int(name, "heads", heads, minimum=1)
+        if inner_channels is not None:
+            check_int(name, "inner_channels", inner_channels, minimum=1)
+        if scale is not None:
+            check_float(name, "scale", scale)
+        if inner % heads:
+            raise ValueError(f"{name}: inner_channels ({inner}) must be a multiple of heads ({heads})")
         self.channels, self.inner_channels, self.heads, self.mode = channels, inner, heads, mode
         self.scale, self.residual = scale, residual
         # The paper's operator ties query, key and value to one tensor (Q = X, K = V = the means of X); the input

@@ -14,13 +14,16 @@ from torch import Tensor
 
 from torchext._backend import HAS_TRITON, use_triton
 from torchext._dtypes import accumulator_dtype
-from torchext.ops._checks import check_same_device, check_shape, check_tensor
+from torchext.ops._checks import check_int, check_same_device, check_shape, check_tensor
 from torchext.reference import kronecker_attention as ref
 
 if HAS_TRITON:
     from torchext.triton_kernels import kronecker_attention as kernels
 
 MODES = ref.MODES
+# The kernels hold all L = H + W (+ T) tokens of a head in one tile (triton_kernels/kronecker_attention.py says why
+# 512); every path refuses longer maps, so code written on a CPU runs on a GPU. By x's element bytes.
+MAX_TOKENS = {2: 512, 4: 512, 8: 256}
 
 # What kind of kernel backs each op on CUDA (read by `python -m torchext info`).
 KERNELS = {"kronecker_attention": "triton"}
@@ -34,13 +37,13 @@ def _check_kronecker_attention(x: Tensor, mode: str, heads: int, scale: float, o
                          f"{tuple(x.shape)}")
     if mode not in MODES:
         raise ValueError(f"{op}: mode must be one of {MODES}, got {mode!r}")
-    if not isinstance(heads, int) or heads < 1:
-        raise ValueError(f"{op}: heads must be an int >= 1, got {heads!r}")
+    check_int(op, "heads", heads, minimum=1)
     channels, *spatial = x.shape[1:]
-    if channels < 1 or channels % heads:
-        raise ValueError(f"{op}: the channels of {name} ({channels}) must be a positive multiple of heads ({heads})")
-    if min(spatial) < 1:
-        raise ValueError(f"{op}: the spatial dims of {name} must be >= 1, got shape {tuple(x.shape)}")
+    if channels % heads:
+        raise ValueError(f"{op}: the channels of {name} ({channels}) must be a multiple of heads ({heads})")
+    if sum(spatial) > MAX_TOKENS[x.dtype.itemsize]:
+        raise ValueError(f"{op}: {name} of shape {tuple(x.shape)} has {sum(spatial)} tokens (H + W, + T in 3-D), "
+                         f"past the limit of {MAX_TOKENS[x.dtype.itemsize]} for {x.dtype}")
     if not math.isfinite(scale):
         raise ValueError(f"{op}: scale must be finite, got {scale}")
     if spatially_contiguous and not _spatially_contiguous(x):
@@ -52,6 +55,8 @@ def _spatially_contiguous(x: Tensor) -> bool:
     """Whether each channel's T*H*W block is one run (what the kernels stream); batch and channel strides may be
     anything."""
     expected = math.prod(x.shape[2:])
+    if expected == 0:
+        return True
     for size, stride in zip(x.shape[2:], x.stride()[2:]):
         expected //= size
         if size > 1 and stride != expected:

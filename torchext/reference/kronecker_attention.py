@@ -33,14 +33,14 @@ MODES = ("kv", "qkv")
 
 
 def default_scale(channels: int, heads: int) -> float:
-    """1 / sqrt(d) with d = channels / heads, the usual dot-product attention scale."""
-    return 1.0 / math.sqrt(channels // heads)
+    """1 / sqrt(d) with d = channels / heads, the usual dot-product attention scale (1 for a map with no channels,
+    whose output is empty)."""
+    return 1.0 / math.sqrt(max(channels // heads, 1))
 
 
 def group_sizes(spatial: tuple[int, ...]) -> list[int]:
     """How many positions each token averages, per token group: [H*W, T*W, T*H] (3-D) or [W, H] (2-D)."""
-    n = math.prod(spatial)
-    return [n // s for s in spatial]
+    return [math.prod(spatial[:i] + spatial[i + 1:]) for i in range(len(spatial))]
 
 
 def token_counts(spatial: tuple[int, ...], device=None, dtype=torch.float32) -> Tensor:
