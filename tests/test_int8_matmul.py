@@ -414,6 +414,16 @@ def test_module_casts_keep_the_scales_fp32(cast):
     torch.testing.assert_close(y.float(), expected, atol=3e-2, rtol=3e-2)
 
 
+@pytest.mark.parametrize("strict", [True, False])
+def test_a_float_state_dict_does_not_load_into_int8_codes(strict):
+    """A float nn.Linear state_dict with strict=False was truncated into the int8 codes without a word."""
+    layer = Int8Linear.from_float(torch.nn.Linear(32, 8))
+    before = layer.weight.clone()
+    check_raises(lambda: layer.load_state_dict(torch.nn.Linear(32, 8).state_dict(), strict=strict), RuntimeError,
+                 "weight is torch.float32, Int8Linear stores torch.int8")
+    assert torch.equal(layer.weight, before)
+
+
 def test_frozen_int8_weight_passes_gradients_to_the_input_in_bf16():
     linear = torch.nn.Linear(48, 24).to(torch.bfloat16)
     layer = Int8Linear.from_float(linear)

@@ -120,6 +120,14 @@ class Int8Linear(nn.Module):
         weight_format = state_dict.pop(prefix + "weight_format", None)
         if weight_format is not None and int(weight_format) != ROW_FORMAT:
             error_msgs.append(f"{prefix}weight_format is {int(weight_format)}: only row-major int8 (0) is supported")
+        # A float tensor would be copied into the int8 codes (truncated to integers) or the fp32 scales without a
+        # word, even with strict=False: refuse it, whatever strict says, and copy nothing of it.
+        for name, dtype in (("weight", torch.int8), ("SCB", torch.float32)):
+            given = state_dict.get(prefix + name)
+            if given is not None and given.dtype != dtype:
+                del state_dict[prefix + name]
+                error_msgs.append(f"{prefix}{name} is {given.dtype}, Int8Linear stores {dtype}: a float nn.Linear "
+                                  f"state_dict loads into nn.Linear, then Int8Linear.from_float quantizes it")
         for name in ("outlier_cols", "weight16", "weight16_slot"):  # None until calibrated: take the checkpoint's
             if prefix + name in state_dict:
                 setattr(self, name, torch.empty_like(state_dict[prefix + name]))
