@@ -15,7 +15,7 @@ from harness import assert_close, check_against_reference
 from test_int8_matmul import quantized_weight, with_outliers
 from test_kde_attention import inputs as kde_inputs
 from test_kde_attention import op_and_reference as kde_op_and_reference
-from test_kv_quant import check_decode, decode_case
+from test_kv_quant import check_decode, check_poisoned_decode, decode_case
 from test_tensor_attention import check_sqnr_against_fp32
 from test_tensor_attention import inputs as tensor_inputs
 
@@ -23,6 +23,7 @@ from torchext import ops
 from torchext.ops.kronecker_attention import kronecker_attention
 from torchext.reference import int8_matmul as int8_ref
 from torchext.reference import kronecker_attention as kronecker_ref
+from torchext.reference import kv_quant as kv_ref
 from torchext.reference import ngpt as ngpt_ref
 from torchext.triton_kernels import _launch, int8_matmul, kde_attention, kronecker_attention as kronecker_kernels
 from torchext.triton_kernels import kv_quant, tensor_attention
@@ -129,6 +130,16 @@ def test_kv_decode_tiles(edge, device):
     for dtype in (torch.bfloat16, torch.float32):
         check_decode(*decode_case(2, 2, 4, 64, [length, max(length // 2, 1)], 4, 3, sink=1, window=4, dtype=dtype,
                                   device=device, slots=2))
+
+
+@pytest.mark.parametrize("edge", EDGES)
+def test_kv_decode_tiles_with_a_poisoned_sequence(edge, device):
+    """A poisoned sequence between two others: NaN in every head of it, the others as the reference."""
+    length = around(kv_quant.BLOCK_N, edge)
+    _, storage, codebook, _, _ = decode_case(3, 2, 4, 64, [length, length, max(length // 2, 1)], 4, 3, sink=1,
+                                             window=4, dtype=torch.bfloat16, device=device, slots=2)
+    storage.lengths[1] = kv_ref.POISONED_LENGTH
+    check_poisoned_decode(storage, codebook, [1], torch.bfloat16, device)
 
 
 @pytest.mark.parametrize("edge", ["at", "past"])

@@ -6,12 +6,13 @@ The quantize-and-append CUDA C++ kernel is checked against the reference on a GP
 reference is the append path and the decode kernel runs through the Triton interpreter.
 """
 
+import functools
 import math
 from collections import Counter
 
 import pytest
 import torch
-from harness import TOLERANCES, check_opcheck, check_raises
+from harness import TOLERANCES, NoHostReads, check_opcheck, check_raises
 
 from torchext import ops
 from torchext._backend import CUDA_EXT
@@ -161,14 +162,157 @@ def test_one_prefill_equals_token_by_token_appends():
         assert torch.equal(a, b), name
 
 
-def test_capacity_overflow_raises_and_writes_nothing():
+def test_check_raises_before_writing_on_overflow_bad_counts_and_poisoned_sequences():
+    """check=True (the debug mode) raises instead of poisoning, and writes nothing."""
     storage, codebook = fresh_cache(2, 1, 32, 10)
     k, v = torch.randn(2, 1, 8, 32), torch.randn(2, 1, 8, 32)
-    ops.kv_quant_append_(storage, codebook, k, v, torch.tensor([8, 2], dtype=torch.int32))
+    ops.kv_quant_append_(storage, codebook, k, v, torch.tensor([8, 2], dtype=torch.int32), check=True)
     before = [t.clone() for t in storage]
-    check_raises(lambda: ops.kv_quant_append_(storage, codebook, k[:, :, :3], v[:, :, :3]), ValueError,
-                 "sequences [0] would pass the cache capacity of 10")
-    assert all(torch.equal(a, b) for a, b in zip(before, storage))
+    append = functools.partial(ops.kv_quant_append_, storage, codebook, k[:, :, :3], v[:, :, :3], check=True)
+    check_raises(append, ValueError, "sequences [0] would pass the cache capacity of 10")
+    check_raises(lambda: append(torch.tensor([1, 4], dtype=torch.int32)), ValueError,
+                 "counts must be in [0, n=3], got [1, 4]")
+    check_raises(lambda: append(torch.tensor([-1, 0], dtype=torch.int32)), ValueError,
+                 "counts must be in [0, n=3], got [-1, 0]")
+    assert_same_storage(storage, before, "after the raising appends")
+    storage.lengths[1] = ref.POISONED_LENGTH
+    check_raises(lambda: append(torch.tensor([1, 1], dtype=torch.int32)), ValueError, "sequences [1] are poisoned")
+
+
+# ---- a sequence that cannot take its tokens is poisoned, not silently dropped ---------------------------------------
+
+
+def poisoned_decode_case(dtype=torch.float32, device="cpu"):
+    """Four sequences (capacity 12, sink 1, window 2): a prefill, then an append that sequence 0 takes, 1 cannot
+    (it would pass the capacity), 2 cannot (count -1) and 3 cannot (count 4 > n = 3). Returns the cache, the state
+    before the second append, and the same cache with only sequence 0 appended."""
+    storage, codebook = fresh_cache(4, 2, 32, 12, sink=1, window=2, dtype=dtype, device=device)
+    k, v = (x.to(device, dtype) for x in structured_kv(4, 2, 10, 32))
+    ops.kv_quant_append_(storage, codebook, k, v, torch.tensor([5, 10, 5, 5], dtype=torch.int32, device=device))
+    before, healthy = ref.Storage(*(t.clone() for t in storage)), ref.Storage(*(t.clone() for t in storage))
+    new_k, new_v = (x.to(device, dtype) for x in structured_kv(4, 2, 3, 32, seed=1))
+    counts = torch.tensor([3, 3, -1, 4], dtype=torch.int32, device=device)
+    with NoHostReads():  # the default (check=False) wrapper syncs nothing
+        ops.kv_quant_append_(storage, codebook, new_k, new_v, counts)
+    ops.kv_quant_append_(healthy, codebook, new_k, new_v, counts.clamp(0, 0).index_fill_(0, torch.tensor([0]), 3))
+    return storage, codebook, before, healthy
+
+
+def assert_poisoned_rows(storage, before, poisoned):
+    """Nothing was written for the poisoned sequences and their lengths are POISONED_LENGTH."""
+    for name, got, old in zip(ref.Storage._fields[:12], storage, before):
+        assert torch.equal(got[poisoned], old[poisoned]), f"storage.{name} was written for a poisoned sequence"
+    assert (storage.lengths[poisoned] == ref.POISONED_LENGTH).all()
+
+
+def check_poisoned_decode(storage, codebook, poisoned, dtype=torch.float32, device="cpu"):
+    """NaN in every head of the poisoned sequences, on the op's path (the interpreted kernel on CPU) and the
+    reference's alike; the others match the reference as usual."""
+    batch, kv_heads, _, head_dim = storage.sink_keys.shape
+    q = torch.randn(batch, 2 * kv_heads, 1, head_dim, device=device).to(dtype)
+    inv_freq = (10000.0 ** (-torch.arange(0, head_dim, 2).float() / head_dim)).to(device)
+    out = ops.kv_quant_decode_attention(q, storage, codebook, inv_freq)
+    keys, values = ref.read(storage, codebook)
+    expected = ref.decode_attention(q, keys, values, storage.lengths, inv_freq).to(dtype)
+    healthy = [b for b in range(batch) if b not in poisoned]
+    assert out[poisoned].isnan().all() and expected[poisoned].isnan().all()
+    assert not out[healthy].isnan().any()
+    torch.testing.assert_close(out[healthy], expected[healthy], **DECODE_TOLERANCES[dtype])
+
+
+def test_append_poisons_a_sequence_that_cannot_take_its_tokens():
+    storage, codebook, before, healthy = poisoned_decode_case()
+    assert storage.lengths.tolist() == [8, -1, -1, -1]
+    assert_poisoned_rows(storage, before, [1, 2, 3])
+    assert_same_storage([t[:1] for t in storage], [t[:1] for t in healthy], "sequence 0, which took its tokens")
+    check_poisoned_decode(storage, codebook, [1, 2, 3])
+
+
+def test_a_poisoned_sequence_stays_poisoned_until_its_length_is_zeroed():
+    storage, codebook, _, _ = poisoned_decode_case()
+    k, v = structured_kv(4, 2, 1, 32, seed=2)
+    before = ref.Storage(*(t.clone() for t in storage))
+    ops.kv_quant_append_(storage, codebook, k, v)  # counts 1 each: fine for a healthy sequence
+    assert storage.lengths.tolist() == [9, -1, -1, -1]
+    assert_poisoned_rows(storage, before, [1, 2, 3])
+    check_poisoned_decode(storage, codebook, [1, 2, 3])
+    storage.lengths[1:] = 0  # what KVQuantLayer.reset does for every sequence
+    ops.kv_quant_append_(storage, codebook, k, v)
+    assert storage.lengths.tolist() == [10, 1, 1, 1]
+    check_poisoned_decode(storage, codebook, [])
+
+
+def test_a_length_outside_the_capacity_decodes_to_nan_without_reading_past_it():
+    """A length no append writes (past the capacity, or negative other than POISONED_LENGTH) reads as empty."""
+    storage, codebook, _, _ = poisoned_decode_case()
+    storage.lengths.copy_(torch.tensor([8, 13, -7, 12], dtype=torch.int32))
+    check_poisoned_decode(storage, codebook, [1, 2])
+
+
+def test_layer_reset_clears_a_poisoned_sequence():
+    from torchext.nn import KVQuantLayer
+    inv_freq = llama3_inv_freq(32)
+    layer = KVQuantLayer(KVQuantConfig(4, 4, sink_tokens=1), 0, inv_freq, 1.0, 16, fused=False)
+    k, v = structured_kv(2, 2, 6, 32)
+    layer.update(k, v)
+    ops.kv_quant_append_(layer.storage, layer.codebook, k[:, :, :1], v[:, :, :1],
+                         torch.tensor([1, 2], dtype=torch.int32))  # outside KVQuantLayer: bad count for sequence 1
+    assert layer.storage.lengths.tolist() == [7, -1]
+    layer.reset()
+    layer.update(k, v)
+    assert layer.storage.lengths.tolist() == [6, 6]
+    check_poisoned_decode(layer.storage, layer.codebook, [])
+
+
+# ---- value offsets and scales in fp32 --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+def test_value_offsets_and_scales_are_fp32(dtype):
+    storage, codebook = fresh_cache(1, 2, 32, 4, dtype=dtype)
+    assert storage.value_offset.dtype == storage.value_scale.dtype == torch.float32
+    wrong = storage._replace(value_scale=storage.value_scale.to(dtype if dtype != torch.float32 else torch.float64))
+    check_raises(lambda: ops.kv_quant_append_(wrong, codebook, torch.zeros(1, 2, 1, 32, dtype=dtype),
+                                              torch.zeros(1, 2, 1, 32, dtype=dtype)), TypeError,
+                 "storage.value_scale must have dtype in ['torch.float32']")
+
+
+def test_bf16_cache_keeps_offsets_of_shifted_values():
+    """Values of 8 +- 0.1 (a shifted activation) read back as closely from a bf16 cache as from an fp32 one (bf16
+    offsets and scales made the error 35% larger: an offset near 8 is rounded by up to 1/32)."""
+    torch.manual_seed(0)
+    v = 8 + 0.1 * torch.randn(1, 2, 64, 32)
+    errors = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        storage, codebook = fresh_cache(1, 2, 32, 64, dtype=dtype)
+        ref.append(storage, codebook, v.to(dtype), v.to(dtype))
+        _, values = ref.read(storage, codebook)
+        errors[dtype] = (values - v.to(dtype).float()).pow(2).mean().sqrt().item()
+    assert errors[torch.bfloat16] < 1.05 * errors[torch.float32], errors
+
+
+@pytest.mark.parametrize("dtype,magnitude", [(torch.float32, 7e4), (torch.float32, 1e30), (torch.bfloat16, 1e5)],
+                         ids=["fp32-7e4", "fp32-1e30", "bf16-1e5"])
+@pytest.mark.parametrize("slots", [0, 2])
+def test_values_past_fp16_range_round_trip(dtype, magnitude, slots):
+    """Values beyond fp16's 65504 read back finite, within half a quantization step (fp16 scales made them inf),
+    and the decode kernel attends over them as the reference does."""
+    storage, codebook = fresh_cache(2, 2, 64, 24, slots=slots, sink=0, window=0, dtype=dtype)
+    k, v = structured_kv(2, 2, 20, 64)
+    v = (v / v.abs().amax(-1, keepdim=True) * magnitude).to(dtype)  # each vector reaches +-magnitude
+    ops.kv_quant_append_(storage, codebook, k.to(dtype), v)
+    _, values = ref.read(storage, codebook)
+    values = values[:, :, :20]
+    assert values.isfinite().all()
+    _, _, scale, _, _ = ref.quantize_values(v, codebook, slots)
+    bound = quantization_step(codebook, "value") * scale.float()[..., None] / 2 + \
+        torch.finfo(dtype).eps * v.float().abs().amax(-1, keepdim=True)
+    assert ((values - v.float()).abs() <= bound).all()
+    q, inv_freq = torch.randn(2, 4, 1, 64).to(dtype), 10000.0 ** (-torch.arange(0, 64, 2).float() / 64)
+    out = ops.kv_quant_decode_attention(q, storage, codebook, inv_freq)
+    expected = ref.decode_attention(q, *ref.read(storage, codebook), storage.lengths, inv_freq).to(dtype)
+    assert out.isfinite().all()  # relative to the magnitude: outputs near 0 are sums that cancel
+    torch.testing.assert_close(out / magnitude, expected / magnitude, **DECODE_TOLERANCES[dtype])
 
 
 # ---- fused decode attention vs the reference ------------------------------------------------------------------------
@@ -369,10 +513,11 @@ def test_cache_unrotates_keys_with_the_cos_sin_it_is_handed():
 # ---- GPU: the CUDA C++ append kernel and GPU-sized decode -----------------------------------------------------------
 
 
-# Append steps against capacity 40: a ragged prefill with an empty sequence, decodes, chunks, and a 30-token chunk
-# that overflows sequence 0 (skipped: nothing written, length unchanged).
+# Append steps against capacity 40: a ragged prefill with an empty sequence, decodes, chunks, a 30-token chunk
+# that overflows sequence 0 (poisoned: nothing written, length -1, and so for every later step), a negative count
+# that poisons sequence 1, and a count past n that poisons sequence 2.
 APPEND_STEPS = [(13, [13, 0, 7]), (1, [1, 1, 1]), (1, [1, 1, 0]), (6, [6, 2, 5]), (4, [4, 4, 4]), (30, [30, 3, 1]),
-                (1, [1, 1, 1])]
+                (1, [1, 1, 1]), (2, [2, -1, 2]), (1, [1, 1, 1]), (2, [2, 2, 3])]
 
 
 def tie_free_inputs(batch, kv_heads, n, head_dim, slots, dtype, g, device):
@@ -427,7 +572,7 @@ def test_cuda_append_matches_reference_bit_for_bit(key_bits, value_bits, head_di
         ops.kv_quant_append_(got, codebook, k, v, counts.to(device), check=False)
         ref.append(expected, cpu_codebook, k.cpu(), v.cpu(), counts)
         assert_same_storage(got, expected, f"step {step} (n={n}, counts={counts.tolist()})")
-    assert expected.lengths.tolist() == [26, 12, 19]
+    assert expected.lengths.tolist() == [-1, -1, -1]
 
 
 @pytest.mark.gpu

@@ -99,6 +99,9 @@ def _kv_quant_decode_fwd_kernel(
     split = tl.program_id(1)
     b, h = bh // KV_HEADS, bh % KV_HEADS
     length = tl.load(lengths_ptr + b)
+    # A poisoned sequence (negative length: an append could not take its tokens), or a length past the capacity
+    # that no append writes, reads as empty: nothing out of range is loaded. The merge kernel makes its output NaN.
+    length = tl.where((length >= 0) & (length <= CAPACITY), length, 0)
     window_start = tl.minimum(length, tl.maximum(SINK, length - WINDOW))  # positions before it are sink or packed
 
     g = tl.arange(0, BLOCK_G)
@@ -160,10 +163,12 @@ def _kv_quant_decode_fwd_kernel(
 
 
 @triton.jit
-def _kv_quant_decode_merge_kernel(part_out_ptr, part_lse_ptr, out_ptr, stride_ob, stride_oh, parts,
-                                  HEADS: tl.constexpr, BLOCK_P: tl.constexpr, D: tl.constexpr):
+def _kv_quant_decode_merge_kernel(part_out_ptr, part_lse_ptr, out_ptr, stride_ob, stride_oh, parts, lengths_ptr,
+                                  capacity, HEADS: tl.constexpr, BLOCK_P: tl.constexpr, D: tl.constexpr):
     """out = sum_s 2^(lse_s - lse) o_s over the `parts` partials of one (sequence, head) row (flash decoding's
-    reduction), BLOCK_P partials at a time: a first pass finds the largest lse, a second sums."""
+    reduction), BLOCK_P partials at a time: a first pass finds the largest lse, a second sums. NaN for a sequence
+    whose length is not in [0, capacity] (poisoned), which the decode kernel read as empty (checked here: in the
+    decode kernel the flag would stay live across the tile loops, and cost registers there)."""
     row = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, BLOCK_P)
     top = tl.full((BLOCK_P,), -float("inf"), tl.float32)
@@ -184,6 +189,8 @@ def _kv_quant_decode_merge_kernel(part_out_ptr, part_lse_ptr, out_ptr, stride_ob
         weight_sum += weight
     merged = total / tl.maximum(tl.sum(weight_sum, 0), 1e-30)
     b, h = row // HEADS, row % HEADS
+    length = tl.load(lengths_ptr + b)
+    merged = tl.where((length >= 0) & (length <= capacity), merged, float("nan"))
     tl.store(out_ptr + b * stride_ob + h * stride_oh + d, merged.to(out_ptr.dtype.element_ty))
 
 
@@ -219,5 +226,6 @@ def kv_quant_decode_fwd(q, storage, codebook, inv_freq, attention_scaling: float
         BLOCK_N=BLOCK_N, DOT=dot_dtype(q.dtype), num_warps=NUM_WARPS)
     out = torch.empty_like(q)
     _kv_quant_decode_merge_kernel[(batch * heads,)](
-        part_out, part_lse, out, out.stride(0), out.stride(1), splits + 1, HEADS=heads, BLOCK_P=MERGE_BLOCK, D=d)
+        part_out, part_lse, out, out.stride(0), out.stride(1), splits + 1, storage.lengths, capacity, HEADS=heads,
+        BLOCK_P=MERGE_BLOCK, D=d)
     return out

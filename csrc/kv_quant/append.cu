@@ -16,7 +16,9 @@ constexpr int kPerLane = kKvQuantMaxHeadDim / kWarp;  // lane l holds channels l
 constexpr int kMaxBoundaries = 15;                    // 2^4 - 1
 constexpr int kWordBits = 32;
 constexpr unsigned kFullMask = 0xffffffffu;
-constexpr float kHalfTiny = 6.103515625e-05f;  // torch.finfo(torch.float16).tiny = 2^-14, the floor of a scale
+
+// The floor of a value scale (torch.finfo(torch.float32).tiny), as the reference clamps it.
+constexpr float kScaleFloor = 1.17549435e-38f;
 
 __device__ __forceinline__ float to_float(float x) { return x; }
 __device__ __forceinline__ float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
@@ -39,7 +41,8 @@ struct Params {
   int head_dim, slots;
 };
 
-// What sequence b appends: tokens [start, start + count), or nothing (ok == false), as the reference skips it.
+// What sequence b appends: tokens [start, start + count) when it can take them (ok), else nothing: it is (or
+// stays) poisoned, as in the reference's can_take. A count of 0 writes nothing either way.
 struct Span {
   int64_t start, count;
   bool ok;
@@ -47,7 +50,7 @@ struct Span {
 
 __device__ __forceinline__ Span span_of(const Params& p, int64_t b) {
   const int64_t start = p.lengths[b], count = p.counts[b];
-  return {start, count, count > 0 && count <= p.n_new && start >= 0 && start + count <= p.capacity};
+  return {start, count, start >= 0 && count >= 0 && count <= p.n_new && start + count <= p.capacity};
 }
 
 // Token j of (sequence b, head h) of a strided [batch, kv_heads, n_new, head_dim] input.
@@ -203,17 +206,17 @@ __device__ __forceinline__ void quantize_value(const Params& p, const float (&x)
   }
   hi = warp_max(hi);
   lo = warp_min(lo);
-  // Stored as fp16 first, and quantized with the stored values, as dequantization will see them.
-  const __half offset = __float2half_rn(__fmul_rn(__fadd_rn(hi, lo), 0.5f));
-  const __half scale = __float2half_rn(__fmul_rn(__fsub_rn(hi, lo), 0.5f));
+  // Halved first: hi - lo overflows fp32 near its largest finite values.
+  const float half_hi = __fmul_rn(hi, 0.5f), half_lo = __fmul_rn(lo, 0.5f);
+  const float offset = __fadd_rn(half_hi, half_lo), scale = __fsub_rn(half_hi, half_lo);
   if (lane == 0) {
     p.storage.value_offset[row] = offset;
     p.storage.value_scale[row] = scale;
   }
-  const float offset_f = __half2float(offset), scale_f = fmaxf(__half2float(scale), kHalfTiny);
+  const float scale_floored = fmaxf(scale, kScaleFloor);
   float normal[kPerLane];
 #pragma unroll
-  for (int j = 0; j < kPerLane; ++j) normal[j] = __fdiv_rn(__fsub_rn(x[j], offset_f), scale_f);
+  for (int j = 0; j < kPerLane; ++j) normal[j] = __fdiv_rn(__fsub_rn(x[j], offset), scale_floored);
   store_codes(normal, boundaries, static_cast<int>(p.codebook.value_bits), head_dim, lane, staging,
               p.storage.value_codes, row);
 }
@@ -264,7 +267,7 @@ __global__ void __launch_bounds__(kThreads) quantize_leaving_kernel(Params p) {
   }
 }
 
-// Launch 2: the new tokens that stay in 16-bit after the append, one warp each. Per (b, h) there are at most
+// Launch 2: the new tokens that stay in the cache dtype after the append, one warp each. Per (b, h) there are at most
 // min(n_new, sink) sink tokens, u < that bound: token u when start + u < sink; and at most min(n_new, window) ring
 // tokens: the last min(count, window) that are not in the sink (a token written earlier in the same append would
 // be overwritten by a later one in the reference, so it is skipped here: no two warps write one slot).
@@ -302,12 +305,13 @@ __global__ void __launch_bounds__(kThreads) place_new_tokens_kernel(Params p) {
   }
 }
 
-// Launch 3: lengths[b] += counts[b] for the sequences that appended (after launches 1 and 2 have read lengths).
+// Launch 3: lengths[b] += counts[b] for the sequences that can take their tokens, the others poisoned (after
+// launches 1 and 2 have read lengths).
 __global__ void advance_lengths_kernel(Params p) {
   for (int64_t b = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; b < p.batch;
        b += static_cast<int64_t>(gridDim.x) * blockDim.x) {
     const Span s = span_of(p, b);
-    if (s.ok) p.lengths[b] = static_cast<int32_t>(s.start + s.count);
+    p.lengths[b] = s.ok ? static_cast<int32_t>(s.start + s.count) : kKvQuantPoisonedLength;
   }
 }
 
@@ -317,7 +321,7 @@ unsigned blocks_for(int64_t work, int64_t per_block) {
 
 template <typename T>
 cudaError_t launch(const Params& p, cudaStream_t stream) {
-  if (p.batch == 0 || p.n_new == 0) return cudaSuccess;  // every count is 0 or invalid: nothing changes
+  if (p.batch == 0) return cudaSuccess;  // with n_new == 0 launch 3 still runs: a nonzero count poisons
   const int64_t leaving_warps = p.batch * p.kv_heads * p.n_new * 2;
   const int64_t placing_warps = p.batch * p.kv_heads * (std::min(p.n_new, p.sink) + std::min(p.n_new, p.window));
   if (leaving_warps > 0) {

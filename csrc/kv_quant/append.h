@@ -5,7 +5,7 @@
 
 #include <cstdint>
 
-#include <cuda_fp16.h>
+#include <cuda_fp16.h>  // for csrc/module.cpp, which still casts the value offsets and scales to __half*
 #include <cuda_runtime.h>
 
 #include "dtype.h"
@@ -15,21 +15,28 @@ namespace torchext {
 // head_dim limit: one warp holds a vector, at most 8 channels per lane.
 constexpr int kKvQuantMaxHeadDim = 256;
 
+// lengths[b] of a poisoned sequence, one an append could not take (torchext/reference/kv_quant.py::
+// POISONED_LENGTH): without a host sync the append cannot raise, so it marks the sequence instead of dropping its
+// tokens silently. A poisoned sequence takes no more tokens; zeroing its length clears it.
+constexpr int32_t kKvQuantPoisonedLength = -1;
+
 // Element strides of a [batch, kv_heads, n, head_dim] input whose last stride is 1.
 struct KvQuantStrides {
   int64_t batch, head, token;
 };
 
 // The buffers of torchext/reference/kv_quant.py::Storage, all contiguous (device addresses). "dtype" is the
-// cache dtype (the `dtype` argument of kv_quant_append, the same as the inputs'); words = ceil(head_dim / (32 /
-// bits)) int32 words per vector, code c in word c / (32 / bits) at bit (c % (32 / bits)) * bits.
+// cache dtype (the `dtype` argument of kv_quant_append, the same as the inputs'), that of every floating buffer but
+// the value offsets and scales, which are float whatever the cache dtype (see Storage: range and precision);
+// words = ceil(head_dim / (32 / bits)) int32 words per vector, code c in word c / (32 / bits) at bit
+// (c % (32 / bits)) * bits.
 struct KvQuantStorage {
   int32_t* key_codes;            // [batch, kv_heads, capacity, words(head_dim, key_bits)]
   int16_t* key_outlier_index;    // [batch, kv_heads, capacity, slots], -1 in empty slots
   void* key_outlier_value;       // [batch, kv_heads, capacity, slots] dtype, 0 in empty slots
   int32_t* value_codes;          // [batch, kv_heads, capacity, words(head_dim, value_bits)]
-  __half* value_offset;          // [batch, kv_heads, capacity]
-  __half* value_scale;           // [batch, kv_heads, capacity]
+  float* value_offset;           // [batch, kv_heads, capacity]
+  float* value_scale;            // [batch, kv_heads, capacity]
   int16_t* value_outlier_index;  // [batch, kv_heads, capacity, slots]
   void* value_outlier_value;     // [batch, kv_heads, capacity, slots] dtype
   void* sink_keys;               // [batch, kv_heads, sink, head_dim] dtype, pre-RoPE
@@ -52,9 +59,10 @@ struct KvQuantShape {
   int64_t batch, kv_heads, n_new, head_dim, capacity, slots, sink, window;
 };
 
-// Reproduces torchext/reference/kv_quant.py::append(storage, codebook, k, v, counts) for finite inputs. For each
-// sequence b with start = lengths[b], count = counts[b] and 0 < count <= n_new, 0 <= start,
-// start + count <= capacity (any other sequence is left untouched, its length included):
+// Reproduces torchext/reference/kv_quant.py::append(storage, codebook, k, v, counts) for finite inputs. Sequence b
+// with start = lengths[b], count = counts[b] can take its tokens when 0 <= start, 0 <= count <= n_new and
+// start + count <= capacity; any other sequence is poisoned: nothing is written for it and lengths[b] =
+// kKvQuantPoisonedLength (so a poisoned one, start < 0, stays poisoned). For a sequence that can take them:
 // - the new token j < count is position p = start + j: p < sink goes to the sink; otherwise, when it is among the
 //   last `window` positions after the append, to ring slot p % window;
 // - every position q in [max(start - window, sink), max(start + count - window, sink)) leaves the window and is
@@ -64,8 +72,8 @@ struct KvQuantShape {
 // - keys: x_c = (k_c - key_offset[h, c]) / key_scale[h, c]; the `slots` channels of largest |x_c| among those with
 //   |x_c| > 1 are outliers (index, original value), remaining slots -1 / 0; codes of clamp(x, -1, 1);
 // - values: the `slots` channels farthest from the vector's mean are outliers; hi / lo = max / min of the others;
-//   offset = fp16((hi + lo) / 2), scale = fp16((hi - lo) / 2); x_c = (v_c - offset) / max(scale, fp16 tiny);
-//   codes of clamp(x, -1, 1);
+//   offset = dtype(hi / 2 + lo / 2), scale = dtype(hi / 2 - lo / 2) (halves first: hi - lo may overflow);
+//   x_c = (v_c - offset) / max(scale, smallest normal of dtype); codes of clamp(x, -1, 1);
 // - code = the number of boundaries strictly below x (binary search), i.e. torch.bucketize(x, boundaries);
 // - outlier slots are in descending order of |x| (keys) or distance from the mean (values); equal scores go to the
 //   lowest channel first (torch.topk leaves the order of ties unspecified). The mean is a warp-tree fp32 sum, so
@@ -73,7 +81,7 @@ struct KvQuantShape {
 //   are otherwise bit-identical.
 // Three launches on `stream`, in this order because each reads what the next one overwrites: (1) one warp per
 // leaving (sequence, head, position, key|value) vector quantizes it, (2) one warp per surviving new token writes
-// it to the sink or the ring buffer, (3) one thread per sequence advances lengths.
+// it to the sink or the ring buffer, (3) one thread per sequence advances lengths or poisons the sequence.
 // Returns cudaErrorInvalidValue for bits outside {2, 3, 4}, head_dim odd or outside [2, kKvQuantMaxHeadDim],
 // negative sizes, slots >= head_dim, an unknown dtype or k / v not aligned to their element size; otherwise the
 // launch status (cudaGetLastError()).
@@ -82,11 +90,11 @@ cudaError_t kv_quant_append(const void* k,                    // [batch, kv_head
                             KvQuantStrides k_strides,         // elements; last stride 1
                             KvQuantStrides v_strides,         // elements; last stride 1
                             const int32_t* counts,            // [batch]: tokens of sequence b to take
-                            int32_t* lengths,                 // [batch]: tokens held, advanced by counts in place
+                            int32_t* lengths,                 // [batch]: tokens held, advanced in place
                             const KvQuantStorage& storage,    // updated in place
                             const KvQuantCodebook& codebook,  // read only
                             const KvQuantShape& shape,        // sizes >= 0, slots < head_dim
-                            int64_t dtype,                    // DtypeCode of k, v and the 16-bit cache buffers
+                            int64_t dtype,                    // DtypeCode of k, v and the cache's floating buffers
                             cudaStream_t stream);             // every launch goes on this stream
 
 }  // namespace torchext

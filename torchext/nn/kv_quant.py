@@ -22,7 +22,8 @@ import torch
 from torch import Tensor, nn
 
 from torchext import ops
-from torchext.ops.kv_quant import allocate_storage, bytes_per_position, make_codebook
+from torchext.ops._checks import check_float, check_int
+from torchext.ops.kv_quant import allocate_storage, bytes_per_position, check_bits, make_codebook
 from torchext.reference import kv_quant as ref
 
 try:
@@ -55,15 +56,12 @@ class KVQuantConfig:
 
     def __post_init__(self) -> None:
         for name in ("key_bits", "value_bits"):
-            if getattr(self, name) not in ref.SUPPORTED_BITS:
-                raise ValueError(f"KVQuantConfig: {name} must be one of {ref.SUPPORTED_BITS}, "
-                                 f"got {getattr(self, name)}")
+            check_bits("KVQuantConfig", name, getattr(self, name))
+        check_float("KVQuantConfig", "outlier_fraction", self.outlier_fraction)
         if not 0 <= self.outlier_fraction < 1:
             raise ValueError(f"KVQuantConfig: outlier_fraction must be in [0, 1), got {self.outlier_fraction}")
         for name in ("sink_tokens", "window_tokens"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-                raise ValueError(f"KVQuantConfig: {name} must be an int >= 0, got {value!r}")
+            check_int("KVQuantConfig", name, getattr(self, name), minimum=0)
 
     def codebook(self, layer_idx: int, device) -> ref.Codebook | None:
         if not self.layers:
@@ -336,6 +334,7 @@ class KVQuantLayer(*(() if _HFLayer is None else (_HFLayer,))):
         return self.seen + query_length, 0
 
     def reset(self) -> None:
+        """Empty every sequence; a poisoned one (reference.kv_quant.Storage) is usable again."""
         self.seen = 0
         if self.storage is not None:
             self.storage.lengths.zero_()

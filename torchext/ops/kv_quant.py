@@ -12,7 +12,7 @@ import torch
 from torch import Tensor
 
 from torchext._backend import CUDA_EXT, cuda_dtype_code, use_cuda_ext, use_triton
-from torchext.ops._checks import check_same_device, check_shape, check_tensor
+from torchext.ops._checks import FLOAT_DTYPES, check_int, check_same_device, check_shape, check_tensor
 from torchext.reference import kv_quant as ref
 from torchext.reference.kv_quant import Codebook, Storage
 
@@ -21,6 +21,15 @@ KERNELS = {"kv_quant_append_": "cuda", "kv_quant_decode_attention": "triton"}
 
 CACHE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 HEAD_DIMS = (32, 64, 128, 256)
+# Codebook inputs are moved to fp32: integer ranges (rounded calibrations) are accepted too.
+CODEBOOK_INPUT_DTYPES = FLOAT_DTYPES + (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
+
+
+def check_bits(op: str, name: str, bits) -> None:
+    """bits is an int in reference.kv_quant.SUPPORTED_BITS."""
+    check_int(op, name, bits)
+    if bits not in ref.SUPPORTED_BITS:
+        raise ValueError(f"{op}: {name} must be one of {ref.SUPPORTED_BITS}, got {bits}")
 
 
 def make_codebook(key_bits: int, value_bits: int, key_offset: Tensor, key_scale: Tensor,
@@ -29,11 +38,22 @@ def make_codebook(key_bits: int, value_bits: int, key_offset: Tensor, key_scale:
     """A layer's Codebook. Levels default to uniform (intX); boundaries to the levels' midpoints.
 
     key_offset, key_scale: [kv_heads, head_dim] (centre and half-width of each channel's range, scale > 0).
-    key_levels/value_levels: [2^bits] ascending (nuqX from torchext.nn.calibrate). All moved to fp32.
+    key_levels/value_levels: [2^bits] ascending (nuqX from torchext.nn.calibrate); boundaries [2^bits - 1]
+    ascending. All moved to fp32 on key_offset's device.
+
+    Raises TypeError for a non-int bits or a non-tensor table, ValueError for unsupported bits, mismatched shapes,
+    key_offset and key_scale on two devices, or non-finite, non-positive or unordered values (read to the host:
+    a codebook is built once per layer, not per step).
     """
-    for name, bits in (("key_bits", key_bits), ("value_bits", value_bits)):
-        if bits not in ref.SUPPORTED_BITS:
-            raise ValueError(f"make_codebook: {name} must be one of {ref.SUPPORTED_BITS}, got {bits}")
+    op = "make_codebook"
+    check_bits(op, "key_bits", key_bits)
+    check_bits(op, "value_bits", value_bits)
+    tables = {"key_levels": key_levels, "value_levels": value_levels, "key_boundaries": key_boundaries,
+              "value_boundaries": value_boundaries}  # optional, moved to key_offset's device
+    for name, t in {"key_offset": key_offset, "key_scale": key_scale, **tables}.items():
+        if t is not None or name in ("key_offset", "key_scale"):
+            check_tensor(op, name, t, CODEBOOK_INPUT_DTYPES, min_ndim=0)
+    check_same_device(op, key_offset=key_offset, key_scale=key_scale)
     if key_offset.shape != key_scale.shape or key_offset.dim() != 2:
         raise ValueError(f"make_codebook: key_offset and key_scale must both be [kv_heads, head_dim], got "
                          f"{tuple(key_offset.shape)} and {tuple(key_scale.shape)}")
@@ -61,6 +81,9 @@ def allocate_storage(batch: int, kv_heads: int, head_dim: int, capacity: int, co
     slots: outlier slots per [head_dim] vector (reference.kv_quant.outlier_slots(head_dim, fraction)), 0 for none.
     sink: leading positions kept in `dtype`; window: most recent positions kept in `dtype` (a ring buffer).
     """
+    for name, value in (("batch", batch), ("kv_heads", kv_heads), ("head_dim", head_dim), ("capacity", capacity),
+                        ("slots", slots), ("sink", sink), ("window", window)):
+        check_int("allocate_storage", name, value)
     if head_dim not in HEAD_DIMS:
         raise ValueError(f"allocate_storage: head_dim must be one of {HEAD_DIMS}, got {head_dim}")
     if dtype not in CACHE_DTYPES:
@@ -81,7 +104,7 @@ def allocate_storage(batch: int, kv_heads: int, head_dim: int, capacity: int, co
         zeros(*vectors, ref.words_per_vector(head_dim, codebook.key_bits), dt=torch.int32),
         zeros(*vectors, slots, dt=torch.int16) - 1, zeros(*vectors, slots),
         zeros(*vectors, ref.words_per_vector(head_dim, codebook.value_bits), dt=torch.int32),
-        zeros(*vectors, dt=torch.float16), zeros(*vectors, dt=torch.float16),
+        zeros(*vectors, dt=torch.float32), zeros(*vectors, dt=torch.float32),
         zeros(*vectors, slots, dt=torch.int16) - 1, zeros(*vectors, slots),
         zeros(batch, kv_heads, sink, head_dim), zeros(batch, kv_heads, sink, head_dim),
         zeros(batch, kv_heads, window, head_dim), zeros(batch, kv_heads, window, head_dim),
@@ -90,7 +113,7 @@ def allocate_storage(batch: int, kv_heads: int, head_dim: int, capacity: int, co
 
 def bytes_per_position(storage: Storage) -> dict[str, int]:
     """Bytes one packed position of one sequence takes in each packed buffer (all kv heads): the codes, the value
-    offset and scale, and the outlier slots. The sink and window are 16-bit and counted apart."""
+    offset and scale, and the outlier slots. The sink and window are counted apart."""
     return {name: t[0, :, 0].numel() * t.element_size() for name, t in zip(Storage._fields[:8], storage[:8])}
 
 
@@ -105,7 +128,7 @@ def _check_storage(op: str, storage: Storage, codebook: Codebook) -> tuple[int, 
         "key_codes": (vectors + (ref.words_per_vector(head_dim, codebook.key_bits),), torch.int32),
         "key_outlier_index": (outliers, torch.int16), "key_outlier_value": (outliers, dtype),
         "value_codes": (vectors + (ref.words_per_vector(head_dim, codebook.value_bits),), torch.int32),
-        "value_offset": (vectors, torch.float16), "value_scale": (vectors, torch.float16),
+        "value_offset": (vectors, torch.float32), "value_scale": (vectors, torch.float32),
         "value_outlier_index": (outliers, torch.int16), "value_outlier_value": (outliers, dtype),
         "sink_keys": ((batch, kv_heads, sink, head_dim), dtype),
         "sink_values": ((batch, kv_heads, sink, head_dim), dtype),
@@ -192,7 +215,7 @@ def _(*args) -> None:
 
 
 def kv_quant_append_(storage: Storage, codebook: Codebook, k: Tensor, v: Tensor, counts: Tensor | None = None,
-                     check: bool = True) -> None:
+                     check: bool = False) -> None:
     """Quantize new tokens and append them to a packed cache, in place (prefill and decode alike).
 
     Args:
@@ -200,25 +223,43 @@ def kv_quant_append_(storage: Storage, codebook: Codebook, k: Tensor, v: Tensor,
         codebook: the layer's Codebook (make_codebook or torchext.nn.calibrate).
         k: [batch, kv_heads, n, head_dim] keys BEFORE RoPE, in the cache dtype; v: the same shape.
         counts: [batch] int32, tokens of each sequence to take (the first counts[b] of k[b]); default n each.
-        check: raise if a sequence would pass the capacity (reads lengths back: one host sync). With
-            check=False nothing syncs (CUDA-graph safe); an overflowing sequence is then silently not written.
+        check: a debug mode that reads counts and lengths to the host (one host sync) and raises ValueError
+            before anything is written if a sequence cannot take its tokens or is poisoned. By default nothing is
+            read to the host (CUDA-graph safe): a sequence that cannot take its tokens (counts[b] outside [0, n],
+            or lengths[b] + counts[b] past the capacity) is poisoned on the device instead: nothing is written for
+            it, lengths[b] becomes reference.kv_quant.POISONED_LENGTH (-1) and stays so on later appends, and
+            kv_quant_decode_attention gives NaN in every head of it. Zeroing its length clears it.
 
-    Positions below `sink` go to the 16-bit sink, the last `window` positions to the 16-bit ring buffer, and each
-    position leaving the window is quantized (keys per channel, values per token, outliers into their slots).
+    Positions below `sink` go to the sink, the last `window` positions to the ring buffer (both in the cache
+    dtype), and each position leaving the window is quantized (keys per channel, values per token, outliers into
+    their slots).
     """
-    n = k.shape[2] if k.dim() == 4 else 0
+    check_tensor("kv_quant_append_", "k", k, ndim=4)
+    if counts is not None:
+        check_tensor("kv_quant_append_", "counts", counts, (torch.int32,), ndim=1)
     if counts is None:
-        counts = torch.full((storage.lengths.shape[0],), n, dtype=torch.int32, device=k.device)
+        counts = torch.full((storage.lengths.shape[0],), k.shape[2], dtype=torch.int32, device=k.device)
     if check:
-        if counts.numel() and not 0 <= int(counts.min()) <= int(counts.max()) <= n:
-            raise ValueError(f"kv_quant_append_: counts must be in [0, n={n}], got {counts.tolist()}")
-        capacity = storage.key_codes.shape[2]
-        over = (storage.lengths.long() + counts.long() > capacity).nonzero().flatten().tolist()
-        if over:
-            raise ValueError(f"kv_quant_append_: sequences {over} would pass the cache capacity of {capacity} "
-                             f"positions (lengths {storage.lengths.tolist()}, adding {counts.tolist()}); nothing "
-                             f"was written")
+        _check_append(storage, codebook, k, v, counts)
+        _check_counts_on_host(storage, counts, k.shape[2])
     torch.ops.torchext.kv_quant_append_(*storage, *codebook, k, v, counts)
+
+
+def _check_counts_on_host(storage: Storage, counts: Tensor, n: int) -> None:
+    """check=True: raise unless every sequence can take its tokens (reference.kv_quant.can_take), from one host
+    read of counts and lengths."""
+    op, capacity = "kv_quant_append_", storage.key_codes.shape[2]
+    counts_host, lengths_host = torch.stack((counts, storage.lengths)).tolist()
+    poisoned = [b for b, length in enumerate(lengths_host) if length < 0]
+    if poisoned:
+        raise ValueError(f"{op}: sequences {poisoned} are poisoned (a negative length: an earlier append could "
+                         f"not take their tokens); zero their lengths to reuse them")
+    if not all(0 <= count <= n for count in counts_host):
+        raise ValueError(f"{op}: counts must be in [0, n={n}], got {counts_host}")
+    over = [b for b, (length, count) in enumerate(zip(lengths_host, counts_host)) if length + count > capacity]
+    if over:
+        raise ValueError(f"{op}: sequences {over} would pass the cache capacity of {capacity} positions (lengths "
+                         f"{lengths_host}, adding {counts_host}); nothing was written")
 
 
 # ---- decode attention -----------------------------------------------------------------------------------------------
@@ -284,7 +325,11 @@ def kv_quant_decode_attention(q: Tensor, storage: Storage, codebook: Codebook, i
     Returns:
         [batch, heads, 1, head_dim] in q.dtype. Not differentiable (inference).
     """
-    check_tensor("kv_quant_decode_attention", "q", q, ndim=4)
+    op = "kv_quant_decode_attention"
+    check_tensor(op, "q", q, ndim=4)
+    check_tensor(op, "inv_freq", inv_freq, (torch.float32,), ndim=1)
+    if max_length is not None:
+        check_int(op, "max_length", max_length, minimum=0)
     head_dim = q.shape[-1]
     scale = head_dim ** -0.5 if scale is None else scale
     for name, value in (("scale", scale), ("attention_scaling", attention_scaling)):

@@ -27,6 +27,7 @@ from torchext.reference.ngpt import rotate_half_rope
 
 WORD_BITS = 32
 SUPPORTED_BITS = (2, 3, 4)
+POISONED_LENGTH = -1  # lengths[b] of a sequence an append could not take (see Storage)
 
 
 class Codebook(NamedTuple):
@@ -44,20 +45,30 @@ class Codebook(NamedTuple):
 
 class Storage(NamedTuple):
     """The per-sequence buffers of one layer, indexed by absolute position (a position held in the sink or the
-    window leaves its quantized slot unused). Outlier slots hold channel index -1 when empty."""
+    window leaves its quantized slot unused). Outlier slots hold channel index -1 when empty.
+
+    The value offsets and scales are fp32 whatever the cache dtype: they need the range of the values they
+    describe (fp16 scales read an fp32 value of 7e4 back as inf) and more precision than bf16 gives them (a bf16
+    offset near 8 is rounded by up to 1/32). Every other floating buffer has the cache dtype (fp16, bf16 or fp32).
+
+    lengths[b] counts the tokens sequence b holds, or is POISONED_LENGTH once an append could not take its
+    tokens (a count outside [0, n] or past the capacity): without a host sync the append cannot raise, so it marks
+    the sequence rather than drop the tokens silently. A poisoned sequence takes no more tokens and its decode
+    attention is NaN in every head; zeroing its length (KVQuantLayer.reset, storage.lengths.zero_()) clears it.
+    """
     key_codes: Tensor            # [batch, kv_heads, capacity, words(head_dim, key_bits)] int32
     key_outlier_index: Tensor    # [batch, kv_heads, capacity, slots] int16
     key_outlier_value: Tensor    # [batch, kv_heads, capacity, slots] cache dtype
     value_codes: Tensor          # [batch, kv_heads, capacity, words(head_dim, value_bits)] int32
-    value_offset: Tensor         # [batch, kv_heads, capacity] fp16
-    value_scale: Tensor          # [batch, kv_heads, capacity] fp16
+    value_offset: Tensor         # [batch, kv_heads, capacity] fp32
+    value_scale: Tensor          # [batch, kv_heads, capacity] fp32
     value_outlier_index: Tensor  # [batch, kv_heads, capacity, slots] int16
     value_outlier_value: Tensor  # [batch, kv_heads, capacity, slots] cache dtype
     sink_keys: Tensor            # [batch, kv_heads, sink, head_dim] cache dtype, pre-RoPE
     sink_values: Tensor          # [batch, kv_heads, sink, head_dim]
     window_keys: Tensor          # [batch, kv_heads, window, head_dim] ring buffer, pre-RoPE
     window_values: Tensor        # [batch, kv_heads, window, head_dim]
-    lengths: Tensor              # [batch] int32, tokens held per sequence
+    lengths: Tensor              # [batch] int32, tokens held per sequence, or POISONED_LENGTH
 
 
 # ---- codes and levels -----------------------------------------------------------------------------------------------
@@ -188,25 +199,26 @@ def quantize_keys(k: Tensor, codebook: Codebook, slots: int) -> tuple[Tensor, Te
 
 
 def value_statistics(v: Tensor, slots: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Per-token statistics of v [..., head_dim]: (normalised fp32 [..., head_dim], inlier mask, outlier index
-    int64 [..., slots] (-1: empty), (offset, scale) fp16 [...] each as a pair).
+    """Per-token statistics of v [..., head_dim] in the cache dtype: (normalised fp32 [..., head_dim], inlier mask,
+    outlier index int64 [..., slots] (-1: empty), (offset, scale) fp32 [...] each, as a pair).
 
     The `slots` elements farthest from the vector's mean are outliers; the others set the vector's range
-    [offset - scale, offset + scale] (offset and scale rounded to fp16 before normalising, as stored).
+    [offset - scale, offset + scale].
     """
     vf = v.float()
     index = _outliers((vf - vf.mean(-1, keepdim=True)).abs(), torch.ones_like(vf, dtype=torch.bool), slots)
     inlier = _replace_outliers(torch.ones_like(vf, dtype=torch.bool), index, torch.zeros_like(index, dtype=vf.dtype))
-    hi = torch.where(inlier, vf, -math.inf).amax(-1)
-    lo = torch.where(inlier, vf, math.inf).amin(-1)
-    offset, scale = ((hi + lo) / 2).half(), ((hi - lo) / 2).half()
-    x = (vf - offset.float()[..., None]) / scale.float().clamp_min(torch.finfo(torch.float16).tiny)[..., None]
+    half_hi = torch.where(inlier, vf, -math.inf).amax(-1) / 2  # halved first: hi - lo overflows near fp32's max
+    half_lo = torch.where(inlier, vf, math.inf).amin(-1) / 2
+    offset, scale = half_hi + half_lo, half_hi - half_lo
+    x = (vf - offset[..., None]) / scale.clamp_min(torch.finfo(torch.float32).tiny)[..., None]
     return x, inlier.bool(), index, (offset, scale)
 
 
 def quantize_values(v: Tensor, codebook: Codebook, slots: int) -> tuple[Tensor, ...]:
-    """v [batch, kv_heads, n, head_dim] -> (codes int32 [..., words], offset fp16 [...], scale fp16 [...],
-    outlier index int16 [..., slots], outlier value [..., slots] in v.dtype); see value_statistics."""
+    """v [batch, kv_heads, n, head_dim] -> (codes int32 [..., words], offset [...], scale [...], outlier index
+    int16 [..., slots], outlier value [..., slots]), offsets and scales fp32, outliers in v.dtype; see
+    value_statistics."""
     x, _, index, (offset, scale) = value_statistics(v, slots)
     codes = nearest_code(x.clamp(-1, 1), codebook.value_boundaries)
     return (pack_codes(codes, codebook.value_bits), offset, scale, index.to(torch.int16),
@@ -262,37 +274,51 @@ def _store_dense(storage: Storage, codebook: Codebook, b: int, positions: Tensor
         buffer[b][:, positions] = new[0]
 
 
+def can_take(length: int, count: int, n: int, capacity: int) -> bool:
+    """Whether a sequence holding `length` tokens can take `count` of n new ones: it is not poisoned (length < 0),
+    count is in [0, n] and the tokens fit the capacity."""
+    return length >= 0 and 0 <= count <= n and length + count <= capacity
+
+
 def append(storage: Storage, codebook: Codebook, k: Tensor, v: Tensor, counts: Tensor | None = None) -> None:
     """Quantize-and-append (in place): sequence b takes the first counts[b] tokens of k[b], v[b] at positions
     lengths[b], lengths[b] + 1, ...; lengths grows by counts.
 
     k: [batch, kv_heads, n, head_dim] pre-RoPE; v: the same; counts: [batch] int (default n for all).
     A position below `sink` goes to the sink. Otherwise it enters the recent window; the position it pushes out
-    of the window (position - window, if not in the sink) is quantized into its slot. A sequence that would
-    pass the capacity is left untouched (the op checks and raises before calling this).
+    of the window (position - window, if not in the sink) is quantized into its slot. A sequence that cannot take
+    its tokens (can_take) is poisoned: nothing is written for it and lengths[b] becomes POISONED_LENGTH, so a
+    poisoned sequence stays poisoned (see Storage; the op raises instead when asked to check on the host).
     """
-    batch, _, n, head_dim = k.shape
-    sink, window = storage.sink_keys.shape[2], storage.window_keys.shape[2]
-    capacity, slots = storage.key_codes.shape[2], storage.key_outlier_index.shape[3]
+    batch, _, n, _ = k.shape
+    capacity = storage.key_codes.shape[2]
     counts = torch.full((batch,), n) if counts is None else counts.cpu()
     for b in range(batch):
         start, count = int(storage.lengths[b]), int(counts[b])
-        if count == 0 or start + count > capacity:
-            continue
-        history = torch.cat((read_window(storage, b, start), torch.cat((k[b:b + 1], v[b:b + 1]))[:, :, :count]), 2)
-        first = window_start(start, sink, window)  # the position history[:, :, 0] holds
-        for p in range(start, start + count):  # place the new tokens
-            if p < sink:
-                storage.sink_keys[b, :, p], storage.sink_values[b, :, p] = history[0, :, p - first], \
-                    history[1, :, p - first]
-            elif window > 0:
-                storage.window_keys[b, :, p % window], storage.window_values[b, :, p % window] = \
-                    history[0, :, p - first], history[1, :, p - first]
-        leaving = torch.arange(max(start - window, sink), max(start + count - window, sink))
-        if leaving.numel():  # positions that left the window in this append: quantize them
-            _store_dense(storage, codebook, b, leaving, history[0, :, leaving - first], history[1, :, leaving - first],
-                         slots)
-        storage.lengths[b] += count
+        if not can_take(start, count, n, capacity):
+            storage.lengths[b] = POISONED_LENGTH
+        elif count:
+            _append_sequence(storage, codebook, b, k[b, :, :count], v[b, :, :count], start)
+            storage.lengths[b] = start + count
+
+
+def _append_sequence(storage: Storage, codebook: Codebook, b: int, k: Tensor, v: Tensor, start: int) -> None:
+    """Sequence b's new tokens k, v [kv_heads, count, head_dim] at positions start, start + 1, ..."""
+    sink, window = storage.sink_keys.shape[2], storage.window_keys.shape[2]
+    count, slots = k.shape[1], storage.key_outlier_index.shape[3]
+    history = torch.cat((read_window(storage, b, start), torch.stack((k, v))), 2)
+    first = window_start(start, sink, window)  # the position history[:, :, 0] holds
+    for p in range(start, start + count):  # place the new tokens
+        if p < sink:
+            storage.sink_keys[b, :, p], storage.sink_values[b, :, p] = \
+                history[0, :, p - first], history[1, :, p - first]
+        elif window > 0:
+            storage.window_keys[b, :, p % window], storage.window_values[b, :, p % window] = \
+                history[0, :, p - first], history[1, :, p - first]
+    leaving = torch.arange(max(start - window, sink), max(start + count - window, sink))
+    if leaving.numel():  # positions that left the window in this append: quantize them
+        _store_dense(storage, codebook, b, leaving, history[0, :, leaving - first], history[1, :, leaving - first],
+                     slots)
 
 
 def window_start(length: int, sink: int, window: int) -> int:
@@ -310,13 +336,15 @@ def read_window(storage: Storage, b: int, length: int) -> Tensor:
 
 def read(storage: Storage, codebook: Codebook) -> tuple[Tensor, Tensor]:
     """Every position of the cache as fp32 (keys pre-RoPE): [batch, kv_heads, capacity, head_dim] each. Positions
-    at or past a sequence's length hold garbage; attention masks them."""
+    at or past a sequence's length hold garbage, every position of a poisoned one too; attention masks them."""
     head_dim = storage.sink_keys.shape[-1]
-    sink = storage.sink_keys.shape[2]
+    sink, capacity = storage.sink_keys.shape[2], storage.key_codes.shape[2]
     keys = dequantize_keys(*storage[:3], codebook, head_dim)
     values = dequantize_values(*storage[3:8], codebook, head_dim)
     for b in range(keys.shape[0]):
         length = int(storage.lengths[b])
+        if not 0 <= length <= capacity:  # poisoned (or a length no append writes): it holds nothing to read
+            continue
         held = min(sink, length)
         keys[b, :, :held], values[b, :, :held] = storage.sink_keys[b, :, :held], storage.sink_values[b, :, :held]
         recent = read_window(storage, b, length).float()
@@ -333,7 +361,9 @@ def decode_attention(q: Tensor, keys: Tensor, values: Tensor, lengths: Tensor, i
 
     q: [batch, heads, 1, head_dim] post-RoPE at any position; keys: [batch, kv_heads, n, head_dim] pre-RoPE (key
     at index p is rotated by position p); values: the same; heads a multiple of kv_heads (GQA); scale defaults
-    to head_dim^-0.5. Returns fp32 [batch, heads, 1, head_dim].
+    to head_dim^-0.5. Returns fp32 [batch, heads, 1, head_dim], NaN in every head of a sequence whose length is
+    not in [0, n] (poisoned: POISONED_LENGTH), so a failed append shows, and 0 for a sequence of length 0
+    (attention over no keys, as FlashAttention gives a fully masked row; the kernel's split-K merge does too).
     """
     batch, heads, _, head_dim = q.shape
     n = keys.shape[2]
@@ -342,6 +372,9 @@ def decode_attention(q: Tensor, keys: Tensor, values: Tensor, lengths: Tensor, i
     k = rotate(keys, cos, sin).repeat_interleave(group, 1)
     v = values.float().repeat_interleave(group, 1)
     scores = (q.float() @ k.transpose(-1, -2)) * (head_dim ** -0.5 if scale is None else scale)
-    visible = torch.arange(n, device=q.device) < lengths.to(q.device)[:, None]
+    lengths = lengths.to(q.device)
+    visible = torch.arange(n, device=q.device) < lengths[:, None]
     scores = scores.masked_fill(~visible[:, None, None, :], -math.inf)
-    return scores.softmax(-1) @ v
+    held = (lengths >= 0) & (lengths <= n)
+    attended = (scores.softmax(-1) @ v).masked_fill((lengths == 0)[:, None, None, None], 0.0)
+    return torch.where(held[:, None, None, None], attended, math.nan)
