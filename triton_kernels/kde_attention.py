@@ -26,6 +26,7 @@ from torch import Tensor
 
 from torchext.reference import kde_attention as ref
 
+from ._attention import online_softmax_step, softmax_result
 from ._launch import GPU_TILES, accumulator_dtype, compute_dtype, dot, dot_dtype
 
 LOG2E = 1.4426950408889634
@@ -178,19 +179,13 @@ def _query_sample_tile(s_idx_ptr, s_block_ptr, s_logw_ptr, row, start, n_samples
 
 
 @triton.jit
-def _online_softmax_step(q, k_ptr, v_ptr, kj, key_ok, bias, m_i, l_i, acc, stride_kn, stride_vn, cols_d, cols_dv,
-                         D, DV, qk_scale, COMPUTE: tl.constexpr, DOT: tl.constexpr):
-    """Fold one key tile into the running (max, sum, acc) of every query row (FlashAttention's online softmax)."""
+def _attend(q, k_ptr, v_ptr, kj, key_ok, bias, m_i, l_i, acc, stride_kn, stride_vn, cols_d, cols_dv, D, DV, qk_scale,
+            DOT: tl.constexpr):
+    """Fold one key tile into the running online-softmax state of every query row."""
     k = _rows(k_ptr, kj, kj >= 0, stride_kn, cols_d, D, DOT)  # [BLOCK_N, D]
     s = _scores(q, k, DOT) * qk_scale + bias  # [BLOCK_M, BLOCK_N] log2 units
-    s = tl.where(key_ok, s, -float("inf"))
-    m_new = tl.maximum(m_i, tl.max(s, axis=1))
-    m_safe = tl.where(m_new == -float("inf"), 0.0, m_new)  # a row with nothing yet: exp2(-inf) = 0, not NaN
-    p = tl.exp2(s - m_safe[:, None])
-    alpha = tl.exp2(m_i - m_safe)
     v = _rows(v_ptr, kj, kj >= 0, stride_vn, cols_dv, DV, DOT)
-    acc = dot(p, v, acc * alpha[:, None], DOT)
-    return m_new, l_i * alpha + tl.sum(p, axis=1), acc
+    return online_softmax_step(m_i, l_i, acc, s, key_ok, v, DOT)
 
 
 @triton.jit
@@ -227,19 +222,17 @@ def _kde_attention_fwd_kernel(
         lo, hi, t = _query_keys(block, blocks_per_piece, keys_per_piece, bucket, n, qi, q_ok, CAUSAL)
         for start in range(lo, hi, BLOCK_N):
             kj, key_ok = _query_block_tile(perm_k_ptr, bhk, n, start, hi, qi, IDENTITY, CAUSAL, BLOCK_N)
-            m_i, l_i, acc = _online_softmax_step(q, k_base, v_base, kj, key_ok, 0.0, m_i, l_i, acc, stride_kn,
-                                                 stride_vn, cols_d, cols_dv, D, DV, qk_scale, COMPUTE, DOT)
+            m_i, l_i, acc = _attend(q, k_base, v_base, kj, key_ok, 0.0, m_i, l_i, acc, stride_kn, stride_vn, cols_d,
+                                    cols_dv, D, DV, qk_scale, DOT)
         # Sampled part: the tile's m keys with bias log(1/(m p_j)), excluding those of the own block.
         for start in range(0, n_samples, BLOCK_N):
             kj, key_ok, bias = _query_sample_tile(s_idx_ptr, s_block_ptr, s_logw_ptr, entry, start, n_samples, t,
                                                   log2e, COMPUTE, BLOCK_N)
-            m_i, l_i, acc = _online_softmax_step(q, k_base, v_base, kj, key_ok, bias, m_i, l_i, acc, stride_kn,
-                                                 stride_vn, cols_d, cols_dv, D, DV, qk_scale, COMPUTE, DOT)
+            m_i, l_i, acc = _attend(q, k_base, v_base, kj, key_ok, bias, m_i, l_i, acc, stride_kn, stride_vn, cols_d,
+                                    cols_dv, D, DV, qk_scale, DOT)
 
-        l_safe = tl.where(l_i > 0, l_i, 1.0)
-        lse = tl.where(l_i > 0, (m_i + tl.log2(l_safe)) * ln2, -float("inf"))
-        tl.store(lse_ptr + row_out, lse, mask=q_ok)
-        out = acc / l_safe[:, None]
+        out, lse2 = softmax_result(m_i, l_i, acc)
+        tl.store(lse_ptr + row_out, lse2 * ln2, mask=q_ok)
         tl.store(out_ptr + row_out[:, None] * DV + cols_dv[None, :], out.to(out_ptr.dtype.element_ty),
                  mask=q_ok[:, None] & (cols_dv[None, :] < DV))
 

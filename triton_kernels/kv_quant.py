@@ -15,6 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ._attention import online_softmax_step, softmax_result
 from ._launch import GPU_TILES, dot, dot_dtype, sm_count
 
 LOG2E = math.log2(math.e)
@@ -50,18 +51,6 @@ def _scores(q_lo, q_hi, k_lo, k_hi, start, theta, cos_j, sin_j, DOT: tl.constexp
     rot_hi = (k_hi * cos + k_lo * sin).to(DOT)
     s = dot(q_lo, tl.trans(rot_lo), tl.zeros((q_lo.shape[0], rot_lo.shape[0]), tl.float32), DOT)
     return dot(q_hi, tl.trans(rot_hi), s, DOT)
-
-
-@triton.jit
-def _softmax_step(m, l_sum, acc, s, valid, v, DOT: tl.constexpr):
-    """One online-softmax step (base 2) of scores s [BLOCK_G, BLOCK_N] over values v [BLOCK_N, D]."""
-    s = tl.where(valid[None, :], s, -float("inf"))
-    m_new = tl.maximum(m, tl.max(s, 1))
-    m_safe = tl.where(m_new == -float("inf"), 0.0, m_new)  # nothing seen yet: keep everything at zero
-    alpha = tl.exp2(m - m_safe)
-    p = tl.exp2(s - m_safe[:, None])  # [BLOCK_G, BLOCK_N]
-    acc = dot(p, v, acc * alpha[:, None], DOT)
-    return m_new, l_sum * alpha + tl.sum(p, 1), acc
 
 
 @triton.jit
@@ -136,7 +125,7 @@ def _kv_quant_decode_fwd_kernel(
             v = _unpack(value_codes_ptr, rows, all_d, valid, value_levels_ptr, VALUE_WORDS, VALUE_BITS)
             v = _put_outliers(v * v_sc[:, None] + v_off[:, None], all_d, value_index_ptr, value_value_ptr, rows,
                               valid, SLOTS)  # [BLOCK_N, D]
-            m, l_sum, acc = _softmax_step(m, l_sum, acc, s, valid, v, DOT)
+            m, l_sum, acc = online_softmax_step(m, l_sum, acc, s, valid[None, :], v, DOT)
     else:  # the 16-bit sink [0, min(SINK, length)) and recent window [window_start, length)
         for segment in tl.static_range(2):
             first = 0 if segment == 0 else window_start
@@ -154,12 +143,12 @@ def _kv_quant_decode_fwd_kernel(
                 k_hi = tl.load(k_base + rows[:, None] * D + hi[None, :], mask=valid[:, None], other=0.0)
                 s = _scores(q_lo, q_hi, k_lo.to(tl.float32), k_hi.to(tl.float32), start, theta, cos_j, sin_j, DOT)
                 v = tl.load(v_base + rows[:, None] * D + all_d[None, :], mask=valid[:, None], other=0.0)
-                m, l_sum, acc = _softmax_step(m, l_sum, acc, s, valid, v.to(tl.float32), DOT)
+                m, l_sum, acc = online_softmax_step(m, l_sum, acc, s, valid[None, :], v.to(tl.float32), DOT)
 
     part = (bh * GROUP + g) * (splits + 1) + split  # [BLOCK_G] rows of [batch * heads, splits + 1]
-    l_safe = tl.where(l_sum > 0, l_sum, 1.0)
-    tl.store(part_out_ptr + part[:, None] * D + all_d[None, :], acc / l_safe[:, None], mask=g_ok)
-    tl.store(part_lse_ptr + part, tl.where(l_sum > 0, m + tl.log2(l_safe), -float("inf")), mask=g < GROUP)
+    out, lse = softmax_result(m, l_sum, acc)  # an empty split: out 0, lse -inf (weight 0 in the merge)
+    tl.store(part_out_ptr + part[:, None] * D + all_d[None, :], out, mask=g_ok)
+    tl.store(part_lse_ptr + part, lse, mask=g < GROUP)
 
 
 @triton.jit

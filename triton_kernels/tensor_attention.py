@@ -33,8 +33,8 @@ FLOP convention (bench): tensor-core FLOPs = 4 d per unmasked (i, j, k) triple f
 backward (S, dP, dS @ Kc, dS^T A, P^T G: the minimum; the three passes recompute S and dP and so execute 22 d).
 Roy et al. count 6 d per triple forward (the q * k1 product too).
 
-Conventions: fp32 accumulation (fp64 for fp64 inputs), int64 offsets, every load and store masked, masked
-logits set to a large finite negative (no NaN from -inf - -inf) and their probabilities forced to 0.
+Conventions: fp32 accumulation (fp64 for fp64 inputs), int64 offsets, every load and store masked; the online
+softmax and its treatment of masked and non-finite scores are triton_kernels/_attention.py's.
 """
 
 import torch
@@ -42,12 +42,12 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from ._attention import max_nan, maximum_nan, online_softmax_step, rescale, softmax_result
 from ._launch import GPU_TILES, accumulator_dtype, compute_dtype, dot, dot_dtype
 
 # Kernels may read only constexpr globals.
 LOG2E = tl.constexpr(1.4426950408889634)
 LN2 = tl.constexpr(0.6931471805599453)
-NEG = tl.constexpr(-1.0e30)  # masked logit (finite: exp2(NEG - NEG) is 1, so masked probabilities are zeroed)
 
 
 @triton.jit
@@ -121,14 +121,14 @@ def _tensor_attention_fwd_kernel(q_ptr, kr_ptr, kc_ptr, vr_ptr, vc_ptr, out_ptr,
     k_lo, k_hi = _column_range(i0, i_hi, N, WC, CAUSAL)
     n_offsets = tl.minimum(WR, i_hi + 1) if CAUSAL else N
 
-    m_q = tl.full([BLOCK_Q], NEG, COMPUTE)  # running max (base 2) per query
+    m_q = tl.full([BLOCK_Q], -float("inf"), COMPUTE)  # running max (base 2) per query
     l_q = tl.zeros([BLOCK_Q], COMPUTE)  # running sum of exp2(s - m_q)
     o_q = tl.zeros([BLOCK_Q, BLOCK_D], COMPUTE)  # running unnormalised output
     for u0 in range(0, n_offsets, BLOCK_J):
         i, j, valid = _row_pairs(i0, u0, N, WR, True, CAUSAL, BLOCK_Q, BLOCK_J)
         q = _load_rows(q_ptr, i, valid, d, D, COMPUTE)  # [BLOCK_M, BLOCK_D]
         a = (q * _load_rows(kr_ptr, j, valid, d, D, COMPUTE) * scale2).to(DOT)  # virtual queries q_i * kr_j
-        m_r = tl.full([BLOCK_Q * BLOCK_J], NEG, COMPUTE)
+        m_r = tl.full([BLOCK_Q * BLOCK_J], -float("inf"), COMPUTE)
         l_r = tl.zeros([BLOCK_Q * BLOCK_J], COMPUTE)
         acc = tl.zeros([BLOCK_Q * BLOCK_J, BLOCK_D], COMPUTE)  # sum_k p_rk vc_k
         for k0 in range(k_lo, k_hi, BLOCK_N):
@@ -137,30 +137,24 @@ def _tensor_attention_fwd_kernel(q_ptr, kr_ptr, kc_ptr, vr_ptr, vc_ptr, out_ptr,
             kc_t = tl.load(kc_ptr + kk[None, :] * D + d[:, None], mask=col_mask, other=0.0)  # [BLOCK_D, BLOCK_N]
             s = dot(a, kc_t.to(COMPUTE).to(DOT), tl.zeros([BLOCK_Q * BLOCK_J, BLOCK_N], COMPUTE), DOT)
             mask = _score_mask(i, valid, kk, k_hi, WC, CAUSAL)
-            s = tl.where(mask, s, NEG)
-            m_new = tl.maximum(m_r, tl.max(s, axis=1))
-            alpha = tl.exp2(m_r - m_new)
-            p = tl.where(mask, tl.exp2(s - m_new[:, None]), 0.0)  # [BLOCK_M, BLOCK_N]
-            l_r = l_r * alpha + tl.sum(p, axis=1)
             vc = tl.load(vc_ptr + kk[:, None] * D + d[None, :], mask=tl.trans(col_mask), other=0.0)  # [BLOCK_N, D]
-            acc = dot(p.to(DOT), vc.to(COMPUTE).to(DOT), acc * alpha[:, None], DOT)
-            m_r = m_new
+            m_r, l_r, acc = online_softmax_step(m_r, l_r, acc, s, mask, vc.to(COMPUTE), DOT)
         # Fold the BLOCK_J rows of each query (one per offset u) into its running state by log-sum-exp.
         acc = acc * _load_rows(vr_ptr, j, valid, d, D, COMPUTE)  # vr_j * sum_k p vc_k
         m_rows = tl.reshape(m_r, (BLOCK_Q, BLOCK_J))
-        m_new = tl.maximum(m_q, tl.max(m_rows, axis=1))  # [BLOCK_Q]
-        w = tl.exp2(m_rows - m_new[:, None])  # [BLOCK_Q, BLOCK_J]
-        alpha = tl.exp2(m_q - m_new)
+        m_new = maximum_nan(m_q, max_nan(m_rows, 1))  # [BLOCK_Q]
+        w = rescale(m_rows, m_new[:, None])  # [BLOCK_Q, BLOCK_J]
+        alpha = rescale(m_q, m_new)
         l_q = l_q * alpha + tl.sum(tl.reshape(l_r, (BLOCK_Q, BLOCK_J)) * w, axis=1)
         o_q = o_q * alpha[:, None] + tl.sum(tl.reshape(acc, (BLOCK_Q, BLOCK_J, BLOCK_D)) * w[:, :, None], axis=1)
         m_q = m_new
 
     qi = i0 + tl.arange(0, BLOCK_Q)
     q_mask = qi < N
-    l_safe = tl.where(q_mask, l_q, 1.0)  # every real query has its (i, i, i) triple, so l_q > 0 there
-    tl.store(out_ptr + bh * N * D + qi[:, None] * D + d[None, :], (o_q / l_safe[:, None]).to(out_ptr.dtype.element_ty),
+    out, lse2 = softmax_result(m_q, l_q, o_q)
+    tl.store(out_ptr + bh * N * D + qi[:, None] * D + d[None, :], out.to(out_ptr.dtype.element_ty),
              mask=q_mask[:, None] & (d[None, :] < D))
-    tl.store(lse_ptr + bh * N + qi, (m_q + tl.log2(l_safe)) * LN2, mask=q_mask)
+    tl.store(lse_ptr + bh * N + qi, lse2 * LN2, mask=q_mask)
 
 
 # ---- backward: query- and row-side-stationary passes -----------------------------------------------------------------

@@ -18,7 +18,8 @@ from collections.abc import Iterable
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from torchext.ops.kde_attention import DEFAULT_EXACT_WINDOW, kde_attention
+from torchext.ops._checks import check_int
+from torchext.ops.kde_attention import DEFAULT_EXACT_WINDOW, check_params, kde_attention
 from torchext.ops.kde_attention import _sdpa as _ORIGINAL_SDPA  # the real SDPA, bound before any swap
 
 
@@ -38,6 +39,9 @@ class KDEAttention(nn.Module):
                  sampling: str = "value_norm", exact_window: int = DEFAULT_EXACT_WINDOW,
                  min_seq_len: int | None = None, seed: int | None = None):
         super().__init__()
+        check_params("KDEAttention", False, bucket_size, num_samples, num_hash_bits, sampling, exact_window)
+        if min_seq_len is not None:
+            check_int("KDEAttention", "min_seq_len", min_seq_len, minimum=0)
         self.bucket_size, self.num_samples, self.num_hash_bits = bucket_size, num_samples, num_hash_bits
         self.sampling, self.exact_window, self.min_seq_len, self.seed = sampling, exact_window, min_seq_len, seed
 

@@ -10,6 +10,7 @@ use it is the model's choice.
 
 from torch import Tensor, nn
 
+from torchext.ops._checks import check_float, check_int, check_ints, check_tensor
 from torchext.ops.tensor_attention import tensor_attention
 
 
@@ -33,13 +34,21 @@ class TensorAttention(nn.Module):
                  window: tuple[int, int] | None = None, causal: bool = True, scale: float | None = None,
                  bias: bool = False, device=None, dtype=None):
         super().__init__()
+        name = "TensorAttention"
+        check_int(name, "d_model", d_model, minimum=1)
+        check_int(name, "n_heads", n_heads, minimum=1)
         n_kv_heads = n_kv_heads or n_heads
+        check_int(name, "n_kv_heads", n_kv_heads, minimum=1)
+        if window is not None:
+            check_ints(name, "window", window, length=2, minimum=1)
+        if scale is not None:
+            check_float(name, "scale", scale)
         if d_model % n_heads:
             raise ValueError(f"TensorAttention: d_model ({d_model}) must split into {n_heads} heads")
         if n_heads % n_kv_heads:
             raise ValueError(f"TensorAttention: n_heads ({n_heads}) must be a multiple of n_kv_heads ({n_kv_heads})")
         self.n_heads, self.n_kv_heads, self.head_dim = n_heads, n_kv_heads, d_model // n_heads
-        self.window, self.causal, self.scale = window, causal, scale
+        self.window, self.causal, self.scale = None if window is None else tuple(window), causal, scale
         kv_width = n_kv_heads * self.head_dim
         factory = dict(bias=bias, device=device, dtype=dtype)
         self.q = nn.Linear(d_model, d_model, **factory)
@@ -55,7 +64,10 @@ class TensorAttention(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         """x: [batch, seq, d_model] -> [batch, seq, d_model]."""
+        check_tensor("TensorAttention", "x", x, ndim=3)
         B, T, d_model = x.shape
+        if d_model != self.out.out_features:
+            raise ValueError(f"TensorAttention: x must be [batch, seq, {self.out.out_features}], got {tuple(x.shape)}")
         kv = [self._heads(p, x, self.n_kv_heads) for p in (self.k1, self.k2, self.v1, self.v2)]
         y, _ = tensor_attention(self._heads(self.q, x, self.n_heads), *kv, window=self.window, causal=self.causal,
                                 scale=self.scale)

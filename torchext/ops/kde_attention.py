@@ -15,8 +15,9 @@ from torch import Tensor
 
 from torchext._backend import HAS_TRITON, use_triton
 from torchext._dtypes import accumulator_dtype
-from torchext.ops._checks import check_int, check_same_device, check_tensor, check_unit_last_stride
+from torchext.ops._checks import check_float, check_int, check_same_device, check_tensor, check_unit_last_stride
 from torchext.reference import kde_attention as ref
+from torchext.reference._attention import nonfinite_heads_as_nan
 
 if HAS_TRITON:
     from torchext.triton_kernels import kde_attention as kernels
@@ -58,8 +59,13 @@ def _check_inputs(op: str, q: Tensor, k: Tensor, v: Tensor) -> None:
         raise ValueError(f"{op}: head dims must be <= {MAX_HEAD_DIM}, got q/k {D} and v {v.shape[3]}")
 
 
-def _check_params(op: str, causal: bool, bucket_size: int, num_samples: int, num_hash_bits: int, sampling: str,
-                  exact_window: int) -> None:
+def check_params(op: str, causal: bool, bucket_size: int, num_samples: int, num_hash_bits: int, sampling: str,
+                 exact_window: int) -> None:
+    """The estimator's budget (kde_attention's arguments): TypeError for a non-int, ValueError out of range;
+    exact_window is checked against bucket_size only when causal (it is unused otherwise)."""
+    for name, value in (("bucket_size", bucket_size), ("num_samples", num_samples), ("num_hash_bits", num_hash_bits),
+                        ("exact_window", exact_window)):
+        check_int(op, name, value)
     if bucket_size < 16 or bucket_size & (bucket_size - 1):
         raise ValueError(f"{op}: bucket_size must be a power of two >= 16, got {bucket_size}")
     if num_samples < 0:
@@ -75,11 +81,17 @@ def _check_params(op: str, causal: bool, bucket_size: int, num_samples: int, num
 
 def _check(op, q, k, v, seed, causal, scale, bucket_size, num_samples, num_hash_bits, sampling, exact_window):
     _check_inputs(op, q, k, v)
-    _check_params(op, causal, bucket_size, num_samples, num_hash_bits, sampling, exact_window)
+    check_params(op, causal, bucket_size, num_samples, num_hash_bits, sampling, exact_window)
     if not math.isfinite(scale):
         raise ValueError(f"{op}: scale must be finite, got {scale}")
-    if seed.dtype != torch.int64 or seed.numel() != 1:
-        raise ValueError(f"{op}: seed must be a one-element int64 tensor, got {seed.dtype} {tuple(seed.shape)}")
+    _check_seed_tensor(op, seed)
+
+
+def _check_seed_tensor(op: str, seed: Tensor) -> None:
+    if seed.dtype != torch.int64:
+        raise TypeError(f"{op}: a seed tensor must be int64, got {seed.dtype}")
+    if seed.numel() != 1:
+        raise ValueError(f"{op}: a seed tensor must have one element, got shape {tuple(seed.shape)}")
 
 
 def _plan(q, k, v, seed, causal, bucket_size, num_samples, num_hash_bits, sampling, exact_window) -> ref.KDEPlan:
@@ -96,7 +108,7 @@ def _kde_attention(q: Tensor, k: Tensor, v: Tensor, seed: Tensor, causal: bool, 
         return q.new_zeros((B, H, n, v.shape[3])), q.new_zeros((B, H, n), dtype=accumulator_dtype(q.dtype))
     plan = _plan(q, k, v, seed, causal, bucket_size, num_samples, num_hash_bits, sampling, exact_window)
     if use_triton(q):
-        return kernels.kde_attention_fwd(q, k, v, plan, scale)
+        return nonfinite_heads_as_nan(*kernels.kde_attention_fwd(q, k, v, plan, scale), k, v)
     out, lse = ref.kde_attention(q, k, v, plan, scale)
     return out.contiguous(), lse
 
@@ -181,11 +193,17 @@ def kde_attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False, scal
         out [B, H, N, Dv] in q's dtype, and with return_lse lse [B, H, N] (fp32; fp64 for fp64 inputs).
     """
     _check_inputs("kde_attention", q, k, v)
-    _check_params("kde_attention", causal, bucket_size, num_samples, num_hash_bits, sampling, exact_window)
-    if seed is not None and not isinstance(seed, Tensor):
+    check_params("kde_attention", causal, bucket_size, num_samples, num_hash_bits, sampling, exact_window)
+    if isinstance(seed, Tensor):
+        _check_seed_tensor("kde_attention", seed)
+    elif seed is not None:
         check_int("kde_attention", "seed", seed)
         if not -2**63 <= seed < 2**63:
             raise ValueError(f"kde_attention: seed must fit in int64, got {seed}")
+    if scale is not None:
+        check_float("kde_attention", "scale", scale)
+    if min_seq_len is not None:
+        check_int("kde_attention", "min_seq_len", min_seq_len, minimum=0)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     n = q.shape[2]
     threshold = (MIN_SEQ_LEN_CAUSAL if causal else MIN_SEQ_LEN) if min_seq_len is None else min_seq_len

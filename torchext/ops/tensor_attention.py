@@ -12,8 +12,10 @@ from torch import Tensor
 
 from torchext._backend import HAS_TRITON, use_triton
 from torchext._dtypes import accumulator_dtype
-from torchext.ops._checks import check_same_device, check_shape, check_tensor
+from torchext.ops._checks import (check_float, check_ints, check_same_device, check_shape, check_tensor,
+                                  check_tensors)
 from torchext.reference import tensor_attention as ref
+from torchext.reference._attention import nonfinite_heads_as_nan
 
 if HAS_TRITON:
     from torchext.triton_kernels import tensor_attention as kernels
@@ -82,7 +84,8 @@ def _tensor_attention(q: Tensor, k1: Tensor, k2: Tensor, v1: Tensor, v2: Tensor,
         return out.contiguous(), lse
     q, k1, k2, v1, v2 = _contiguous(q, k1, k2, v1, v2)
     _, wr, wc, kr, kc, vr, vc = _kernel_roles(window, q.shape[2], k1, k2, v1, v2)
-    return kernels.tensor_attention_fwd(q, kr, kc, vr, vc, wr, wc, causal, scale)
+    return nonfinite_heads_as_nan(*kernels.tensor_attention_fwd(q, kr, kc, vr, vc, wr, wc, causal, scale), kr, kc,
+                                  vr, vc)
 
 
 @_tensor_attention.register_fake
@@ -151,14 +154,15 @@ def tensor_attention(q: Tensor, k1: Tensor, k2: Tensor, v1: Tensor, v2: Tensor, 
         (out [batch, heads, seq, dim] in q's dtype, lse [batch, heads, seq] float32 (float64 for float64 inputs),
         the natural-log normaliser log sum_(j,k) exp(s_ijk)). Both are differentiable.
     """
-    check_tensor("tensor_attention", "q", q, ndim=4)
+    op = "tensor_attention"
+    check_tensors(op, q=q, k1=k1, k2=k2, v1=v1, v2=v2)
+    check_tensor(op, "q", q, ndim=4)
     if q.shape[-1] < 1:
-        raise ValueError(f"tensor_attention: head dim must be >= 1, got q {tuple(q.shape)}")
-    if window is None:
-        window1 = window2 = 0
-    else:
-        if len(window) != 2 or not all(isinstance(w, int) and w >= 1 for w in window):
-            raise ValueError(f"tensor_attention: window must be None or two ints >= 1 (w1, w2), got {window}")
-        window1, window2 = window
+        raise ValueError(f"{op}: head dim must be >= 1, got q {tuple(q.shape)}")
+    if window is not None:
+        check_ints(op, "window", window, length=2, minimum=1)
+    if scale is not None:
+        check_float(op, "scale", scale)
+    window1, window2 = (0, 0) if window is None else window
     scale = ref.default_scale(q.shape[-1]) if scale is None else float(scale)
     return torch.ops.torchext.tensor_attention(q, k1, k2, v1, v2, window1, window2, causal, scale)

@@ -51,6 +51,7 @@ import torch
 from torch import Tensor
 
 from torchext._dtypes import upcast
+from torchext.reference._attention import nonfinite_heads_as_nan
 
 SAMPLING = ("value_norm", "uniform")
 VALUE_NORM_MIX = 0.5  # the uniform share of the value-norm sampling distribution (scale-free)
@@ -321,7 +322,7 @@ def make_plan(q: Tensor, k: Tensor, v: Tensor, seed: int | Tensor, causal: bool 
                                                                                          dtype=torch.int64)
     planes = _hyperplanes(seed, q.shape[-1], num_hash_bits)  # [D, r]
     q_rank, k_rank = simhash(q, planes), simhash(k, planes)  # [B, H, N], [B, Hk, N]
-    v_norm = torch.linalg.vector_norm(v, dim=-1, dtype=upcast(v).dtype).float()  # [B, Hk, N]
+    v_norm = torch.linalg.vector_norm(v, dim=-1, dtype=torch.float64)  # [B, Hk, N]; fp64: values of 1e30 overflow fp32
     n = q.shape[2]
     if not causal:
         chunks, pair = [n], 0
@@ -388,7 +389,7 @@ def kde_attention(q: Tensor, k: Tensor, v: Tensor, plan: KDEPlan, scale: float |
     """
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     probs, lse = _probs(q, k, plan, scale)
-    return (probs @ _heads(upcast(v), q.shape[1])).to(q.dtype), lse
+    return nonfinite_heads_as_nan((probs @ _heads(upcast(v), q.shape[1])).to(q.dtype), lse, k, v)
 
 
 def _group_sum(x: Tensor, n_kv_heads: int) -> Tensor:

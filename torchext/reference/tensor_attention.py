@@ -30,6 +30,7 @@ import torch
 from torch import Tensor
 
 from torchext._dtypes import upcast
+from torchext.reference._attention import nonfinite_heads_as_nan
 
 # Elements of one chunk of the [B, H, n, chunk, n] logit tensor the chunked reference materialises.
 CHUNK_ELEMENTS = 1 << 24
@@ -129,7 +130,7 @@ def tensor_attention(q: Tensor, k1: Tensor, k2: Tensor, v1: Tensor, v2: Tensor,
         parts.append((m, torch.einsum("bhijd,bhjd->bhid", torch.einsum("bhijk,bhkd->bhijd", e, v2), v1[:, :, j0:j1])))
     lse = torch.logsumexp(torch.stack(lses), dim=0)
     out = sum(acc * torch.exp(m - lse)[..., None] for m, acc in parts)
-    return out.to(dtype), lse
+    return nonfinite_heads_as_nan(out.to(dtype), lse, k1, k2, v1, v2)
 
 
 def _sum_groups(grad: Tensor, heads_kv: int) -> Tensor:
