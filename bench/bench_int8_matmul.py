@@ -152,9 +152,9 @@ PURE_INT8 = "int8 t0"  # the anchor of threshold > 0 cases: torchext at threshol
 
 def _int8_linear(m, k, n, threshold, gpu, mode="fwd", dtype=BF16):
     """One mode per case, since a summary hook sees the times of one mode. Threshold > 0 plants outliers in x;
-    in "fwd+bwd" x gets the input gradient (int8_backward=True, the default) and the weight stays frozen. The
-    "fwd" cases also run the ANCHORS (and, with outliers, the pure int8 path); the FLOPs count against the int8
-    peak."""
+    in "fwd+bwd" x gets the input gradient (the default: the weight dequantized to bf16) and the weight stays
+    frozen. The "fwd" cases also run the ANCHORS (and, with outliers, the pure int8 path); the FLOPs count
+    against the int8 peak."""
     gemms = 2 if mode == "fwd+bwd" else 1
     make_inputs = partial(_linear_inputs, m, k, n, threshold)
     anchors = {}

@@ -1168,11 +1168,11 @@ LINEAR8_CASES = [
     LINEAR8.matches("hyperparameter", "capacity 1 of 2 outlier columns gives NaN", True, expected=_all_nan,
                     capacity=1),
     LINEAR8.matches("hyperparameter", "threshold 0 (no outliers)", True, threshold=0.0),
-    _linear_grad_case("x, 16-bit backward", ("x",), True, int8_backward=False),
-    _linear_grad_case("x and bias, 16-bit backward", ("x", "bias"), int8_backward=False),
-    _linear_grad_case("x, int8 backward", ("x",), True, INT8_GRAD_TOLERANCE),
+    _linear_grad_case("x, 16-bit backward (the default)", ("x",), True),
+    _linear_grad_case("x and bias, 16-bit backward (the default)", ("x", "bias")),
+    _linear_grad_case("x, int8 backward", ("x",), True, INT8_GRAD_TOLERANCE, int8_backward=True),
     _linear_grad_case("x bf16, int8 backward", ("x",), True, INT8_GRAD_TOLERANCE, x=cast(torch.bfloat16),
-                      bias=cast(torch.bfloat16)),
+                      bias=cast(torch.bfloat16), int8_backward=True),
 ]
 
 

@@ -154,6 +154,46 @@ def test_decomposition_keeps_outlier_layers_accurate(dtype, device):
     assert int8_only >= 2 * with_decomposition, (int8_only, with_decomposition)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(("threshold", "capacity", "excluded"), [(0.0, 0, False), (6.0, None, False),
+                                                                 (6.0, 1, False), (0.0, 0, True), (6.0, None, True)])
+def test_cpu_quantization_gives_the_reference_codes(dtype, threshold, capacity, excluded):
+    """The CPU quantizer (ops.int8_vectorwise_quant on CPU tensors) with its fewer passes gives the reference's codes, scales and list bit for bit, including rows
+    it hands back to the reference (NaN, Inf, all zero, absmax below 2^-64)."""
+    x = with_outliers(33, 70, cols=(3, 11, 40)) * torch.rand(33, 1) * 3
+    x[5], x[6, 2], x[7] = 0.0, float("nan"), 1e-30
+    capacity = 70 if capacity is None else capacity
+    mask = torch.arange(70) % 9 == 0 if excluded else None
+    for rows in (slice(0, 5), slice(None)):  # the fast path alone, then with the special rows
+        got = ops.int8_vectorwise_quant(x[rows].to(dtype), threshold, capacity, mask)  # CPU tensors: the CPU path
+        expected = ref.int8_vectorwise_quant(x[rows].to(dtype), threshold, capacity, mask)
+        for name, a, b in zip(("codes", "scale", "cols", "count"), got, expected):
+            assert a.dtype == b.dtype and torch.equal(a.nan_to_num(-1), b.nan_to_num(-1)), name
+
+
+@pytest.mark.parametrize("static", [False, True])
+@pytest.mark.parametrize("n_outliers", [0, 1, 65, 96])
+def test_cpu_path_multiplies_in_int8_and_matches_the_reference(n_outliers, static, monkeypatch):
+    """Without the interpreter, CPU tensors take torch._int_mm (the int32 accumulator, exact) and an fp32 epilogue
+    instead of the reference's fp64 products: the same numbers, dynamic or static with 16-bit weight columns."""
+    monkeypatch.setattr(torchext._backend, "INTERPRET", False)
+    int_mm, calls = torch._int_mm, []
+    monkeypatch.setattr(torch, "_int_mm", lambda a, b: calls.append(a.shape) or int_mm(a, b))
+    x = torch.randn(9, 96)
+    cols = torch.randperm(96, generator=torch.Generator().manual_seed(n_outliers))[:n_outliers]
+    x[:, cols] = 20 + 10 * torch.rand(9, n_outliers)
+    w, w_codes, w_scale = quantized_weight(24, 96)
+    bias = torch.randn(24)
+    kwargs = {}
+    if static:
+        slot = torch.full((96,), -1, dtype=torch.int32)
+        slot[cols] = torch.arange(n_outliers, dtype=torch.int32)
+        kwargs = dict(static_cols=cols.sort().values.to(torch.int32), w16=w[:, cols].contiguous(), w16_slot=slot)
+    y = ops.int8_linear(x, w_codes, w_scale, bias, **kwargs)
+    assert calls == [(9, 96)]
+    torch.testing.assert_close(y, ref.int8_linear(x, w_codes, w_scale, bias, **kwargs), rtol=1e-5, atol=1e-4)
+
+
 @pytest.mark.parametrize("n_outliers", [0, 1, 64, 65, 96])
 def test_exact_for_any_number_of_outlier_columns(n_outliers, device):
     """All outlier columns take the 16-bit path whatever their number (up to every one of the K = 96): the

@@ -33,11 +33,12 @@ class Int8Linear(nn.Module):
         capacity: the length of the per-call outlier list, and at most this many known columns; None (default):
             in_features, so any number of outlier columns is exact (a shorter list that overflows gives NaN
             outputs, never silently wrong ones).
-        int8_backward: input gradient by int8 GEMM on the codes (True) or in 16-bit (False, more accurate).
+        int8_backward: input gradient by int8 GEMM on the codes (True: less memory, 2.5x the error) or, the
+            default, by the weight dequantized to x's dtype (bitsandbytes' input gradient).
     """
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, threshold: float = 6.0,
-                 outliers: str = "dynamic", capacity: int | None = None, int8_backward: bool = True,
+                 outliers: str = "dynamic", capacity: int | None = None, int8_backward: bool = False,
                  device=None, dtype=None):
         super().__init__()
         if outliers not in ("dynamic", "static"):

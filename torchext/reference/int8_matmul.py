@@ -71,7 +71,7 @@ def int8_dequantize(codes: Tensor, row_scale: Tensor) -> Tensor:
     return codes.float() * (row_scale.float()[:, None] / INT8_MAX)
 
 
-def _inf_as_nan(scale: Tensor) -> Tensor:
+def inf_as_nan(scale: Tensor) -> Tensor:
     """An Inf scale dequantizes its zero codes to 0 * Inf = NaN and the others to +-Inf: its products are not
     numbers, whatever order they are summed in, so it is taken as NaN (and the kernel does the same)."""
     return torch.where(scale.isinf(), float("nan"), scale)
@@ -85,7 +85,7 @@ def static_excluded(static_cols: Tensor, K: int) -> Tensor:
     return marks.index_fill_(0, torch.where((cols >= 0) & (cols < K), cols, K), True)[:K]
 
 
-def _usable(outlier_cols: Tensor, n_outliers: Tensor, K: int, w16: Tensor | None, w16_slot: Tensor | None) -> bool:
+def usable(outlier_cols: Tensor, n_outliers: Tensor, K: int, w16: Tensor | None, w16_slot: Tensor | None) -> bool:
     """Whether the outlier list can be applied exactly: at most its capacity, columns in [0, K), slots inside w16.
     int8_mm gives NaN otherwise (the kernel's device-side check: never an out-of-range read, never a silently
     wrong number)."""
@@ -96,6 +96,17 @@ def _usable(outlier_cols: Tensor, n_outliers: Tensor, K: int, w16: Tensor | None
     if ((cols < 0) | (cols >= K)).any():
         return False
     return w16 is None or not (w16_slot[cols] >= w16.shape[1]).any()
+
+
+def outlier_weight_columns(w_codes: Tensor, w_scale: Tensor, cols: Tensor, w16: Tensor | None,
+                           w16_slot: Tensor | None) -> Tensor:
+    """[N, n] fp32: the weight columns the outlier columns cols [n] multiply, their 16-bit copy where w16_slot has
+    one, else the dequantized codes (bitsandbytes' choice for every column)."""
+    w_deq = int8_dequantize(w_codes[:, cols], w_scale)
+    if w16 is None:
+        return w_deq
+    slots = w16_slot[cols].long()
+    return torch.where((slots >= 0)[None, :], w16[:, slots.clamp(min=0)].float(), w_deq)
 
 
 def int8_mm(a_codes: Tensor, a_scale: Tensor, w_codes: Tensor, w_scale: Tensor, bias: Tensor | None,
@@ -118,21 +129,17 @@ def int8_mm(a_codes: Tensor, a_scale: Tensor, w_codes: Tensor, w_scale: Tensor, 
     outliers than its length, a column outside [0, K), a slot outside w16) gives a NaN output. An Inf in
     a_scale or w_scale gives NaN in its output row or column (like a NaN scale).
     """
-    a_scale, w_scale = _inf_as_nan(a_scale), _inf_as_nan(w_scale)
+    a_scale, w_scale = inf_as_nan(a_scale), inf_as_nan(w_scale)
     acc = a_codes.double() @ w_codes.double().T  # exact, like the int32 accumulator (fp32 is not past K ~ 1000)
     y = acc * (a_scale.double()[:, None] * w_scale.double()[None, :]) / INT8_MAX ** 2
-    if not _usable(outlier_cols, n_outliers, a_codes.shape[1], w16, w16_slot):
+    if not usable(outlier_cols, n_outliers, a_codes.shape[1], w16, w16_slot):
         return torch.full_like(y, float("nan")).to(x.dtype)
     n = int(n_outliers.item())
     if n:
         cols = outlier_cols[:n].long()
         w_deq = int8_dequantize(w_codes[:, cols], w_scale).double()  # [N, n]
         int8_part = int8_dequantize(a_codes[:, cols], a_scale).double() @ w_deq.T
-        w_cols = w_deq
-        if w16 is not None:
-            slots = w16_slot[cols].long()
-            kept = slots >= 0
-            w_cols = torch.where(kept[None, :], w16[:, slots.clamp(min=0)].double(), w_deq)
+        w_cols = outlier_weight_columns(w_codes, w_scale, cols, w16, w16_slot).double()
         y = y - int8_part + x[:, cols].double() @ w_cols.T
     if bias is not None:
         y = y + bias.double()
