@@ -158,8 +158,9 @@ def test_decomposition_keeps_outlier_layers_accurate(dtype, device):
 @pytest.mark.parametrize(("threshold", "capacity", "excluded"), [(0.0, 0, False), (6.0, None, False),
                                                                  (6.0, 1, False), (0.0, 0, True), (6.0, None, True)])
 def test_cpu_quantization_gives_the_reference_codes(dtype, threshold, capacity, excluded):
-    """The CPU quantizer (ops.int8_vectorwise_quant on CPU tensors) with its fewer passes gives the reference's codes, scales and list bit for bit, including rows
-    it hands back to the reference (NaN, Inf, all zero, absmax below 2^-64)."""
+    """The CPU quantizer (ops.int8_vectorwise_quant on CPU tensors) with its fewer passes gives the reference's
+    codes, scales and list bit for bit, including the rows it hands back to the reference (NaN, Inf, all zero,
+    absmax below 2^-64)."""
     x = with_outliers(33, 70, cols=(3, 11, 40)) * torch.rand(33, 1) * 3
     x[5], x[6, 2], x[7] = 0.0, float("nan"), 1e-30
     capacity = 70 if capacity is None else capacity
@@ -483,3 +484,43 @@ def test_int8_linear_module_compiles_fullgraph():
 def test_static_layer_without_calibration_says_so():
     check_raises(lambda: Int8Linear(8, 4, outliers="static")(torch.randn(2, 8)), RuntimeError,
                  "run calibrate_outliers(model, batches)")
+
+
+# ---- PEFT LoRA on Int8Linear ---------------------------------------------------------------------------------
+
+
+def test_peft_lora_trains_only_the_adapters(device):
+    """get_peft_model with torchext.nn.lora.lora_config wraps Int8Linear layers (PEFT alone refused them: "Target
+    module Int8Linear is not supported"); the loss falls, and only the LoRA weights change: codes, scales and
+    biases stay as they were."""
+    peft = pytest.importorskip("peft")
+    from torchext.nn.lora import Int8LoraLinear, lora_config
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 16)).to(device)
+    replace_linear(model)
+    model = peft.get_peft_model(model, lora_config(r=4, lora_alpha=8, target_modules=["0", "2"]))
+    assert isinstance(model.base_model.model[0], Int8LoraLinear)
+    frozen = {name: t.detach().clone() for name, t in [*model.named_parameters(), *model.named_buffers()]
+              if "lora_" not in name}
+    lora = {name: p.detach().clone() for name, p in model.named_parameters() if "lora_" in name}
+    x, target = torch.randn(64, 32, device=device), torch.randn(64, 16, device=device)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    losses = []
+    for _ in range(20):
+        loss = (model(x) - target).pow(2).mean()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.8 * losses[0], losses
+    assert all(torch.equal(t, frozen[name]) for name, t in [*model.named_parameters(), *model.named_buffers()]
+               if name in frozen)
+    assert all(not torch.equal(p, lora[name]) for name, p in model.named_parameters() if "lora_B" in name)
+    with model.disable_adapter():
+        torch.testing.assert_close(model(x), model.base_model.model[2](model.base_model.model[1](
+            model.base_model.model[0].base_layer(x))))
+    dora_model = nn.Sequential(nn.Linear(8, 8)).to(device)
+    replace_linear(dora_model)
+    with pytest.raises(ValueError, match="only plain LoRA"):
+        peft.get_peft_model(dora_model, lora_config(target_modules=["0"], use_dora=True))
