@@ -524,3 +524,68 @@ def test_peft_lora_trains_only_the_adapters(device):
     replace_linear(dora_model)
     with pytest.raises(ValueError, match="only plain LoRA"):
         peft.get_peft_model(dora_model, lora_config(target_modules=["0"], use_dora=True))
+
+
+# ---- Hugging Face checkpoints --------------------------------------------------------------------------------
+
+
+def _tiny_bert(tmp_path):
+    """A float BertModel checkpoint (2 layers, 12 Linears) saved under tmp_path / "float", and its input ids."""
+    transformers = pytest.importorskip("transformers")
+    config = transformers.BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                     intermediate_size=64)
+    torch.manual_seed(0)
+    transformers.BertModel(config).save_pretrained(tmp_path / "float")
+    return transformers, tmp_path / "float", torch.randint(0, 100, (2, 12))
+
+
+def _int8_layers(model):
+    return {name: m for name, m in model.named_modules() if isinstance(m, Int8Linear)}
+
+
+def test_save_pretrained_then_from_pretrained_gives_the_same_outputs(tmp_path):
+    """save_pretrained wrote no quantization config, so from_pretrained loaded the int8 codes as float weights in
+    [-127, 127] (embedding cosine 0.0165 on MiniLM); now the config names the registered quantizer."""
+    transformers, float_path, ids = _tiny_bert(tmp_path)
+    hf = pytest.importorskip("torchext.nn.hf")
+    model = transformers.AutoModel.from_pretrained(float_path).eval()
+    hf.quantize(model, threshold=6.0, skip=("pooler.dense",))
+    with torch.no_grad():
+        expected = model(input_ids=ids).last_hidden_state
+    model.save_pretrained(tmp_path / "int8")
+    loaded = transformers.AutoModel.from_pretrained(tmp_path / "int8").eval()
+    assert set(_int8_layers(loaded)) == set(_int8_layers(model)) and len(_int8_layers(model)) == 12
+    assert isinstance(loaded.pooler.dense, nn.Linear)
+    with torch.no_grad():
+        assert torch.equal(loaded(input_ids=ids).last_hidden_state, expected)
+    with pytest.raises(ValueError, match="pre-quantized"):  # a float checkpoint never lands in int8 buffers
+        transformers.AutoModel.from_pretrained(float_path, quantization_config=hf.TorchextInt8Config())
+
+
+def test_bitsandbytes_checkpoints_load_both_ways(tmp_path):
+    """A checkpoint bitsandbytes wrote loads into Int8Linear layers, and one torchext wrote loads into
+    bitsandbytes' Linear8bitLt, with the same codes and scales and no edit of the files."""
+    transformers, float_path, ids = _tiny_bert(tmp_path)
+    pytest.importorskip("bitsandbytes")
+    pytest.importorskip("accelerate")
+    hf = pytest.importorskip("torchext.nn.hf")
+    bnb_model = transformers.AutoModel.from_pretrained(
+        float_path, quantization_config=transformers.BitsAndBytesConfig(load_in_8bit=True))
+    bnb_model.save_pretrained(tmp_path / "bnb")
+    bnb_config = hf.config_from_bitsandbytes(tmp_path / "bnb")
+    ours = transformers.AutoModel.from_pretrained(tmp_path / "bnb", config=bnb_config)
+    layers = _int8_layers(ours)
+    assert set(layers) == {name for name, m in bnb_model.named_modules() if type(m).__name__ == "Linear8bitLt"}
+    for name, layer in layers.items():
+        theirs = bnb_model.get_submodule(name)
+        assert torch.equal(layer.weight, theirs.weight.data) and torch.equal(layer.SCB, theirs.weight.SCB), name
+    ours.eval()
+    with torch.no_grad():
+        assert ours(input_ids=ids).last_hidden_state.isfinite().all()
+    ours.save_pretrained(tmp_path / "ours")
+    back = transformers.AutoModel.from_pretrained(tmp_path / "ours",
+                                                  config=hf.config_for_bitsandbytes(tmp_path / "ours"))
+    for name, layer in layers.items():
+        theirs = back.get_submodule(name)
+        assert type(theirs).__name__ == "Linear8bitLt"
+        assert torch.equal(layer.weight, theirs.weight.data) and torch.equal(layer.SCB, theirs.weight.SCB), name

@@ -47,6 +47,9 @@ class Int8Linear(nn.Module):
         self.threshold, self.outliers, self.capacity, self.int8_backward = threshold, outliers, capacity, int8_backward
         self.register_buffer("weight", torch.zeros(out_features, in_features, dtype=torch.int8, device=device))
         self.register_buffer("SCB", torch.ones(out_features, dtype=torch.float32, device=device))
+        # bitsandbytes' layout code, a buffer (not only a state_dict entry) so that loaders that assign tensors by
+        # name, such as transformers' from_pretrained, find it.
+        self.register_buffer("weight_format", torch.tensor(ROW_FORMAT, dtype=torch.uint8, device=device))
         self.bias = nn.Parameter(torch.zeros(out_features, device=device, dtype=dtype)) if bias else None
         # From calibration: the known outlier columns [n], their weight columns in 16-bit [out, n], and the
         # weight16 column of each input column (-1: none) [in].
@@ -112,14 +115,11 @@ class Int8Linear(nn.Module):
         self.SCB = scales.to(self.weight.device)
         return self
 
-    def _save_to_state_dict(self, destination, prefix, keep_vars):
-        super()._save_to_state_dict(destination, prefix, keep_vars)
-        destination[prefix + "weight_format"] = torch.tensor(ROW_FORMAT, dtype=torch.uint8)
-
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs):
-        weight_format = state_dict.pop(prefix + "weight_format", None)
-        if weight_format is not None and int(weight_format) != ROW_FORMAT:
+        weight_format = state_dict.setdefault(prefix + "weight_format", self.weight_format)  # optional: row-major
+        if int(weight_format) != ROW_FORMAT:
+            del state_dict[prefix + "weight_format"]
             error_msgs.append(f"{prefix}weight_format is {int(weight_format)}: only row-major int8 (0) is supported")
         # A float tensor would be copied into the int8 codes (truncated to integers) or the fp32 scales without a
         # word, even with strict=False: refuse it, whatever strict says, and copy nothing of it.
