@@ -82,7 +82,7 @@ def _linear_inputs(m, k, n, threshold, device, dtype):
 
 
 def _int8_linear_torchext(threshold, x, weight, w_codes, w_scale, bnb_layer):
-    return ops.int8_linear(x, w_codes, w_scale, threshold=threshold)
+    return ops.int8_linear(x, w_codes, w_scale, threshold=threshold, int8_backward=True)  # the kernel's backward
 
 
 def _linear_bf16(x, weight, w_codes, w_scale, bnb_layer):
@@ -152,9 +152,9 @@ PURE_INT8 = "int8 t0"  # the anchor of threshold > 0 cases: torchext at threshol
 
 def _int8_linear(m, k, n, threshold, gpu, mode="fwd", dtype=BF16):
     """One mode per case, since a summary hook sees the times of one mode. Threshold > 0 plants outliers in x;
-    in "fwd+bwd" x gets the input gradient (the default: the weight dequantized to bf16) and the weight stays
-    frozen. The "fwd" cases also run the ANCHORS (and, with outliers, the pure int8 path); the FLOPs count
-    against the int8 peak."""
+    in "fwd+bwd" x gets the input gradient by the int8 GEMM (int8_backward=True; the default is a bf16 matmul with
+    the dequantized weight) and the weight stays frozen. The "fwd" cases also run the ANCHORS (and, with
+    outliers, the pure int8 path); the FLOPs count against the int8 peak."""
     gemms = 2 if mode == "fwd+bwd" else 1
     make_inputs = partial(_linear_inputs, m, k, n, threshold)
     anchors = {}
