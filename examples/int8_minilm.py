@@ -54,8 +54,7 @@ def bnb_linear(linear: nn.Linear):
 def replace_with_bnb(model: nn.Module) -> nn.Module:
     for name, module in list(model.named_modules()):
         if isinstance(module, nn.Linear):
-            parent, _, child = name.rpartition(".")
-            setattr(model.get_submodule(parent) if parent else model, child, bnb_linear(module))
+            model.set_submodule(name, bnb_linear(module))
     return model
 
 

@@ -490,11 +490,11 @@ def test_static_layer_without_calibration_says_so():
 
 
 def test_peft_lora_trains_only_the_adapters(device):
-    """get_peft_model with torchext.nn.lora.lora_config wraps Int8Linear layers (PEFT alone refused them: "Target
-    module Int8Linear is not supported"); the loss falls, and only the LoRA weights change: codes, scales and
-    biases stay as they were."""
+    """get_peft_model with torchext.nn.int8_matmul_lora.lora_config wraps Int8Linear layers (PEFT alone refused
+    them: "Target module Int8Linear is not supported"); the loss falls, and only the LoRA weights change: codes,
+    scales and biases stay as they were."""
     peft = pytest.importorskip("peft")
-    from torchext.nn.lora import Int8LoraLinear, lora_config
+    from torchext.nn.int8_matmul_lora import Int8LoraLinear, lora_config
 
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 16)).to(device)
@@ -547,7 +547,7 @@ def test_save_pretrained_then_from_pretrained_gives_the_same_outputs(tmp_path):
     """save_pretrained wrote no quantization config, so from_pretrained loaded the int8 codes as float weights in
     [-127, 127] (embedding cosine 0.0165 on MiniLM); now the config names the registered quantizer."""
     transformers, float_path, ids = _tiny_bert(tmp_path)
-    hf = pytest.importorskip("torchext.nn.hf")
+    hf = pytest.importorskip("torchext.nn.int8_matmul_hf")
     model = transformers.AutoModel.from_pretrained(float_path).eval()
     hf.quantize(model, threshold=6.0, skip=("pooler.dense",))
     with torch.no_grad():
@@ -568,7 +568,7 @@ def test_bitsandbytes_checkpoints_load_both_ways(tmp_path):
     transformers, float_path, ids = _tiny_bert(tmp_path)
     pytest.importorskip("bitsandbytes")
     pytest.importorskip("accelerate")
-    hf = pytest.importorskip("torchext.nn.hf")
+    hf = pytest.importorskip("torchext.nn.int8_matmul_hf")
     bnb_model = transformers.AutoModel.from_pretrained(
         float_path, quantization_config=transformers.BitsAndBytesConfig(load_in_8bit=True))
     bnb_model.save_pretrained(tmp_path / "bnb")

@@ -196,8 +196,7 @@ def replace_linear(model: nn.Module, threshold: float = 6.0, skip: Iterable[str]
     targets = [(name, m) for name, m in model.named_modules() if isinstance(m, nn.Linear) and name not in skip]
     for name, linear in targets:
         layer = Int8Linear.from_float(linear, threshold, outliers, outlier_cols.get(name), **kwargs)
-        parent_name, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent_name) if parent_name else model, child, layer)
+        model.set_submodule(name, layer)
         report["bytes_before"] += _bytes(linear.weight, linear.bias)
         report["bytes_after"] += _bytes(layer.weight, layer.SCB, layer.bias, layer.weight16, layer.weight16_slot)
         report["layers"][name] = None if layer.outlier_cols is None else layer.outlier_cols.numel()

@@ -358,7 +358,8 @@ def _int8_linear_grad(ctx, grad_out):
     if ctx.int8_backward:
         grad_x = _input_grad_int8(grad2, w_codes, w_scale)
     else:  # the default, bitsandbytes' input gradient: the dequantized weight in the activations' dtype
-        grad_x = (grad2.to(ctx.x_dtype) @ ref.int8_dequantize(w_codes, w_scale).to(ctx.x_dtype)).float()
+        weight = w_codes.to(ctx.x_dtype).mul_((w_scale / ref.INT8_MAX).to(ctx.x_dtype)[:, None])  # [N, K], one copy
+        grad_x = (grad2.to(ctx.x_dtype) @ weight).float()
     if static_cols is not None and w16 is not None:
         grad_x = _with_static_w16_grads(grad_x, grad2, static_cols, w16, w16_slot)
     grad_bias = grad2.sum(0) if ctx.has_bias else None

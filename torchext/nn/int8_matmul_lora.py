@@ -1,7 +1,7 @@
 """PEFT LoRA on Int8Linear, through PEFT's extension point for custom layers (``LoraConfig._register_custom_module``,
 https://huggingface.co/docs/peft/developer_guides/custom_models); PEFT itself is not patched. Needs ``peft``.
 
-    from torchext.nn.lora import lora_config
+    from torchext.nn.int8_matmul_lora import lora_config
     model = peft.get_peft_model(int8_model, lora_config(r=8, target_modules=["query", "value"]))
 
 The int8 layer stays frozen (its codes are buffers); the adapters train in the activations' dtype, and the input

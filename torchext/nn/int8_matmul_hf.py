@@ -3,7 +3,7 @@ reads it back through a registered quantizer (transformers' extension point for 
 bitsandbytes LLM.int8() checkpoints, whose tensors have the same names and layout, load both ways. Needs
 ``transformers``; importing this module registers the "torchext_int8" method.
 
-    import torchext.nn.hf as hf
+    import torchext.nn.int8_matmul_hf as hf
     hf.quantize(model, threshold=6.0, skip=("lm_head",))   # replace_linear + the config save_pretrained writes
     model.save_pretrained(path)
     model = AutoModel.from_pretrained(path)                # Int8Linear layers, the same outputs
@@ -51,8 +51,7 @@ class TorchextInt8Quantizer(HfQuantizer):
             if isinstance(module, nn.Linear) and name not in skip:
                 layer = Int8Linear(module.in_features, module.out_features, module.bias is not None, config.threshold,
                                    device=module.weight.device, dtype=module.weight.dtype)
-                parent, _, child = name.rpartition(".")
-                setattr(model.get_submodule(parent) if parent else model, child, layer)
+                model.set_submodule(name, layer)
 
     def param_needs_quantization(self, model, param_name: str, **kwargs) -> bool:
         return False  # the checkpoint holds the codes
@@ -62,7 +61,7 @@ class TorchextInt8Quantizer(HfQuantizer):
 
     @property
     def is_trainable(self) -> bool:
-        return True  # input gradients, e.g. for LoRA (torchext.nn.lora)
+        return True  # input gradients, e.g. for LoRA (torchext.nn.int8_matmul_lora)
 
 
 def quantize(model: nn.Module, threshold: float = 6.0, skip=(), **kwargs) -> dict:
