@@ -699,3 +699,106 @@ def test_llama_fisher_calibration_weights_the_levels(small_llama):
     for a, b in zip(plain.layers, weighted.layers):
         assert torch.equal(a["key_scale"], b["key_scale"]) and not torch.equal(a["key_levels"], b["key_levels"])
         assert not torch.equal(a["value_levels"], b["value_levels"])
+
+
+def generate_with_logits(model, ids, mask, cache, new_tokens=6, **kwargs):
+    """(new tokens [batch, new_tokens], logits [batch, new_tokens, vocab]) of greedy generation."""
+    with torch.no_grad():
+        out = model.generate(ids, attention_mask=mask, max_new_tokens=new_tokens, do_sample=False,
+                             past_key_values=cache, pad_token_id=0, output_logits=True, return_dict_in_generate=True,
+                             **kwargs)
+    return out.sequences[:, ids.shape[1]:], torch.stack(out.logits, 1)
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_left_padded_batch_generates_as_each_prompt_alone(small_llama, fused):
+    """Rows of a left-padded batch (pads stored nowhere: each row's position 0 is its first real token) give the
+    tokens and logits of the same prompt run alone, on the fused kernel (interpreter on CPU) and off it."""
+    from torchext.nn import KVQuantCache, calibrate
+    model, _, g = small_llama
+    kvquant = calibrate(model, [induction_batch(4, 4, g)], bits=4)
+    ids, pads = induction_batch(3, 3, g)[:, :36], [0, 5, 11]
+    mask = torch.ones_like(ids)
+    for b, pad in enumerate(pads):
+        ids[b, :pad], mask[b, :pad] = 0, 0
+    try:
+        tokens, logits = generate_with_logits(model, ids, mask, KVQuantCache(kvquant, model, max_length=48,
+                                                                             fused=fused))
+        for b, pad in enumerate(pads):
+            alone = ids[b:b + 1, pad:]
+            expected_tokens, expected_logits = generate_with_logits(
+                model, alone, torch.ones_like(alone), KVQuantCache(kvquant, model, max_length=48, fused=fused))
+            assert torch.equal(tokens[b], expected_tokens[0]), b
+            # The batch changes the projections' summation order by an ulp, which can flip a code at a level
+            # boundary (up to 1e-2 on this model); attending a pad, or a pad in the sink, moved them by 0.5-1.3.
+            torch.testing.assert_close(logits[b], expected_logits[0], atol=5e-2, rtol=0)
+    finally:
+        model.set_attn_implementation("sdpa")
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_generation_strategies_run_as_with_a_dynamic_cache(small_llama, fused):
+    """Beam search (reorder_cache), reuse across generate calls and prompt-lookup decoding (crop) give a
+    DynamicCache's tokens exactly when every position stays in the 16-bit window (so only the Cache API is
+    tested here; crop of quantized positions is tested on the reference)."""
+    from transformers import DynamicCache
+
+    from torchext.nn import KVQuantCache, KVQuantConfig
+    model, config, g = small_llama
+    exact = KVQuantConfig(4, 4, window_tokens=64)
+
+    def both(ids, new_tokens=6, **kwargs):
+        caches = KVQuantCache(exact, model, max_length=64, fused=fused), DynamicCache(config=config)
+        return [generate_with_logits(model, ids, torch.ones_like(ids), cache, new_tokens, **kwargs)[0]
+                for cache in caches], caches
+
+    ids = induction_batch(2, 3, g)[:, :20]
+    try:
+        (got, expected), _ = both(ids, num_beams=3)
+        assert torch.equal(got, expected)
+        (got, expected), _ = both(ids[:1], prompt_lookup_num_tokens=3)
+        assert torch.equal(got, expected)
+        (got, expected), (cache, dynamic) = both(ids)
+        again = [generate_with_logits(model, longer, torch.ones_like(longer), c)[0]
+                 for longer, c in ((torch.cat((ids, got, ids[:, :3]), 1), cache),
+                                   (torch.cat((ids, expected, ids[:, :3]), 1), dynamic))]
+        assert torch.equal(*again) and cache.get_seq_length() == dynamic.get_seq_length() == 34
+    finally:
+        model.set_attn_implementation("sdpa")
+
+
+def test_batch_select_and_repeat_match_a_dynamic_cache():
+    from transformers import DynamicCache
+
+    from torchext.nn import KVQuantCache, KVQuantConfig
+    inv_freq = llama3_inv_freq(32)
+    k, v = structured_kv(4, 2, 10, 32)
+    cache = KVQuantCache(KVQuantConfig(4, 4, window_tokens=16), num_layers=1, inv_freq=inv_freq, max_length=16,
+                         fused=False)
+    dynamic = DynamicCache()
+    for c in (cache, dynamic):
+        c.update(k[:3], v[:3], 0)
+        c.batch_select_indices(torch.tensor([2, 0]))
+        c.batch_repeat_interleave(2)
+        c.reorder_cache(torch.tensor([3, 2, 1, 0]))
+    got = cache.update(k[:4, :, :1], v[:4, :, :1], 0)
+    expected = dynamic.update(k[:4, :, :1], v[:4, :, :1], 0)
+    for a, b in zip(got, expected):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
+
+
+def test_crop_reads_back_what_the_longer_cache_read():
+    """Cropping keeps every remaining position as it read before (window positions whose ring slots newer tokens
+    took come back from their quantized slots), and the cropped cache takes new tokens like an uncropped one."""
+    storage, codebook = fresh_cache(2, 2, 32, 40, sink=1, window=4)
+    k, v = structured_kv(2, 2, 30, 32)
+    ref.append(storage, codebook, k, v, torch.tensor([30, 25]))
+    before = ref.read(storage, codebook)
+    ref.crop(storage, codebook, [12, 40])
+    assert storage.lengths.tolist() == [12, 25]
+    after = ref.read(storage, codebook)
+    for a, b in zip(after, before):
+        assert torch.equal(a[0, :, :12], b[0, :, :12]) and torch.equal(a[1, :, :25], b[1, :, :25])
+    ref.append(storage, codebook, k[:, :, :3], v[:, :, :3], torch.tensor([3, 0]))
+    keys, _ = ref.read(storage, codebook)
+    assert torch.equal(keys[0, :, 12:15], k[0, :, :3].float())  # new tokens in the 16-bit window

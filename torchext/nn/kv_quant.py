@@ -6,11 +6,12 @@
     out = model.generate(input_ids, past_key_values=cache, max_new_tokens=64)
     print(cache.memory_report())
 
-The cache takes the post-RoPE keys a Hugging Face attention layer hands it, un-rotates them (positions are the
-cache's own token count, so batches must not be left-padded) and stores them quantized before RoPE. Prefill
+The cache takes the post-RoPE keys a Hugging Face attention layer hands it, un-rotates them (at each sequence's
+own positions; a left-padded batch is stored without its pads) and stores them quantized before RoPE. Prefill
 attends over the new tokens in 16-bit and then packs them; each decode step appends the new token and runs the
 fused Triton decode attention over the packed cache (the "kvquant" attention implementation, which the cache
-installs on the model it is given).
+installs on the model it is given). Beam search, crop (assisted generation) and reuse across generate calls work
+as with a DynamicCache.
 """
 
 import json
@@ -27,10 +28,11 @@ from torchext.ops.kv_quant import allocate_storage, bytes_per_position, check_bi
 from torchext.reference import kv_quant as ref
 
 try:
-    from transformers import AttentionInterface
+    from transformers import AttentionInterface, AttentionMaskInterface
     from transformers.cache_utils import Cache as _HFCache
     from transformers.cache_utils import CacheLayerMixin as _HFLayer
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
+    from transformers.masking_utils import sdpa_mask
 except ImportError:  # transformers is an optional extra: the cache then works on its own
     _HFCache = _HFLayer = None
 
@@ -248,7 +250,7 @@ class KVQuantLayer(*(() if _HFLayer is None else (_HFLayer,))):
     """
     is_sliding = False
     is_compileable = False
-    is_croppable = False
+    is_croppable = True
 
     def __init__(self, config: KVQuantConfig, layer_idx: int, inv_freq: Tensor, attention_scaling: float,
                  max_length: int, fused: bool):
@@ -258,6 +260,7 @@ class KVQuantLayer(*(() if _HFLayer is None else (_HFLayer,))):
         self.inv_freq, self.attention_scaling = inv_freq.float(), attention_scaling
         self.storage = self.codebook = None
         self.seen = 0
+        self.pads = torch.zeros(0, dtype=torch.int64)  # [batch] leading pad tokens of each sequence (update)
         self.is_initialized = False
 
     def lazy_initialization(self, keys: Tensor, values: Tensor) -> None:
@@ -274,32 +277,59 @@ class KVQuantLayer(*(() if _HFLayer is None else (_HFLayer,))):
                                         self.config.sink_tokens, self.config.window_tokens, keys.dtype, keys.device)
         self.is_initialized = True
 
-    def _rope(self, first: int, n: int) -> tuple[Tensor, Tensor]:
-        positions = torch.arange(first, first + n, device=self.inv_freq.device)
+    def _rope(self, first: Tensor | int, n: int) -> tuple[Tensor, Tensor]:
+        """cos, sin [batch or 1, 1, n, head_dim / 2] at positions first + j, first [batch] per sequence or one int."""
+        first = torch.as_tensor(first, device=self.inv_freq.device).reshape(-1, 1, 1)
+        positions = first + torch.arange(n, device=self.inv_freq.device)
         return ref.rope_cos_sin(positions, self.inv_freq, self.attention_scaling)
+
+    def _left_padding(self, kwargs: dict, n: int, batch: int, device) -> Tensor:
+        """Leading pad tokens of each sequence [batch] int64, read from the position_ids the model hands the cache
+        (transformers 5 passes the attention's kwargs on): generate numbers a left-padded row's first real token 0,
+        so a row whose last of n tokens sits at position p holds n - 1 - p pads. None handed: no padding."""
+        handed = kwargs.get("kwargs") if isinstance(kwargs.get("kwargs"), dict) else kwargs
+        positions = handed.get("position_ids")
+        if positions is None:
+            return torch.zeros(batch, dtype=torch.int64, device=device)
+        last = positions.to(device)[:, -1].long().expand(batch)
+        return (n - 1 - last).clamp(0, n)
 
     def _handed_rope(self, args: tuple, kwargs: dict, n: int) -> tuple[Tensor, Tensor]:
         """cos, sin [..., n, head_dim / 2] to un-rotate the incoming keys: the ones the model hands over in
-        cache_kwargs (transformers 4.x: [batch, n, head_dim], halves repeated), else from inv_freq at the cache's
-        next positions (transformers 5 hands none)."""
+        cache_kwargs (transformers 4.x: [batch, n, head_dim], halves repeated), else from inv_freq at each
+        sequence's next positions (transformers 5 hands none; a left pad's own position is never read)."""
         handed = args[0] if args and isinstance(args[0], dict) else kwargs.get("cache_kwargs") or {}
         if handed.get("cos") is not None and handed.get("sin") is not None:
             half = handed["cos"].shape[-1] // 2
             return handed["cos"][..., None, :, :half].float(), handed["sin"][..., None, :, :half].float()
-        return self._rope(self.seen, n)
+        return self._rope(self.seen - self.pads, n)
 
     def update(self, key_states: Tensor, value_states: Tensor, *args, **kwargs) -> tuple[Tensor, Tensor]:
-        n = key_states.shape[2]
+        """Append n new tokens per sequence (post-RoPE keys, values [batch, kv_heads, n, head_dim]); see the class.
+
+        A left-padded first prefill is stored without its pads (sequence b's position 0 is its first real token,
+        as when it runs alone); the pads are kept only to hand the cache back in the padded layout the model's
+        attention mask describes.
+        """
+        batch, _, n, _ = key_states.shape
         if self.seen + n > self.max_length:
             raise ValueError(f"KVQuantCache: layer {self.layer_idx} holds {self.seen} tokens and cannot take {n} more "
                              f"(max_length={self.max_length}); nothing was written")
-        keys = key_states
-        if self.config.pre_rope:
-            keys = ref.unrotate(key_states, *self._handed_rope(args, kwargs, n)).to(key_states.dtype)
-        if not self.is_initialized:
-            self.lazy_initialization(keys, value_states)
-        ops.kv_quant_append_(self.storage, self.codebook, keys.contiguous(), value_states.contiguous(), check=False)
         first_prefill = self.seen == 0
+        if first_prefill:
+            self.pads = self._left_padding(kwargs, n, batch, key_states.device)
+        real = n - self.pads if first_prefill else torch.full_like(self.pads, n)  # [batch] tokens to store
+        keys, values = key_states, value_states
+        if self.config.pre_rope:
+            keys = ref.unrotate(keys, *self._handed_rope(args, kwargs, n)).to(key_states.dtype)
+        if first_prefill:  # move each row's real tokens to its front: [batch, kv_heads, n, head_dim]
+            order = (torch.arange(n, device=keys.device) + self.pads[:, None]).clamp_max(n - 1)
+            order = order[:, None, :, None].expand_as(keys)
+            keys, values = keys.gather(2, order), values.gather(2, order)
+        if not self.is_initialized:
+            self.lazy_initialization(keys, values)
+        ops.kv_quant_append_(self.storage, self.codebook, keys.contiguous(), values.contiguous(),
+                             real.to(torch.int32), check=False)
         self.seen += n
         if first_prefill:
             return key_states, value_states
@@ -318,11 +348,16 @@ class KVQuantLayer(*(() if _HFLayer is None else (_HFLayer,))):
                                              if self.config.pre_rope else 1.0, scaling, max_length=self.seen)
 
     def dequantized(self, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-        """The whole cache as post-RoPE keys and values [batch, kv_heads, seen, head_dim] in dtype."""
+        """The whole cache as post-RoPE keys and values [batch, kv_heads, seen, head_dim] in dtype, in the padded
+        layout the attention mask describes (sequence b's tokens at its last seen - pads[b] positions, zeros
+        before them)."""
         keys, values = (t[:, :, :self.seen] for t in ref.read(self.storage, self.codebook))
         if self.config.pre_rope:
             keys = ref.rotate(keys, *self._rope(0, self.seen))
-        return keys.to(dtype), values.to(dtype)
+        padded = torch.arange(self.seen, device=keys.device) - self.pads[:, None]  # [batch, seen] stored index
+        order = padded.clamp_min(0)[:, None, :, None].expand_as(keys)
+        held = (padded >= 0)[:, None, :, None]
+        return tuple(torch.where(held, t.gather(2, order), 0).to(dtype) for t in (keys, values))
 
     def get_seq_length(self) -> int:
         return self.seen
@@ -339,22 +374,55 @@ class KVQuantLayer(*(() if _HFLayer is None else (_HFLayer,))):
         if self.storage is not None:
             self.storage.lengths.zero_()
 
+    def crop(self, tokens_to_remove: int) -> None:
+        """Drop the last -tokens_to_remove tokens (transformers' convention: a count <= 0; a positive one raises, as
+        DynamicLayer). Positions the shorter cache holds in its 16-bit window but that had already left it read
+        back quantized (reference.kv_quant.crop)."""
+        if tokens_to_remove > 0:
+            raise ValueError(f"KVQuantCache.crop: pass the number of tokens to remove as a negative int, got "
+                             f"{tokens_to_remove}")
+        keep = max(self.seen + tokens_to_remove, 0)
+        if self.storage is not None and keep < self.seen:
+            ref.crop(self.storage, self.codebook, (keep - self.pads).tolist())
+        self.seen = keep
+
+    def _select(self, rows: Tensor) -> None:
+        """Keep the sequences at rows [new batch] (beam search, contrastive search, batch pruning)."""
+        if self.storage is None:
+            return
+        rows = rows.to(self.storage.lengths.device)
+        self.storage = ref.Storage(*(t.index_select(0, rows) for t in self.storage))
+        self.pads = self.pads.index_select(0, rows)
+
+    def reorder_cache(self, beam_idx: Tensor) -> None:
+        self._select(beam_idx)
+
+    def batch_select_indices(self, indices: Tensor) -> None:
+        self._select(torch.as_tensor(indices).flatten())
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        if self.storage is not None:
+            self._select(torch.arange(self.pads.shape[0]).repeat_interleave(repeats))
+
     def memory(self) -> dict[str, int]:
         """Bytes held for the tokens seen, by component (what a tight allocation of them would take)."""
         if self.storage is None:
             return {}
         st, cb = self.storage, self.codebook
-        batch, kv_heads, _, head_dim = st.sink_keys.shape
-        sink = min(st.sink_keys.shape[2], self.seen)
-        window = self.seen - ref.window_start(self.seen, st.sink_keys.shape[2], st.window_keys.shape[2])
-        packed, vectors = self.seen - sink - window, batch * kv_heads
+        _, kv_heads, _, head_dim = st.sink_keys.shape
+        sink_len, window_len = st.sink_keys.shape[2], st.window_keys.shape[2]
+        sink = window = packed = 0  # positions summed over the sequences (each holds seen - pads[b] tokens)
+        for held in (self.seen - self.pads).tolist():
+            in_window = held - ref.window_start(held, sink_len, window_len)
+            sink, window = sink + min(sink_len, held), window + in_window
+            packed += held - min(sink_len, held) - in_window
         per_position = bytes_per_position(st)  # one sequence, all heads
-        return {"codes": packed * batch * (per_position["key_codes"] + per_position["value_codes"]),
-                "value_scales": packed * batch * (per_position["value_offset"] + per_position["value_scale"]),
-                "outliers": packed * batch * sum(per_position[f"{kind}_outlier_{part}"]
-                                                 for kind in ("key", "value") for part in ("index", "value")),
-                "sink": 2 * sink * vectors * head_dim * st.sink_keys.element_size(),
-                "window": 2 * window * vectors * head_dim * st.window_keys.element_size(),
+        return {"codes": packed * (per_position["key_codes"] + per_position["value_codes"]),
+                "value_scales": packed * (per_position["value_offset"] + per_position["value_scale"]),
+                "outliers": packed * sum(per_position[f"{kind}_outlier_{part}"]
+                                         for kind in ("key", "value") for part in ("index", "value")),
+                "sink": 2 * sink * kv_heads * head_dim * st.sink_keys.element_size(),
+                "window": 2 * window * kv_heads * head_dim * st.window_keys.element_size(),
                 "tables": sum(t.numel() * t.element_size() for t in cb if isinstance(t, Tensor))}
 
 
@@ -398,8 +466,8 @@ class KVQuantCache(*((_PlainCache,) if _HFCache is None else (_HFCache,))):
             for name, size in layer.memory().items():
                 parts[name] = parts.get(name, 0) + size
             if layer.storage is not None:
-                batch, kv_heads, _, head_dim = layer.storage.sink_keys.shape
-                elements += 2 * batch * kv_heads * head_dim * layer.seen
+                _, kv_heads, _, head_dim = layer.storage.sink_keys.shape
+                elements += 2 * kv_heads * head_dim * int((layer.seen - layer.pads).sum())
         total = sum(parts.values())
         return {"tokens": self.layers[0].seen, "bytes": parts, "total_bytes": total,
                 "bits_per_element": 8 * total / max(elements, 1), "fp16_bytes": 2 * elements}
@@ -421,4 +489,5 @@ def use_kvquant_attention(model: nn.Module) -> None:
     if _HFCache is None:
         raise ImportError("use_kvquant_attention needs transformers (pip install torchext[hf])")
     AttentionInterface.register("kvquant", _kvquant_attention)
+    AttentionMaskInterface.register("kvquant", sdpa_mask)  # prefill falls back to SDPA: it needs SDPA's mask
     model.set_attn_implementation("kvquant")

@@ -352,6 +352,29 @@ def read(storage: Storage, codebook: Codebook) -> tuple[Tensor, Tensor]:
     return keys, values
 
 
+def crop(storage: Storage, codebook: Codebook, keep: list[int]) -> None:
+    """Cut sequence b back to its first min(keep[b], lengths[b]) tokens, in place (a poisoned sequence stays so).
+
+    A position the shorter sequence holds in its recent window may have left the window since (newer tokens took
+    its ring slot and it was quantized): it is restored from its quantized slot, so it reads back quantized, as
+    it would have after those tokens; every other position reads back as before.
+    """
+    sink, window = storage.sink_keys.shape[2], storage.window_keys.shape[2]
+    keys, values = read(storage, codebook)
+    for b, wanted in enumerate(keep):
+        old = int(storage.lengths[b])
+        if old < 0:
+            continue
+        new = max(min(int(wanted), old), 0)
+        first = window_start(new, sink, window)
+        overwritten = torch.arange(first, max(first, min(new, old - window)))
+        if overwritten.numel():
+            slots = overwritten % window
+            storage.window_keys[b][:, slots] = keys[b][:, overwritten].to(storage.window_keys.dtype)
+            storage.window_values[b][:, slots] = values[b][:, overwritten].to(storage.window_values.dtype)
+        storage.lengths[b] = new
+
+
 # ---- decode attention -----------------------------------------------------------------------------------------------
 
 
