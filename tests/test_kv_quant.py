@@ -90,6 +90,14 @@ def test_packing_layout(bits, head_dim):
     assert torch.equal(ref.unpack_codes(words, bits, head_dim), codes)
 
 
+def test_the_named_buffer_groups_cover_storage_in_field_order():
+    """The CUDA binding takes the PER_SEQUENCE buffers' pointers in Storage's field order, lengths apart."""
+    assert ref.PER_SEQUENCE + ("lengths",) == ref.Storage._fields
+    storage, _ = fresh_cache(2, 2, 64, 8, key_bits=3, slots=2, sink=1, window=4, dtype=torch.bfloat16)
+    for name, (shape, dtype) in ref.layout(2, 2, 8, 64, 2, 1, 4, 3, 4, torch.bfloat16).items():
+        assert getattr(storage, name).shape == shape and getattr(storage, name).dtype == dtype, name
+
+
 def test_nearest_code_is_the_nearest_level():
     levels = ref.fit_levels(torch.randn(4000).clamp(-1, 1), 3)
     x = torch.linspace(-1.2, 1.2, 1001)
@@ -200,7 +208,8 @@ def poisoned_decode_case(dtype=torch.float32, device="cpu"):
 
 def assert_poisoned_rows(storage, before, poisoned):
     """Nothing was written for the poisoned sequences and their lengths are POISONED_LENGTH."""
-    for name, got, old in zip(ref.Storage._fields[:12], storage, before):
+    for name in ref.PER_SEQUENCE:
+        got, old = getattr(storage, name), getattr(before, name)
         assert torch.equal(got[poisoned], old[poisoned]), f"storage.{name} was written for a poisoned sequence"
     assert (storage.lengths[poisoned] == ref.POISONED_LENGTH).all()
 
@@ -533,7 +542,7 @@ def tie_free_inputs(batch, kv_heads, n, head_dim, slots, dtype, g, device):
 def garbage_storage(batch, kv_heads, head_dim, codebook, slots, sink, window, dtype, g, device, capacity=40):
     """Storage full of random values, so stray or missing writes show."""
     storage = ops.allocate_storage(batch, kv_heads, head_dim, capacity, codebook, slots, sink, window, dtype, device)
-    for t in storage[:12]:
+    for t in ref.buffers(storage, ref.PER_SEQUENCE):
         t.copy_(torch.randn(t.shape, generator=g) if t.dtype.is_floating_point else
                 torch.randint(-1000, 1000, t.shape, generator=g))
     return storage

@@ -95,47 +95,26 @@ def allocate_storage(batch: int, kv_heads: int, head_dim: int, capacity: int, co
     if tuple(codebook.key_offset.shape) != (kv_heads, head_dim):
         raise ValueError(f"allocate_storage: the codebook is for [kv_heads, head_dim] = "
                          f"{list(codebook.key_offset.shape)}, not [{kv_heads}, {head_dim}]")
-    vectors = (batch, kv_heads, capacity)
-
-    def zeros(*shape, dt=dtype):
-        return torch.zeros(*shape, dtype=dt, device=device)
-
-    return Storage(
-        zeros(*vectors, ref.words_per_vector(head_dim, codebook.key_bits), dt=torch.int32),
-        zeros(*vectors, slots, dt=torch.int16) - 1, zeros(*vectors, slots),
-        zeros(*vectors, ref.words_per_vector(head_dim, codebook.value_bits), dt=torch.int32),
-        zeros(*vectors, dt=torch.float32), zeros(*vectors, dt=torch.float32),
-        zeros(*vectors, slots, dt=torch.int16) - 1, zeros(*vectors, slots),
-        zeros(batch, kv_heads, sink, head_dim), zeros(batch, kv_heads, sink, head_dim),
-        zeros(batch, kv_heads, window, head_dim), zeros(batch, kv_heads, window, head_dim),
-        zeros(batch, dt=torch.int32))
+    spec = ref.layout(batch, kv_heads, capacity, head_dim, slots, sink, window, codebook.key_bits,
+                      codebook.value_bits, dtype)
+    empty = {name: -1 if name.endswith("outlier_index") else 0 for name in spec}  # -1: an empty outlier slot
+    return Storage(*(torch.full(shape, empty[name], dtype=dt, device=device) for name, (shape, dt) in spec.items()))
 
 
 def bytes_per_position(storage: Storage) -> dict[str, int]:
     """Bytes one packed position of one sequence takes in each packed buffer (all kv heads): the codes, the value
     offset and scale, and the outlier slots. The sink and window are counted apart."""
-    return {name: t[0, :, 0].numel() * t.element_size() for name, t in zip(Storage._fields[:8], storage[:8])}
+    return {name: getattr(storage, name)[0, :, 0].numel() * getattr(storage, name).element_size()
+            for name in ref.PACKED}
 
 
 def _check_storage(op: str, storage: Storage, codebook: Codebook) -> tuple[int, ...]:
     """(batch, kv_heads, capacity, head_dim, slots) after checking every buffer against the layout."""
     batch, kv_heads, capacity, _ = storage.key_codes.shape
     head_dim, slots = storage.sink_keys.shape[-1], storage.key_outlier_index.shape[-1]
-    dtype = storage.sink_keys.dtype
-    vectors, sink, window = (batch, kv_heads, capacity), storage.sink_keys.shape[2], storage.window_keys.shape[2]
-    outliers = vectors + (slots,)
-    expected = {
-        "key_codes": (vectors + (ref.words_per_vector(head_dim, codebook.key_bits),), torch.int32),
-        "key_outlier_index": (outliers, torch.int16), "key_outlier_value": (outliers, dtype),
-        "value_codes": (vectors + (ref.words_per_vector(head_dim, codebook.value_bits),), torch.int32),
-        "value_offset": (vectors, torch.float32), "value_scale": (vectors, torch.float32),
-        "value_outlier_index": (outliers, torch.int16), "value_outlier_value": (outliers, dtype),
-        "sink_keys": ((batch, kv_heads, sink, head_dim), dtype),
-        "sink_values": ((batch, kv_heads, sink, head_dim), dtype),
-        "window_keys": ((batch, kv_heads, window, head_dim), dtype),
-        "window_values": ((batch, kv_heads, window, head_dim), dtype),
-        "lengths": ((batch,), torch.int32),
-    }
+    expected = ref.layout(batch, kv_heads, capacity, head_dim, slots, storage.sink_keys.shape[2],
+                          storage.window_keys.shape[2], codebook.key_bits, codebook.value_bits,
+                          storage.sink_keys.dtype)
     for name, tensor in zip(Storage._fields, storage):
         shape, dt = expected[name]
         check_tensor(op, f"storage.{name}", tensor, (dt,))
@@ -177,7 +156,7 @@ def _append_cuda(storage: Storage, codebook: Codebook, k: Tensor, v: Tensor, cou
     batch, kv_heads, n, head_dim = k.shape
     CUDA_EXT.kv_quant_append(
         k.data_ptr(), v.data_ptr(), k.stride()[:3], v.stride()[:3], counts.data_ptr(), storage.lengths.data_ptr(),
-        *(t.data_ptr() for t in storage[:12]),
+        *(t.data_ptr() for t in ref.buffers(storage, ref.PER_SEQUENCE)),  # the binding's order: Storage's
         codebook.key_boundaries.data_ptr(), codebook.value_boundaries.data_ptr(), codebook.key_offset.data_ptr(),
         codebook.key_scale.data_ptr(), batch, kv_heads, n, head_dim, storage.key_codes.shape[2],
         storage.key_outlier_index.shape[3], storage.sink_keys.shape[2], storage.window_keys.shape[2],

@@ -71,6 +71,38 @@ class Storage(NamedTuple):
     lengths: Tensor              # [batch] int32, tokens held per sequence, or POISONED_LENGTH
 
 
+# The buffers by role, named once: code reads them through these, never by position.
+KEY_PACKED = ("key_codes", "key_outlier_index", "key_outlier_value")  # one slot per quantized position
+VALUE_PACKED = ("value_codes", "value_offset", "value_scale", "value_outlier_index", "value_outlier_value")
+PACKED = KEY_PACKED + VALUE_PACKED
+DENSE = ("sink_keys", "sink_values", "window_keys", "window_values")  # cache-dtype positions
+PER_SEQUENCE = PACKED + DENSE  # every buffer that holds a sequence's tokens (all but lengths)
+
+
+def buffers(storage: Storage, names: tuple[str, ...]) -> tuple[Tensor, ...]:
+    return tuple(getattr(storage, name) for name in names)
+
+
+def layout(batch: int, kv_heads: int, capacity: int, head_dim: int, slots: int, sink: int, window: int,
+           key_bits: int, value_bits: int, dtype: torch.dtype) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+    """The shape and dtype of every Storage buffer, in field order: what allocation, the ops' checks and byte
+    counting read (adding a buffer is one entry here and one field in Storage)."""
+    vectors, outliers = (batch, kv_heads, capacity), (batch, kv_heads, capacity, slots)
+    dense = (batch, kv_heads)
+    spec = {
+        "key_codes": (vectors + (words_per_vector(head_dim, key_bits),), torch.int32),
+        "key_outlier_index": (outliers, torch.int16), "key_outlier_value": (outliers, dtype),
+        "value_codes": (vectors + (words_per_vector(head_dim, value_bits),), torch.int32),
+        "value_offset": (vectors, torch.float32), "value_scale": (vectors, torch.float32),
+        "value_outlier_index": (outliers, torch.int16), "value_outlier_value": (outliers, dtype),
+        "sink_keys": (dense + (sink, head_dim), dtype), "sink_values": (dense + (sink, head_dim), dtype),
+        "window_keys": (dense + (window, head_dim), dtype), "window_values": (dense + (window, head_dim), dtype),
+        "lengths": ((batch,), torch.int32),
+    }
+    assert tuple(spec) == Storage._fields
+    return spec
+
+
 # ---- codes and levels -----------------------------------------------------------------------------------------------
 
 
@@ -270,7 +302,7 @@ def _store_dense(storage: Storage, codebook: Codebook, b: int, positions: Tensor
     """Quantize k, v [kv_heads, n, head_dim] into the dense-and-sparse slots of sequence b at `positions`."""
     kc, ki, kv_ = quantize_keys(k[None], codebook, slots)
     vc, vo, vs, vi, vv = quantize_values(v[None], codebook, slots)
-    for buffer, new in zip(storage[:8], (kc, ki, kv_, vc, vo, vs, vi, vv)):
+    for buffer, new in zip(buffers(storage, PACKED), (kc, ki, kv_, vc, vo, vs, vi, vv)):
         buffer[b][:, positions] = new[0]
 
 
@@ -339,8 +371,8 @@ def read(storage: Storage, codebook: Codebook) -> tuple[Tensor, Tensor]:
     at or past a sequence's length hold garbage, every position of a poisoned one too; attention masks them."""
     head_dim = storage.sink_keys.shape[-1]
     sink, capacity = storage.sink_keys.shape[2], storage.key_codes.shape[2]
-    keys = dequantize_keys(*storage[:3], codebook, head_dim)
-    values = dequantize_values(*storage[3:8], codebook, head_dim)
+    keys = dequantize_keys(*buffers(storage, KEY_PACKED), codebook, head_dim)
+    values = dequantize_values(*buffers(storage, VALUE_PACKED), codebook, head_dim)
     for b in range(keys.shape[0]):
         length = int(storage.lengths[b])
         if not 0 <= length <= capacity:  # poisoned (or a length no append writes): it holds nothing to read
