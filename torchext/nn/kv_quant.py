@@ -263,13 +263,17 @@ class KVQuantLayer(*(() if _HFLayer is None else (_HFLayer,))):
         self.pads = torch.zeros(0, dtype=torch.int64)  # [batch] leading pad tokens of each sequence (update)
         self.is_initialized = False
 
-    def lazy_initialization(self, keys: Tensor, values: Tensor) -> None:
-        """Buffers for max_length positions; levels and key ranges from the config, else from this prefill."""
+    def lazy_initialization(self, keys: Tensor, values: Tensor, real: Tensor | None = None) -> None:
+        """Buffers for max_length positions; levels and key ranges from the config, else from this prefill's
+        tokens past the sink (real [batch]: the tokens each row holds at its front, default all n)."""
         batch, kv_heads, n, head_dim = keys.shape
-        self.inv_freq = self.inv_freq.to(keys.device)
         self.codebook = self.config.codebook(self.layer_idx, keys.device)
         if self.codebook is None:  # uncalibrated: uniform levels, key ranges of the prefill (past the sink)
-            sample = keys[:, :, min(self.config.sink_tokens, n - 1):].transpose(1, 2).flatten(0, 1)
+            position = torch.arange(n, device=keys.device)
+            held = position < (torch.full((batch,), n, device=keys.device) if real is None else real)[:, None]
+            sample = keys.transpose(1, 2)[held & (position >= min(self.config.sink_tokens, n - 1))]
+            if sample.shape[0] == 0:  # every real token is in the sink
+                sample = keys.transpose(1, 2).flatten(0, 1)
             offset, scale = key_ranges(sample, self.config.outlier_fraction)
             self.codebook = make_codebook(self.config.key_bits, self.config.value_bits, offset, scale)
         slots = ref.outlier_slots(head_dim, self.config.outlier_fraction)
@@ -317,6 +321,7 @@ class KVQuantLayer(*(() if _HFLayer is None else (_HFLayer,))):
                              f"(max_length={self.max_length}); nothing was written")
         first_prefill = self.seen == 0
         if first_prefill:
+            self.inv_freq = self.inv_freq.to(key_states.device)
             self.pads = self._left_padding(kwargs, n, batch, key_states.device)
         real = n - self.pads if first_prefill else torch.full_like(self.pads, n)  # [batch] tokens to store
         keys, values = key_states, value_states
@@ -327,7 +332,7 @@ class KVQuantLayer(*(() if _HFLayer is None else (_HFLayer,))):
             order = order[:, None, :, None].expand_as(keys)
             keys, values = keys.gather(2, order), values.gather(2, order)
         if not self.is_initialized:
-            self.lazy_initialization(keys, values)
+            self.lazy_initialization(keys, values, real)
         ops.kv_quant_append_(self.storage, self.codebook, keys.contiguous(), values.contiguous(),
                              real.to(torch.int32), check=False)
         self.seen += n

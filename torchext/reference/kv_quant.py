@@ -392,7 +392,7 @@ def crop(storage: Storage, codebook: Codebook, keep: list[int]) -> None:
     it would have after those tokens; every other position reads back as before.
     """
     sink, window = storage.sink_keys.shape[2], storage.window_keys.shape[2]
-    keys, values = read(storage, codebook)
+    head_dim = storage.sink_keys.shape[-1]
     for b, wanted in enumerate(keep):
         old = int(storage.lengths[b])
         if old < 0:
@@ -400,10 +400,14 @@ def crop(storage: Storage, codebook: Codebook, keep: list[int]) -> None:
         new = max(min(int(wanted), old), 0)
         first = window_start(new, sink, window)
         overwritten = torch.arange(first, max(first, min(new, old - window)))
-        if overwritten.numel():
+        if overwritten.numel():  # dequantize just these positions: [1, kv_heads, n, head_dim] each
+            keys = dequantize_keys(*(t[b:b + 1, :, overwritten] for t in buffers(storage, KEY_PACKED)), codebook,
+                                   head_dim)
+            values = dequantize_values(*(t[b:b + 1, :, overwritten] for t in buffers(storage, VALUE_PACKED)),
+                                       codebook, head_dim)
             slots = overwritten % window
-            storage.window_keys[b][:, slots] = keys[b][:, overwritten].to(storage.window_keys.dtype)
-            storage.window_values[b][:, slots] = values[b][:, overwritten].to(storage.window_values.dtype)
+            storage.window_keys[b][:, slots] = keys[0].to(storage.window_keys.dtype)
+            storage.window_values[b][:, slots] = values[0].to(storage.window_values.dtype)
         storage.lengths[b] = new
 
 
