@@ -33,12 +33,14 @@ def _inv_freq(head_dim, device):
     return (500000.0 ** (-torch.arange(0, head_dim, 2, device=device).float() / head_dim)).contiguous()
 
 
-def _inputs(batch, context, key_bits, value_bits, heads, kv_heads, head_dim, device, dtype):
+def _inputs(batch, context, key_bits, value_bits, heads, kv_heads, head_dim, key_group, device, dtype):
     """(q, storage, codebook, inv_freq, k16, v16): a packed cache of `context` tokens per sequence (built with the
-    quantize-and-append op) and the fp16 cache SDPA reads."""
+    quantize-and-append op) and the fp16 cache SDPA reads. The KIVI mode (key_group > 0) holds its incomplete
+    group in a window of key_group positions."""
     codebook = ops.make_codebook(key_bits, value_bits, torch.zeros(kv_heads, head_dim, device=device),
-                                 torch.full((kv_heads, head_dim), 2.0, device=device))
-    storage = ops.allocate_storage(batch, kv_heads, head_dim, context, codebook, SLOTS, SINK, 0, dtype, device)
+                                 torch.full((kv_heads, head_dim), 2.0, device=device), key_group=key_group)
+    storage = ops.allocate_storage(batch, kv_heads, head_dim, context, codebook, SLOTS, SINK, key_group, dtype,
+                                   device)
     for first in range(0, context, APPEND_CHUNK):
         n = min(APPEND_CHUNK, context - first)
         k, v = (torch.randn(batch, kv_heads, n, head_dim, device=device, dtype=dtype) for _ in range(2))
@@ -88,7 +90,7 @@ def packed_bytes_per_token(key_bits, value_bits, kv_heads=KV_HEADS, head_dim=HEA
     off an allocated one-position cache."""
     codebook = ops.make_codebook(key_bits, value_bits, torch.zeros(kv_heads, head_dim), torch.ones(kv_heads, head_dim))
     storage = ops.allocate_storage(1, kv_heads, head_dim, 1, codebook, SLOTS, dtype=torch.float16)
-    return sum(ops.kv_quant.bytes_per_position(storage).values())
+    return sum(ops.kv_quant.bytes_per_position(storage, codebook).values())
 
 
 def _summary(batch, context, key_bits, value_bits, kv_heads, head_dim):
@@ -108,14 +110,15 @@ def _summary(batch, context, key_bits, value_bits, kv_heads, head_dim):
 
 
 def _decode(batch, context, key_bits, value_bits, gpu, check=False, heads=None, kv_heads=None, head_dim=None,
-            dtype=torch.float16):
-    """GPU cases default to GQA 32:4 with head_dim 128; smoke cases to 8:2 with 64."""
+            dtype=torch.float16, key_group=0):
+    """GPU cases default to GQA 32:4 with head_dim 128; smoke cases to 8:2 with 64. key_group > 0: the KIVI mode."""
     default = (HEADS, KV_HEADS, HEAD_DIM) if gpu else (8, 2, 64)
     heads, kv_heads, head_dim = (given or fallback for given, fallback in zip((heads, kv_heads, head_dim), default))
     shape = f"b{batch}-ctx{context}-K{key_bits}V{value_bits}" + (f"-H{heads}/{kv_heads}-d{head_dim}" if
                                                                   (heads, kv_heads, head_dim) != default else "")
+    shape += f"-kivi{key_group}" if key_group else ""
     return Case("kv_quant", "kv_quant_decode_attention", shape, dtype,
-                partial(_inputs, batch, context, key_bits, value_bits, heads, kv_heads, head_dim),
+                partial(_inputs, batch, context, key_bits, value_bits, heads, kv_heads, head_dim, key_group),
                 _torchext, _dequantize_then_attend, _reference if check else None, compiled=_not_compileable,
                 modes=("fwd",), count_bytes=False, gpu=gpu,
                 summary=_summary(batch, context, key_bits, value_bits, kv_heads, head_dim), extra_providers=ANCHORS)
@@ -126,6 +129,7 @@ KINDS = {"decode": _decode}
 CASES = [
     # CPU smoke size: a few interpreter programs.
     _decode(2, 96, 4, 4, gpu=False, check=True),
+    _decode(2, 96, 4, 4, gpu=False, check=True, key_group=32),
     *cases_of(sizes.KV_QUANT, KINDS),  # GPU sizes
 ]
 

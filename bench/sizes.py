@@ -143,6 +143,8 @@ KV_QUANT = _sizes(
     ("decode", dict(batch=8, context=16384, key_bits=2, value_bits=2)),
     ("decode", dict(batch=1, context=4096, key_bits=4, value_bits=4, dtype=BF16), dict(compile=True)),
     ("decode", dict(batch=1, context=4096, key_bits=4, value_bits=4, head_dim=64), dict(compile=True)),
+    ("decode", dict(batch=1, context=16384, key_bits=4, value_bits=4, key_group=32),  # the KIVI mode
+     dict(compile=True)),
 )
 
 _HALF_THE_HEADS = dict(H=16)  # 32 -> 16: the same specialisation (a multiple of 16), half the plan to build on the CPU

@@ -9,6 +9,7 @@ reference is the append path and the decode kernel runs through the Triton inter
 import functools
 import math
 from collections import Counter
+from pathlib import Path
 
 import pytest
 import torch
@@ -16,7 +17,8 @@ from harness import TOLERANCES, NoHostReads, check_opcheck, check_raises
 
 from torchext import ops
 from torchext._backend import CUDA_EXT
-from torchext.nn.kv_quant import KVQuantConfig, key_ranges, layer_calibration
+from torchext.nn.kv_quant import KVQuantConfig, Quantizer, candidate_quantizers, choose_quantizer, key_ranges, \
+    layer_calibration
 from torchext.reference import kv_quant as ref
 
 # Decode attention vs the reference over the same dequantized cache. fp32: the kernel builds RoPE angles by angle
@@ -60,10 +62,12 @@ def sink_direction(head_dim):
 
 
 def fresh_cache(batch, kv_heads, head_dim, capacity, key_bits=4, value_bits=4, slots=1, sink=1, window=0,
-                dtype=torch.float32, keys=None, levels=None, device="cpu"):
+                dtype=torch.float32, keys=None, levels=None, device="cpu", key_group=0):
+    """An empty cache: KVQuant's per-layer key ranges from a sample, or the KIVI mode's (key_group > 0)."""
     sample = torch.randn(256, kv_heads, head_dim) * 1.5 if keys is None else keys
     offset, scale = key_ranges(sample, 0.01)
-    codebook = ops.make_codebook(key_bits, value_bits, offset.to(device), scale.to(device), **(levels or {}))
+    codebook = ops.make_codebook(key_bits, value_bits, offset.to(device), scale.to(device), **(levels or {}),
+                                 key_group=key_group)
     return ops.allocate_storage(batch, kv_heads, head_dim, capacity, codebook, slots, sink, window, dtype, device), \
         codebook
 
@@ -91,8 +95,11 @@ def test_packing_layout(bits, head_dim):
 
 
 def test_the_named_buffer_groups_cover_storage_in_field_order():
-    """The CUDA binding takes the PER_SEQUENCE buffers' pointers in Storage's field order, lengths apart."""
+    """PER_SEQUENCE is every buffer but lengths, in field order; the CUDA binding takes the buffers it writes by
+    their Storage names (its py::arg keywords)."""
     assert ref.PER_SEQUENCE + ("lengths",) == ref.Storage._fields
+    binding = (Path(__file__).parents[1] / "csrc" / "module.cpp").read_text()
+    assert all(f'py::arg("{name}")' in binding for name in ref.CUDA_APPEND + ("lengths",))
     storage, _ = fresh_cache(2, 2, 64, 8, key_bits=3, slots=2, sink=1, window=4, dtype=torch.bfloat16)
     for name, (shape, dtype) in ref.layout(2, 2, 8, 64, 2, 1, 4, 3, 4, torch.bfloat16).items():
         assert getattr(storage, name).shape == shape and getattr(storage, name).dtype == dtype, name
@@ -159,9 +166,34 @@ def test_append_places_sink_window_and_packed_positions():
             assert ((error <= bound) | outlier).all()
 
 
-def test_one_prefill_equals_token_by_token_appends():
+def test_kivi_mode_quantizes_whole_groups_with_their_min_max_ranges():
+    """Positions leave the window a group at a time (it then holds window - G + 1 to window positions), each
+    group's per-channel range is its keys' min-max, and the cache reads back what the quantizer alone gives."""
+    group, sink, window = 8, 1, 12
+    storage, codebook = fresh_cache(2, 2, 32, 48, slots=0, sink=sink, window=window, key_group=group)
+    k, v = structured_kv(2, 2, 40, 32)
+    ops.kv_quant_append_(storage, codebook, k, v, torch.tensor([40, 21], dtype=torch.int32))
+    keys, values = ref.read(storage, codebook)
+    for b, length in enumerate((40, 21)):
+        start = ref.window_start(length, sink, window, group)
+        assert (start - sink) % group == 0 and window - group < length - start <= window
+        exact = list(range(sink)) + list(range(start, length))
+        assert torch.equal(keys[b, :, exact], k[b, :, exact]) and torch.equal(values[b, :, exact], v[b, :, exact])
+        packed = slice(sink, start)
+        offset, scale = ref.group_key_ranges(k[b, :, packed], group)
+        groups = (start - sink) // group
+        assert torch.equal(storage.key_group_offset[b, :, :groups], offset)
+        assert torch.equal(storage.key_group_scale[b, :, :groups], scale)
+        alone = ref.quantize_dequantize(k[b:b + 1, :, packed], v[b:b + 1, :, packed], codebook, 0)
+        assert torch.equal(keys[b, :, packed], alone[0][0]) and torch.equal(values[b, :, packed], alone[1][0])
+        half_step = scale.repeat_interleave(group, 1) / (2 ** codebook.key_bits - 1)
+        assert ((keys[b, :, packed] - k[b, :, packed]).abs() <= half_step * (1 + 1e-5)).all()
+
+
+@pytest.mark.parametrize("key_group", [0, 4], ids=["kvquant", "kivi"])
+def test_one_prefill_equals_token_by_token_appends(key_group):
     k, v = structured_kv(1, 2, 20, 64)
-    storage, codebook = fresh_cache(1, 2, 64, 32, 3, 2, slots=1, sink=1, window=4)
+    storage, codebook = fresh_cache(1, 2, 64, 32, 3, 2, slots=1, sink=1, window=4, key_group=key_group)
     stepped = ref.Storage(*(t.clone() for t in storage))
     ops.kv_quant_append_(storage, codebook, k, v)
     for t in range(20):
@@ -328,10 +360,10 @@ def test_values_past_fp16_range_round_trip(dtype, magnitude, slots):
 
 
 def decode_case(batch, kv_heads, group, head_dim, lengths, key_bits, value_bits, sink, window, dtype, slots=1,
-                device="cpu", inv_freq=None, attention_scaling=1.0):
+                device="cpu", inv_freq=None, attention_scaling=1.0, key_group=0):
     capacity = max(lengths) + 3
     storage, codebook = fresh_cache(batch, kv_heads, head_dim, capacity, key_bits, value_bits, slots, sink, window,
-                                    dtype, device=device)
+                                    dtype, device=device, key_group=key_group)
     k, v = structured_kv(batch, kv_heads, max(lengths), head_dim)
     ops.kv_quant_append_(storage, codebook, k.to(device, dtype), v.to(device, dtype),
                          torch.tensor(lengths, dtype=torch.int32, device=device))
@@ -359,6 +391,14 @@ def test_decode_matches_reference(group, bits):
 @pytest.mark.parametrize("head_dim", [64, 128])
 def test_decode_dtypes_head_dims_sink_and_window(dtype, head_dim):
     check_decode(*decode_case(2, 2, 2, head_dim, [90, 5], 4, 3, sink=4, window=16, dtype=dtype, slots=2))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("bits", [(4, 4), (3, 2)], ids=lambda b: f"K{b[0]}V{b[1]}")
+def test_decode_kivi_mode_matches_reference(dtype, bits):
+    """The same kernel with per-group key ranges read from the cache: ragged lengths (one still all in the
+    window), GQA, a sink and a window that holds 9 to 16 positions."""
+    check_decode(*decode_case(3, 2, 4, 64, [90, 12, 41], *bits, sink=2, window=16, dtype=dtype, key_group=8))
 
 
 def test_decode_ragged_batch_llama3_rope_scaling_and_many_splits():
@@ -431,6 +471,15 @@ def test_bad_inputs():
                  "scale must be finite and > 0, got nan")
     check_raises(lambda: KVQuantConfig(key_bits=9), ValueError, "KVQuantConfig: key_bits must be one of (2, 3, 4)")
     check_raises(lambda: KVQuantConfig(outlier_fraction=1.5), ValueError, "outlier_fraction must be in [0, 1)")
+    check_raises(lambda: ops.make_codebook(4, 4, codebook.key_offset, codebook.key_scale, key_group=1), ValueError,
+                 "key_group must be 0 (per-layer key ranges) or >= 2")
+    kivi = ops.make_codebook(4, 4, codebook.key_offset, codebook.key_scale, key_group=8)
+    check_raises(lambda: ops.allocate_storage(1, 2, 32, 8, kivi, window=4), ValueError,
+                 "the KIVI mode (key_group=8) needs window >= key_group")
+    check_raises(lambda: decode(q, storage, kivi, inv_freq), ValueError,
+                 "the KIVI mode needs window >= key_group=8, got 0")
+    check_raises(lambda: KVQuantConfig(key_group=32, window_tokens=16), ValueError,
+                 "the KIVI mode needs key_group >= 2 and window_tokens >= key_group")
     k = torch.randn(1, 2, 1, 32)
     check_raises(lambda: ops.kv_quant_append_(storage, codebook, k, k.half()), TypeError, "k must have dtype")
     check_raises(lambda: ops.kv_quant_append_(storage, codebook, k.half()[:, :1], k.half()[:, :1]), ValueError,
@@ -496,6 +545,11 @@ def test_config_round_trips_through_safetensors(tmp_path):
     for a, b in zip(config.codebook(1, "cpu"), loaded.codebook(1, "cpu")):
         assert torch.equal(a, b) if isinstance(a, torch.Tensor) else a == b
     assert "key_boundaries" in stats  # Q-Norm at 2 bits keeps the original midpoints as boundaries
+    chosen = [Quantizer(2, 3, 0.01), Quantizer(4, 4, 0.0, 16, False)]
+    kivi_stats = {"key_offset": torch.zeros(2, 32), "key_scale": torch.ones(2, 32)}  # uniform levels
+    KVQuantConfig(2, 3, 0.01, 4, 16, True, [stats, kivi_stats], quantizers=chosen).save(tmp_path / "chosen.safetensors")
+    loaded = KVQuantConfig.load(tmp_path / "chosen.safetensors")
+    assert loaded.quantizers == chosen and loaded.codebook(1, "cpu").key_group == 16
 
 
 def test_cache_unrotates_keys_with_the_cos_sin_it_is_handed():
@@ -796,10 +850,11 @@ def test_batch_select_and_repeat_match_a_dynamic_cache():
         torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
 
 
-def test_crop_reads_back_what_the_longer_cache_read():
-    """Cropping keeps every remaining position as it read before (window positions whose ring slots newer tokens
-    took come back from their quantized slots), and the cropped cache takes new tokens like an uncropped one."""
-    storage, codebook = fresh_cache(2, 2, 32, 40, sink=1, window=4)
+@pytest.mark.parametrize("key_group", [0, 4], ids=["kvquant", "kivi"])
+def test_crop_reads_back_what_the_longer_cache_read(key_group):
+    """Cropping keeps every remaining position as it read before (window positions that were quantized since
+    come back from their quantized slots), and the cropped cache takes new tokens like an uncropped one."""
+    storage, codebook = fresh_cache(2, 2, 32, 40, sink=1, window=4, key_group=key_group)
     k, v = structured_kv(2, 2, 30, 32)
     ref.append(storage, codebook, k, v, torch.tensor([30, 25]))
     before = ref.read(storage, codebook)
@@ -810,4 +865,79 @@ def test_crop_reads_back_what_the_longer_cache_read():
         assert torch.equal(a[0, :, :12], b[0, :, :12]) and torch.equal(a[1, :, :25], b[1, :, :25])
     ref.append(storage, codebook, k[:, :, :3], v[:, :, :3], torch.tensor([3, 0]))
     keys, _ = ref.read(storage, codebook)
-    assert torch.equal(keys[0, :, 12:15], k[0, :, :3].float())  # new tokens in the 16-bit window
+    first = max(ref.window_start(15, 1, 4, ref.window_step(codebook)), 12)  # new tokens still in the window
+    assert first < 15 and torch.equal(keys[0, :, first:15], k[0, :, first - 12:3].float())
+
+
+# ---- choosing the quantizer per layer at a bits-per-element budget --------------------------------------------------
+
+
+def drifting_keys(batch, kv_heads, n, head_dim, group, seed=0):
+    """Keys whose channel offsets jump every `group` positions (a range per layer must span every level they
+    visit; a range per group needs only its own)."""
+    g = torch.Generator().manual_seed(seed)
+    jumps = 8 * torch.randn(batch, kv_heads, n // group, 1, head_dim, generator=g)
+    noise = torch.randn(batch, kv_heads, n // group, group, head_dim, generator=g)
+    return (jumps + noise).flatten(2, 3)
+
+
+@pytest.mark.parametrize("data", ["drifting", "fixed_channels"])
+def test_choose_quantizer_follows_the_data(data):
+    """Keys whose channels drift along the sequence get the KIVI mode's per-group ranges; keys whose channels
+    keep one range (KVQuant's structure) get per-layer ranges, which leave the budget's bits to the codes."""
+    head_dim, n, budget = 64, 256, 4.5
+    if data == "drifting":
+        k, v = drifting_keys(2, 2, n, head_dim, 32), torch.randn(2, 2, n, head_dim)
+    else:
+        k, v = structured_kv(2, 2, n, head_dim)
+    q = torch.randn(2, 8, n, head_dim, generator=torch.Generator().manual_seed(1))
+    candidates = candidate_quantizers(budget, head_dim, window_tokens=128)
+    assert {c.key_group for c in candidates} == {0, 32, 64, 128}
+    assert all(c.bits_per_element(head_dim) <= budget for c in candidates)
+    best, stats, errors = choose_quantizer([q], [k], [v], candidates, torch.zeros(head_dim // 2), sink_tokens=1)
+    assert errors[best] == min(errors.values()) and set(errors) == set(candidates)
+    assert (best.key_group > 0) == (data == "drifting"), best
+    kivi = min((c for c in candidates if c.key_group), key=errors.get)
+    kvquant = min((c for c in candidates if not c.key_group), key=errors.get)
+    loser, winner = (kvquant, kivi) if data == "drifting" else (kivi, kvquant)
+    assert errors[loser] > 1.2 * errors[winner], (errors[loser], errors[winner])
+
+
+def test_budget_calibration_stays_within_budget_and_the_cache_holds_its_choice(small_llama):
+    """calibrate(budget=...) gives each layer a quantizer within the budget; the cache built from the config
+    quantizes each layer as chosen, and its memory report's bits per quantized element are the budget's."""
+    from torchext.nn import KVQuantCache, calibrate
+    model, config, g = small_llama
+    kv = calibrate(model, [induction_batch(8, 4, g)], budget=4.0, sink_tokens=1, window_tokens=16)
+    assert len(kv.quantizers) == config.num_hidden_layers
+    assert all(q.bits_per_element(32, torch.float32) <= 4.0 for q in kv.quantizers), kv.quantizers
+    cache = KVQuantCache(kv, model, max_length=96, fused=False)
+    with torch.no_grad():
+        model(induction_batch(2, 5, g)[:, :80], past_key_values=cache)
+    for layer, q in zip(cache.layers, kv.quantizers):
+        assert (layer.codebook.key_bits, layer.codebook.value_bits, layer.codebook.key_group) == \
+            (q.key_bits, q.value_bits, q.key_group)
+        assert layer.storage.key_outlier_index.shape[-1] == q.slots(32)
+        memory = layer.memory()
+        quantized = sum(memory[name] for name in ("codes", "value_scales", "outliers", "key_group_ranges"))
+        positions = 2 * (ref.window_start(80, 1, 16, ref.window_step(layer.codebook)) - 1)  # 2 sequences
+        assert 8 * quantized / (positions * 2 * config.num_key_value_heads * 32) == pytest.approx(
+            q.bits_per_element(32, torch.float32), rel=1e-3)
+
+
+def test_kivi_mode_generates_through_the_fused_kernel(small_llama):
+    """KVQuantConfig(key_group=...) in model.generate: the fused kernel (interpreter on CPU) gives the greedy
+    tokens of the dequantized cache, and of a 16-bit DynamicCache at 4 bits."""
+    from transformers import DynamicCache
+
+    from torchext.nn import KVQuantCache
+    model, config, g = small_llama
+    ids = induction_batch(1, 3, g)[:, :40]
+    kivi = KVQuantConfig(4, 4, outlier_fraction=0.0, sink_tokens=1, window_tokens=8, key_group=8)
+    unfused = greedy(model, ids, KVQuantCache(kivi, model, max_length=64, fused=False), new_tokens=12)
+    try:
+        fused = greedy(model, ids, KVQuantCache(kivi, model, max_length=64), new_tokens=12)
+    finally:
+        model.set_attn_implementation("sdpa")
+    assert torch.equal(fused, unfused)
+    assert torch.equal(fused, greedy(model, ids, DynamicCache(config=config), new_tokens=12))

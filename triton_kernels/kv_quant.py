@@ -1,7 +1,8 @@
 """KVQuant decode attention (arXiv 2401.18079) as split-K flash decoding over the packed cache.
 
 Program (sequence b, kv head h, split s) walks its chunk of quantized positions in tiles of BLOCK_N: it unpacks the
-codes of a [BLOCK_N, head_dim] key tile, looks up the per-layer levels, undoes the per-channel normalisation,
+codes of a [BLOCK_N, head_dim] key tile, looks up the per-layer levels, undoes the per-channel normalisation (per
+layer, or per group of KEY_GROUP positions in the KIVI mode: one kernel serves both, the mode a constexpr),
 puts the dense-and-sparse outliers back, rotates the tile by RoPE at its positions (angle addition from a table
 built once per program: no sincos per element) and scores all the query heads of the GQA group at once, so one
 dequantization serves the whole group. Values are dequantized per token the same way. The last split of each
@@ -14,6 +15,8 @@ import math
 import torch
 import triton
 import triton.language as tl
+
+from torchext.reference import kv_quant as ref
 
 from ._attention import online_softmax_step, softmax_result
 from ._launch import GPU_TILES, dot, dot_dtype, sm_count
@@ -64,6 +67,17 @@ def _put_outliers(x, channel, index_ptr, value_ptr, rows, valid, SLOTS: tl.const
 
 
 @triton.jit
+def _group_ranges(offset_ptr, scale_ptr, bh, pos, valid, channel, SINK: tl.constexpr, KEY_GROUP: tl.constexpr,
+                  GROUPS: tl.constexpr, D: tl.constexpr):
+    """The KIVI mode's (offset, scale) fp32 [BLOCK_N, C] of a key tile's channels: each position's group's
+    (group g starts at SINK + g KEY_GROUP)."""
+    at = (bh * GROUPS + (pos - SINK) // KEY_GROUP)[:, None] * D + channel[None, :]  # [BLOCK_N, C]
+    offset = tl.load(offset_ptr + at, mask=valid[:, None], other=0.0).to(tl.float32)
+    scale = tl.load(scale_ptr + at, mask=valid[:, None], other=0.0).to(tl.float32)
+    return offset, scale
+
+
+@triton.jit
 def _unpack(codes_ptr, rows, channel, valid, levels_ptr, WORDS: tl.constexpr, BITS: tl.constexpr):
     """Levels of the codes of a [BLOCK_N, C] tile: code c of a row sits in word c // (32 // BITS)."""
     per_word: tl.constexpr = 32 // BITS
@@ -75,12 +89,14 @@ def _unpack(codes_ptr, rows, channel, valid, levels_ptr, WORDS: tl.constexpr, BI
 @triton.jit
 def _kv_quant_decode_fwd_kernel(
         q_ptr, stride_qb, stride_qh,
-        key_codes_ptr, key_index_ptr, key_value_ptr, key_levels_ptr, key_offset_ptr, key_scale_ptr,
+        key_codes_ptr, key_index_ptr, key_value_ptr, key_group_offset_ptr, key_group_scale_ptr, key_levels_ptr,
+        key_offset_ptr, key_scale_ptr,
         value_codes_ptr, value_offset_ptr, value_scale_ptr, value_index_ptr, value_value_ptr, value_levels_ptr,
         sink_keys_ptr, sink_values_ptr, window_keys_ptr, window_values_ptr, lengths_ptr,
         inv_freq_ptr, attention_scaling, qk_scale, part_out_ptr, part_lse_ptr, chunk, splits,
         KV_HEADS: tl.constexpr, GROUP: tl.constexpr, CAPACITY: tl.constexpr, SINK: tl.constexpr,
-        WINDOW: tl.constexpr, RING: tl.constexpr, SLOTS: tl.constexpr,
+        WINDOW: tl.constexpr, RING: tl.constexpr, SLOTS: tl.constexpr, KEY_GROUP: tl.constexpr,
+        GROUPS: tl.constexpr, WINDOW_STEP: tl.constexpr,
         KEY_BITS: tl.constexpr, VALUE_BITS: tl.constexpr, KEY_WORDS: tl.constexpr, VALUE_WORDS: tl.constexpr,
         D: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, DOT: tl.constexpr):
     HALF: tl.constexpr = D // 2
@@ -91,7 +107,12 @@ def _kv_quant_decode_fwd_kernel(
     # A poisoned sequence (negative length: an append could not take its tokens), or a length past the capacity
     # that no append writes, reads as empty: nothing out of range is loaded. The merge kernel makes its output NaN.
     length = tl.where((length >= 0) & (length <= CAPACITY), length, 0)
-    window_start = tl.minimum(length, tl.maximum(SINK, length - WINDOW))  # positions before it are sink or packed
+    # The first window position (reference.kv_quant.window_start): positions leave in steps of WINDOW_STEP.
+    if WINDOW_STEP == 1:
+        window_start = tl.minimum(length, tl.maximum(SINK, length - WINDOW))
+    else:
+        excess = tl.maximum(length - SINK - WINDOW, 0)
+        window_start = tl.where(length <= SINK, length, SINK + tl.cdiv(excess, WINDOW_STEP) * WINDOW_STEP)
 
     g = tl.arange(0, BLOCK_G)
     lo, hi, all_d = tl.arange(0, HALF), HALF + tl.arange(0, HALF), tl.arange(0, D)
@@ -107,16 +128,24 @@ def _kv_quant_decode_fwd_kernel(
     offs = tl.arange(0, BLOCK_N)
     if split < splits:  # packed positions [SINK, window_start) of this chunk
         seq = bh * CAPACITY  # first row of this (b, h) in the [batch * kv_heads * capacity, ...] buffers
-        k_off_lo, k_off_hi = tl.load(key_offset_ptr + h * D + lo), tl.load(key_offset_ptr + h * D + hi)
-        k_sc_lo, k_sc_hi = tl.load(key_scale_ptr + h * D + lo), tl.load(key_scale_ptr + h * D + hi)
+        if KEY_GROUP == 0:  # KVQuant: one range per channel for the whole loop, [HALF] each
+            layer_off_lo, layer_off_hi = tl.load(key_offset_ptr + h * D + lo), tl.load(key_offset_ptr + h * D + hi)
+            layer_sc_lo, layer_sc_hi = tl.load(key_scale_ptr + h * D + lo), tl.load(key_scale_ptr + h * D + hi)
         first = tl.maximum(split * chunk, SINK)
         last = tl.minimum((split + 1) * chunk, window_start)
         for start in range(first, last, BLOCK_N):
             pos = start + offs  # [BLOCK_N]
             valid = pos < last
             rows = seq + pos
-            k_lo = _unpack(key_codes_ptr, rows, lo, valid, key_levels_ptr, KEY_WORDS, KEY_BITS) * k_sc_lo + k_off_lo
-            k_hi = _unpack(key_codes_ptr, rows, hi, valid, key_levels_ptr, KEY_WORDS, KEY_BITS) * k_sc_hi + k_off_hi
+            if KEY_GROUP > 0:  # [BLOCK_N, HALF] each
+                off_lo, sc_lo = _group_ranges(key_group_offset_ptr, key_group_scale_ptr, bh, pos, valid, lo, SINK,
+                                              KEY_GROUP, GROUPS, D)
+                off_hi, sc_hi = _group_ranges(key_group_offset_ptr, key_group_scale_ptr, bh, pos, valid, hi, SINK,
+                                              KEY_GROUP, GROUPS, D)
+            else:
+                off_lo, sc_lo, off_hi, sc_hi = layer_off_lo, layer_sc_lo, layer_off_hi, layer_sc_hi
+            k_lo = _unpack(key_codes_ptr, rows, lo, valid, key_levels_ptr, KEY_WORDS, KEY_BITS) * sc_lo + off_lo
+            k_hi = _unpack(key_codes_ptr, rows, hi, valid, key_levels_ptr, KEY_WORDS, KEY_BITS) * sc_hi + off_hi
             k_lo = _put_outliers(k_lo, lo, key_index_ptr, key_value_ptr, rows, valid, SLOTS)  # [BLOCK_N, HALF]
             k_hi = _put_outliers(k_hi, hi, key_index_ptr, key_value_ptr, rows, valid, SLOTS)
             s = _scores(q_lo, q_hi, k_lo, k_hi, start, theta, cos_j, sin_j, DOT)
@@ -198,11 +227,14 @@ def kv_quant_decode_fwd(q, storage, codebook, inv_freq, attention_scaling: float
     slots = storage.key_outlier_index.shape[3]
     group = heads // kv_heads
     splits, chunk = _splits(batch * kv_heads, max_length, q.device)
+    # Without the KIVI mode the group buffers are empty: hand the kernel a real pointer it never reads instead.
+    group_ranges = (storage.key_group_offset, storage.key_group_scale) if codebook.key_group else \
+        (codebook.key_offset, codebook.key_scale)
     part_out = torch.empty(batch * heads * (splits + 1), d, device=q.device, dtype=torch.float32)
     part_lse = torch.empty(batch * heads * (splits + 1), device=q.device, dtype=torch.float32)
     _kv_quant_decode_fwd_kernel[(batch * kv_heads, splits + 1)](
         q, q.stride(0), q.stride(1),
-        storage.key_codes, storage.key_outlier_index, storage.key_outlier_value, codebook.key_levels,
+        storage.key_codes, storage.key_outlier_index, storage.key_outlier_value, *group_ranges, codebook.key_levels,
         codebook.key_offset, codebook.key_scale,
         storage.value_codes, storage.value_offset, storage.value_scale, storage.value_outlier_index,
         storage.value_outlier_value, codebook.value_levels,
@@ -210,6 +242,7 @@ def kv_quant_decode_fwd(q, storage, codebook, inv_freq, attention_scaling: float
         inv_freq, attention_scaling, scale * LOG2E, part_out, part_lse, chunk, splits,
         KV_HEADS=kv_heads, GROUP=group, CAPACITY=capacity, SINK=storage.sink_keys.shape[2],
         WINDOW=storage.window_keys.shape[2], RING=max(storage.window_keys.shape[2], 1), SLOTS=slots,
+        KEY_GROUP=codebook.key_group, GROUPS=storage.key_group_offset.shape[2], WINDOW_STEP=ref.window_step(codebook),
         KEY_BITS=codebook.key_bits, VALUE_BITS=codebook.value_bits, KEY_WORDS=storage.key_codes.shape[3],
         VALUE_WORDS=storage.value_codes.shape[3], D=d, BLOCK_G=max(16, triton.next_power_of_2(group)),
         BLOCK_N=BLOCK_N, DOT=dot_dtype(q.dtype), num_warps=NUM_WARPS)

@@ -1,6 +1,9 @@
 """KVQuant (Hooper et al., arXiv 2401.18079): calibration, a drop-in quantized KV cache, and its memory report.
 
     config = calibrate(model, batches, bits=4, outlier_fraction=0.01)    # per-layer nuq levels + key ranges
+    config = calibrate(model, batches, budget=4.0, window_tokens=32)      # or: per layer the quantizer (KVQuant
+                                                                          # or KIVI, bits, outliers) with the
+                                                                          # least attention error at 4 bits/element
     config.save("kvquant.safetensors")
     cache = KVQuantCache(config, model, max_length=8192)                 # a transformers.Cache
     out = model.generate(input_ids, past_key_values=cache, max_new_tokens=64)
@@ -14,12 +17,15 @@ installs on the model it is given). Beam search, crop (assisted generation) and 
 as with a DynamicCache.
 """
 
+import itertools
 import json
+import math
 import threading
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from torchext import ops
@@ -39,6 +45,42 @@ except ImportError:  # transformers is an optional extra: the cache then works o
 MAX_CALIBRATION_SAMPLES = 1 << 20  # per layer and tensor: k-means on more changes the levels by nothing visible
 
 
+@dataclass(frozen=True)
+class Quantizer:
+    """One layer's quantizer: what `calibrate(budget=...)` chooses per layer.
+
+    key_group 0 is KVQuant: per-channel key ranges fixed per layer (before RoPE), levels fitted by k-means (nuq)
+    or uniform, outlier_fraction of each vector kept exactly (dense-and-sparse). key_group G >= 2 is the KIVI
+    mode: per-channel key ranges of every G positions (min-max, stored in the cache), uniform levels. Values are
+    quantized per token in both.
+    """
+    key_bits: int
+    value_bits: int
+    outlier_fraction: float = 0.0
+    key_group: int = 0
+    nuq: bool = True
+
+    def slots(self, head_dim: int) -> int:
+        """Outlier slots per [head_dim] vector."""
+        return ref.outlier_slots(head_dim, self.outlier_fraction)
+
+    def bits_per_element(self, head_dim: int, dtype: torch.dtype = torch.float16) -> float:
+        """What one quantized position costs per cached element (keys and values together) in a cache of `dtype`:
+        codes as packed, value offsets and scales, outlier slots, the KIVI mode's share of its group ranges. The
+        16-bit sink and window are apart (memory_report counts everything)."""
+        spec = ref.layout(1, 1, 1, head_dim, self.slots(head_dim), 0, 0, self.key_bits, self.value_bits, dtype)
+        packed = sum(math.prod(shape) * dt.itemsize for name, (shape, dt) in spec.items() if name in ref.PACKED)
+        groups = 2 * head_dim * dtype.itemsize / self.key_group if self.key_group else 0.0
+        return 8 * (packed + groups) / (2 * head_dim)
+
+    def __str__(self) -> str:
+        bits = f"K{self.key_bits}V{self.value_bits}"
+        if self.key_group:
+            return f"KIVI mode {bits} group {self.key_group}"
+        levels = "nuq" if self.nuq else "uniform"
+        return f"KVQuant {bits} {levels}" + (f" outliers {self.outlier_fraction:g}" if self.outlier_fraction else "")
+
+
 @dataclass
 class KVQuantConfig:
     """What a KVQuantCache needs, every part of the method switchable.
@@ -47,6 +89,8 @@ class KVQuantConfig:
     sink_tokens: leading positions kept in 16-bit; window_tokens: most recent positions kept in 16-bit.
     pre_rope: quantize keys before RoPE (the paper) or after (the ablation). layers: per-layer calibration
     (`calibrate`); empty means uniform levels with key ranges taken from each layer's first prefill.
+    key_group: 0 for KVQuant's per-layer key ranges, G >= 2 for the KIVI mode (window_tokens >= G).
+    quantizers: one Quantizer per layer (calibrate(budget=...) fills it), overriding the four fields above.
     """
     key_bits: int = 4
     value_bits: int = 4
@@ -55,6 +99,8 @@ class KVQuantConfig:
     window_tokens: int = 0
     pre_rope: bool = True
     layers: list[dict[str, Tensor]] = field(default_factory=list)
+    key_group: int = 0
+    quantizers: list[Quantizer] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         for name in ("key_bits", "value_bits"):
@@ -62,14 +108,29 @@ class KVQuantConfig:
         check_float("KVQuantConfig", "outlier_fraction", self.outlier_fraction)
         if not 0 <= self.outlier_fraction < 1:
             raise ValueError(f"KVQuantConfig: outlier_fraction must be in [0, 1), got {self.outlier_fraction}")
-        for name in ("sink_tokens", "window_tokens"):
+        for name in ("sink_tokens", "window_tokens", "key_group"):
             check_int("KVQuantConfig", name, getattr(self, name), minimum=0)
+        self.quantizers = [q if isinstance(q, Quantizer) else Quantizer(**q) for q in self.quantizers]
+        if self.layers and self.quantizers and len(self.layers) != len(self.quantizers):
+            raise ValueError(f"KVQuantConfig: {len(self.layers)} calibrated layers but {len(self.quantizers)} "
+                             f"quantizers")
+        groups = [q.key_group for q in self.quantizers] or [self.key_group]
+        if max(groups) > self.window_tokens or 1 in groups:
+            raise ValueError(f"KVQuantConfig: the KIVI mode needs key_group >= 2 and window_tokens >= key_group "
+                             f"(the window holds the incomplete group), got key_group {max(groups)} and "
+                             f"window_tokens {self.window_tokens}")
+
+    def quantizer(self, layer_idx: int) -> Quantizer:
+        if self.quantizers:
+            return self.quantizers[layer_idx]
+        return Quantizer(self.key_bits, self.value_bits, self.outlier_fraction, self.key_group, bool(self.layers))
 
     def codebook(self, layer_idx: int, device) -> ref.Codebook | None:
         if not self.layers:
             return None
         stats = {name: t.to(device) for name, t in self.layers[layer_idx].items()}
-        return make_codebook(self.key_bits, self.value_bits, **stats)
+        q = self.quantizer(layer_idx)
+        return make_codebook(q.key_bits, q.value_bits, **stats, key_group=q.key_group)
 
     def save(self, path: str) -> None:
         """safetensors file: tensors `layers.<i>.<name>`, the other fields as JSON metadata."""
@@ -113,12 +174,35 @@ def _subsample(x: Tensor, *weights: Tensor | None) -> tuple[Tensor | None, ...]:
     return (x[pick], *(None if w is None else w[pick] for w in weights))
 
 
-def _levels(samples: Tensor, weights: Tensor | None, bits: int, q_norm: bool) -> dict[str, Tensor]:
+def _levels(samples: Tensor, weights: Tensor | None, bits: int, q_norm: bool | None) -> dict[str, Tensor]:
+    """nuq levels of normalised samples; Q-Norm when q_norm, by default at 2 bits."""
     samples, weights = _subsample(samples, weights)
     levels = ref.fit_levels(samples, bits, weights)
-    if not q_norm:
+    if not (bits == 2 if q_norm is None else q_norm):
         return {"levels": levels}
     return {"levels": ref.q_norm_levels(samples, levels), "boundaries": ref.midpoints(levels)}
+
+
+def _key_calibration(keys: Tensor, bits: int, outlier_fraction: float, fisher: Tensor | None, nuq: bool,
+                     q_norm: bool | None) -> dict[str, Tensor]:
+    offset, scale = key_ranges(keys, outlier_fraction)
+    stats = {"key_offset": offset, "key_scale": scale}
+    if nuq:
+        x = ref.normalize_keys(keys.transpose(0, 1), offset, scale)  # [kv_heads, n, head_dim]
+        inlier = x.abs() <= 1
+        w = None if fisher is None else (fisher.float().transpose(0, 1) * scale[:, None] ** 2)[inlier]
+        for name, t in _levels(x[inlier], w, bits, q_norm).items():
+            stats[f"key_{name}"] = t
+    return stats
+
+
+def _value_calibration(values: Tensor, bits: int, outlier_fraction: float, fisher: Tensor | None, nuq: bool,
+                       q_norm: bool | None) -> dict[str, Tensor]:
+    if not nuq:
+        return {}
+    x, inlier, _, (_, scale) = ref.value_statistics(values, ref.outlier_slots(values.shape[-1], outlier_fraction))
+    w = None if fisher is None else (fisher.float() * scale.float()[..., None] ** 2)[inlier]
+    return {f"value_{name}": t for name, t in _levels(x[inlier], w, bits, q_norm).items()}
 
 
 def layer_calibration(keys: Tensor, values: Tensor, key_bits: int, value_bits: int, outlier_fraction: float,
@@ -131,20 +215,100 @@ def layer_calibration(keys: Tensor, values: Tensor, key_bits: int, value_bits: i
     sum F_i s_i^2 (x_i - Q(x_i))^2), or uniform when nuq=False. q_norm (default: on at 2 bits) applies Q-Norm.
     Returns make_codebook's keyword arguments.
     """
-    head_dim = keys.shape[-1]
-    offset, scale = key_ranges(keys, outlier_fraction)
-    stats = {"key_offset": offset, "key_scale": scale}
-    if not nuq:
-        return stats
-    x_k = ref.normalize_keys(keys.transpose(0, 1), offset, scale)  # [kv_heads, n, head_dim]
-    inlier_k = x_k.abs() <= 1
-    w_k = None if key_fisher is None else (key_fisher.float().transpose(0, 1) * scale[:, None] ** 2)[inlier_k]
-    x_v, inlier_v, _, (_, v_scale) = ref.value_statistics(values, ref.outlier_slots(head_dim, outlier_fraction))
-    w_v = None if value_fisher is None else (value_fisher.float() * v_scale.float()[..., None] ** 2)[inlier_v]
-    for prefix, bits, x, w in (("key", key_bits, x_k[inlier_k], w_k), ("value", value_bits, x_v[inlier_v], w_v)):
-        for name, t in _levels(x, w, bits, bits == 2 if q_norm is None else q_norm).items():
-            stats[f"{prefix}_{name}"] = t
-    return stats
+    return {**_key_calibration(keys, key_bits, outlier_fraction, key_fisher, nuq, q_norm),
+            **_value_calibration(values, value_bits, outlier_fraction, value_fisher, nuq, q_norm)}
+
+
+KIVI_GROUPS = (32, 64, 128)
+CANDIDATE_OUTLIER_FRACTIONS = (0.0, 0.01)  # 0.01 keeps one slot per vector up to head_dim 149
+
+
+def candidate_quantizers(budget: float, head_dim: int, window_tokens: int = 0,
+                         dtype: torch.dtype = torch.float16) -> list[Quantizer]:
+    """The quantizers calibrate(budget=...) weighs, cheapest first: key and value bits 2, 3, 4 each; KVQuant with
+    nuq or uniform levels and no outliers or 1% (at least one slot); the KIVI mode with the groups of KIVI_GROUPS
+    the window can hold (group <= window_tokens); those within `budget` bits per element
+    (Quantizer.bits_per_element in a cache of `dtype`)."""
+    found = []
+    for key_bits, value_bits in itertools.product(ref.SUPPORTED_BITS, repeat=2):
+        found += [Quantizer(key_bits, value_bits, fraction, 0, nuq)
+                  for fraction in CANDIDATE_OUTLIER_FRACTIONS for nuq in (True, False)]
+        found += [Quantizer(key_bits, value_bits, 0.0, group, False) for group in KIVI_GROUPS if group <= window_tokens]
+    return sorted((q for q in found if q.bits_per_element(head_dim, dtype) <= budget + 1e-9),
+                  key=lambda q: q.bits_per_element(head_dim, dtype))
+
+
+def attend(queries: Tensor, keys: Tensor, values: Tensor, inv_freq: Tensor, attention_scaling: float = 1.0,
+           causal: bool = True) -> Tensor:
+    """fp32 attention of queries [batch, heads, n, head_dim] over keys, values [batch, kv_heads, n, head_dim], both
+    queries and keys pre-RoPE and rotated here at positions 0..n-1 (inv_freq of zeros: no RoPE), GQA repeated."""
+    cos, sin = ref.rope_cos_sin(torch.arange(keys.shape[2]), inv_freq.cpu(), attention_scaling)
+    group = queries.shape[1] // keys.shape[1]
+    k = ref.rotate(keys, cos, sin).repeat_interleave(group, 1)
+    return F.scaled_dot_product_attention(ref.rotate(queries, cos, sin), k, values.float().repeat_interleave(group, 1),
+                                          is_causal=causal)
+
+
+def simulate(keys: Tensor, values: Tensor, quantizer: Quantizer, stats: dict[str, Tensor],
+             sink_tokens: int = 0) -> tuple[Tensor, Tensor]:
+    """Keys and values [batch, kv_heads, n, head_dim] as a cache with this quantizer reads them back, fp32: the
+    first sink_tokens exact, every later position quantized (no window: the quantizer alone, except the KIVI
+    mode's incomplete last group, which its window holds exactly)."""
+    codebook = make_codebook(quantizer.key_bits, quantizer.value_bits, **stats, key_group=quantizer.key_group)
+    k_hat, v_hat = ref.quantize_dequantize(keys[:, :, sink_tokens:], values[:, :, sink_tokens:], codebook,
+                                           quantizer.slots(keys.shape[-1]))
+    return tuple(torch.cat((exact[:, :, :sink_tokens].float(), quantized), 2)
+                 for exact, quantized in ((keys, k_hat), (values, v_hat)))
+
+
+def _past_sink(tensors: list[Tensor] | None, sink_tokens: int) -> Tensor | None:
+    """Per-batch activations [batch, heads, seq, head_dim] -> [n, heads, head_dim] past the sink, all batches
+    (layer_calibration's layout)."""
+    if tensors is None:
+        return None
+    return torch.cat([t[:, :, sink_tokens:].transpose(1, 2).flatten(0, 1) for t in tensors])
+
+
+def choose_quantizer(queries: list[Tensor], keys: list[Tensor], values: list[Tensor], candidates: list[Quantizer],
+                     inv_freq: Tensor, attention_scaling: float = 1.0, sink_tokens: int = 0, causal: bool = True,
+                     key_fisher: list[Tensor] | None = None, value_fisher: list[Tensor] | None = None,
+                     q_norm: bool | None = None) -> tuple[Quantizer, dict[str, Tensor], dict[Quantizer, float]]:
+    """The candidate with the least attention-output error on one layer's calibration activations.
+
+    queries: per batch [batch, heads, seq, head_dim]; keys, values, key_fisher, value_fisher: per batch
+    [batch, kv_heads, seq, head_dim]; queries and keys before RoPE (attend rotates both). Each candidate is
+    calibrated on the positions past the sink (layer_calibration) and scored by ||O_hat - O||_F / ||O||_F over
+    every query (simulate: the sink exact, the rest quantized). Returns (the best, its make_codebook keyword
+    arguments, every candidate's error).
+    """
+    if not candidates:
+        raise ValueError("choose_quantizer: no candidate quantizer (is the budget below the cheapest one's bits?)")
+
+    k_flat, v_flat, dk_flat, dv_flat = (_past_sink(t, sink_tokens) for t in (keys, values, key_fisher, value_fisher))
+    exact = [attend(q, k, v, inv_freq, attention_scaling, causal) for q, k, v in zip(queries, keys, values)]
+    fitted: dict[tuple, dict[str, Tensor]] = {}  # levels depend on (kind, bits, outliers, nuq) only: fit once
+
+    def stats_of(q: Quantizer) -> dict[str, Tensor]:
+        if q.key_group:  # KIVI: uniform levels, key ranges from the cache; the per-layer ones only give the shape
+            return {"key_offset": torch.zeros(k_flat.shape[1:]), "key_scale": torch.ones(k_flat.shape[1:])}
+        key = ("key", q.key_bits, q.outlier_fraction, q.nuq)
+        value = ("value", q.value_bits, q.outlier_fraction, q.nuq)
+        if key not in fitted:
+            fitted[key] = _key_calibration(k_flat, q.key_bits, q.outlier_fraction, dk_flat, q.nuq, q_norm)
+        if value not in fitted:
+            fitted[value] = _value_calibration(v_flat, q.value_bits, q.outlier_fraction, dv_flat, q.nuq, q_norm)
+        return {**fitted[key], **fitted[value]}
+
+    errors = {}
+    for candidate in candidates:
+        stats = stats_of(candidate)
+        squared = total = 0.0
+        for q, k, v, o in zip(queries, keys, values, exact):
+            o_hat = attend(q, *simulate(k, v, candidate, stats, sink_tokens), inv_freq, attention_scaling, causal)
+            squared, total = squared + float((o_hat - o).square().sum()), total + float(o.square().sum())
+        errors[candidate] = math.sqrt(squared / max(total, 1e-30))
+    best = min(candidates, key=lambda c: (errors[c], c.bits_per_element(k_flat.shape[-1])))
+    return best, stats_of(best), errors
 
 
 def _attention_layers(model: nn.Module) -> list[nn.Module]:
@@ -164,33 +328,23 @@ def _rotary(model: nn.Module) -> tuple[Tensor, float]:
     raise ValueError("KVQuant: the model has no rotary embedding module (a module with an inv_freq buffer)")
 
 
-def calibrate(model: nn.Module, batches: Iterable[Tensor], bits: int = 4, outlier_fraction: float = 0.01,
-              fisher: bool = False, value_bits: int | None = None, nuq: bool = True, q_norm: bool | None = None,
-              sink_tokens: int = 1, window_tokens: int = 0, pre_rope: bool = True) -> KVQuantConfig:
-    """Fit a KVQuantConfig on calibration token batches (paper sec. 3.3-3.4).
-
-    Hooks every attention layer's k_proj / v_proj (keys there are pre-RoPE in Hugging Face Llama-style models) and
-    fits per layer: key per-channel ranges, nuq levels for keys and values (k-means; with fisher=True weighted by
-    the squared gradients of the language-model loss, which needs `model(ids, labels=ids).loss`), Q-Norm at 2 bits.
-
-    Args:
-        batches: token id tensors [batch, seq]. bits: key bits (value_bits defaults to the same).
-        nuq: False gives uniform levels (intX) with calibrated key ranges. Other args: see KVQuantConfig.
-    """
-    attention = _attention_layers(model)
-    captured = {(m.layer_idx, kind): [] for m in attention for kind in ("k", "v", "dk", "dv")}
+def _capture(model: nn.Module, attention: list[nn.Module], batches: Iterable[Tensor], kinds: tuple[str, ...],
+             fisher: bool) -> dict[tuple[int, str], list[Tensor]]:
+    """Per (layer, kind) the outputs of its {kind}_proj per batch, [batch, kv_heads or heads, seq, head_dim] fp32 on
+    the CPU, and with fisher=True their gradients of the language-model loss under "d" + kind."""
+    captured = {(m.layer_idx, kind): [] for m in attention for kind in kinds + tuple("d" + k for k in kinds)}
 
     def hook(layer_idx, kind, head_dim):
         def capture(module, inputs, output):
-            heads = output.reshape(*output.shape[:-1], -1, head_dim)  # [batch, seq, kv_heads, head_dim]
-            captured[layer_idx, kind].append(heads[:, sink_tokens:].detach().float().cpu())
+            heads = output.unflatten(-1, (-1, head_dim))  # [batch, seq, heads, head_dim]
+            captured[layer_idx, kind].append(heads.detach().float().cpu().transpose(1, 2))
             if fisher and output.requires_grad:
                 output.register_hook(lambda g: captured[layer_idx, "d" + kind].append(
-                    g.reshape(heads.shape)[:, sink_tokens:].float().cpu()))
+                    g.unflatten(-1, (-1, head_dim)).float().cpu().transpose(1, 2)))
         return capture
 
     handles = [getattr(m, f"{kind}_proj").register_forward_hook(hook(m.layer_idx, kind, m.head_dim))
-               for m in attention for kind in ("k", "v")]
+               for m in attention for kind in kinds]
     try:
         for ids in batches:
             with torch.set_grad_enabled(fisher):
@@ -202,24 +356,60 @@ def calibrate(model: nn.Module, batches: Iterable[Tensor], bits: int = 4, outlie
             handle.remove()
         if fisher:
             model.zero_grad(set_to_none=True)
+    return captured
+
+
+def calibrate(model: nn.Module, batches: Iterable[Tensor], bits: int = 4, outlier_fraction: float = 0.01,
+              fisher: bool = False, value_bits: int | None = None, nuq: bool = True, q_norm: bool | None = None,
+              sink_tokens: int = 1, window_tokens: int = 0, pre_rope: bool = True,
+              budget: float | None = None, cache_dtype: torch.dtype | None = None) -> KVQuantConfig:
+    """Fit a KVQuantConfig on calibration token batches (paper sec. 3.3-3.4).
+
+    Hooks every attention layer's k_proj / v_proj (keys there are pre-RoPE in Hugging Face Llama-style models) and
+    fits per layer: key per-channel ranges, nuq levels for keys and values (k-means; with fisher=True weighted by
+    the squared gradients of the language-model loss, which needs `model(ids, labels=ids).loss`), Q-Norm at 2 bits.
+
+    With budget (bits per cached element, metadata and outliers included; Quantizer.bits_per_element) it chooses
+    per layer, among candidate_quantizers(budget, ...), the one whose attention output on these batches is
+    closest to exact attention (choose_quantizer; q_proj is hooked too); bits, value_bits, outlier_fraction and
+    nuq are then unused. KIVI-mode candidates need window_tokens >= their group. cache_dtype: the dtype the
+    cache will hold, which its metadata and outliers take (default the model's).
+
+    Args:
+        batches: token id tensors [batch, seq]. bits: key bits (value_bits defaults to the same).
+        nuq: False gives uniform levels (intX) with calibrated key ranges. Other args: see KVQuantConfig.
+    """
+    if budget is not None and not pre_rope:
+        raise ValueError("calibrate: budget chooses among pre-RoPE quantizers; pass pre_rope=True")
+    attention = _attention_layers(model)
+    captured = _capture(model, attention, batches, ("k", "v") if budget is None else ("q", "k", "v"), fisher)
     inv_freq, attention_scaling = _rotary(model)
-    layers = []
+    layers, quantizers = [], []
     for m in attention:
+        kept = {kind: captured[m.layer_idx, kind] or None for kind in ("q", "k", "v", "dk", "dv")
+                if (m.layer_idx, kind) in captured}
+        if budget is not None:  # K/V measured as the cache will hold them, in its dtype
+            dtype = cache_dtype or next(model.parameters()).dtype
+            keys, values = ([t.to(dtype) for t in kept[kind]] for kind in ("k", "v"))
+            candidates = candidate_quantizers(budget, m.head_dim, window_tokens, dtype)
+            best, stats, _ = choose_quantizer(kept["q"], keys, values, candidates, inv_freq, attention_scaling,
+                                              sink_tokens, True, kept["dk"], kept["dv"], q_norm)
+            layers.append(stats)
+            quantizers.append(best)
+            continue
         if not pre_rope:  # the ablation: statistics of the keys as RoPE leaves them
-            captured[m.layer_idx, "k"] = [_rotate(k, sink_tokens, inv_freq, attention_scaling)
-                                          for k in captured[m.layer_idx, "k"]]
-        keys, values, key_grad, value_grad = (torch.cat([t.flatten(0, 1) for t in captured[m.layer_idx, kind]])
-                                              if captured[m.layer_idx, kind] else None
-                                              for kind in ("k", "v", "dk", "dv"))
+            kept["k"] = [_rotate(k, inv_freq, attention_scaling) for k in kept["k"]]
+        keys, values, key_grad, value_grad = (_past_sink(kept[kind], sink_tokens) for kind in ("k", "v", "dk", "dv"))
         layers.append(layer_calibration(keys, values, bits, value_bits or bits, outlier_fraction, key_grad,
                                         value_grad, nuq=nuq, q_norm=q_norm))
-    return KVQuantConfig(bits, value_bits or bits, outlier_fraction, sink_tokens, window_tokens, pre_rope, layers)
+    return KVQuantConfig(bits, value_bits or bits, outlier_fraction, sink_tokens, window_tokens, pre_rope, layers,
+                         quantizers=quantizers)
 
 
-def _rotate(keys: Tensor, first: int, inv_freq: Tensor, attention_scaling: float) -> Tensor:
-    """RoPE of keys [batch, seq, kv_heads, head_dim] at positions first, first + 1, ... (same layout back)."""
-    cos, sin = ref.rope_cos_sin(torch.arange(first, first + keys.shape[1]), inv_freq.cpu(), attention_scaling)
-    return ref.rotate(keys.transpose(1, 2), cos, sin).transpose(1, 2)
+def _rotate(keys: Tensor, inv_freq: Tensor, attention_scaling: float) -> Tensor:
+    """RoPE of keys [batch, kv_heads, seq, head_dim] at positions 0, 1, ... (same layout back)."""
+    cos, sin = ref.rope_cos_sin(torch.arange(keys.shape[2]), inv_freq.cpu(), attention_scaling)
+    return ref.rotate(keys, cos, sin)
 
 
 # ---- the cache ------------------------------------------------------------------------------------------------------
@@ -267,16 +457,21 @@ class KVQuantLayer(*(() if _HFLayer is None else (_HFLayer,))):
         """Buffers for max_length positions; levels and key ranges from the config, else from this prefill's
         tokens past the sink (real [batch]: the tokens each row holds at its front, default all n)."""
         batch, kv_heads, n, head_dim = keys.shape
+        quantizer = self.config.quantizer(self.layer_idx)
         self.codebook = self.config.codebook(self.layer_idx, keys.device)
+        if self.codebook is None and quantizer.key_group:  # uncalibrated KIVI mode: key ranges live in the cache
+            ones = torch.ones(kv_heads, head_dim, device=keys.device)
+            self.codebook = make_codebook(quantizer.key_bits, quantizer.value_bits, ones * 0, ones,
+                                          key_group=quantizer.key_group)
         if self.codebook is None:  # uncalibrated: uniform levels, key ranges of the prefill (past the sink)
             position = torch.arange(n, device=keys.device)
             held = position < (torch.full((batch,), n, device=keys.device) if real is None else real)[:, None]
             sample = keys.transpose(1, 2)[held & (position >= min(self.config.sink_tokens, n - 1))]
             if sample.shape[0] == 0:  # every real token is in the sink
                 sample = keys.transpose(1, 2).flatten(0, 1)
-            offset, scale = key_ranges(sample, self.config.outlier_fraction)
-            self.codebook = make_codebook(self.config.key_bits, self.config.value_bits, offset, scale)
-        slots = ref.outlier_slots(head_dim, self.config.outlier_fraction)
+            offset, scale = key_ranges(sample, quantizer.outlier_fraction)
+            self.codebook = make_codebook(quantizer.key_bits, quantizer.value_bits, offset, scale)
+        slots = quantizer.slots(head_dim)
         self.storage = allocate_storage(batch, kv_heads, head_dim, self.max_length, self.codebook, slots,
                                         self.config.sink_tokens, self.config.window_tokens, keys.dtype, keys.device)
         self.is_initialized = True
@@ -418,12 +613,13 @@ class KVQuantLayer(*(() if _HFLayer is None else (_HFLayer,))):
         sink_len, window_len = st.sink_keys.shape[2], st.window_keys.shape[2]
         sink = window = packed = 0  # positions summed over the sequences (each holds seen - pads[b] tokens)
         for held in (self.seen - self.pads).tolist():
-            in_window = held - ref.window_start(held, sink_len, window_len)
+            in_window = held - ref.window_start(held, sink_len, window_len, ref.window_step(cb))
             sink, window = sink + min(sink_len, held), window + in_window
             packed += held - min(sink_len, held) - in_window
-        per_position = bytes_per_position(st)  # one sequence, all heads
+        per_position = bytes_per_position(st, cb)  # one sequence, all heads
         return {"codes": packed * (per_position["key_codes"] + per_position["value_codes"]),
                 "value_scales": packed * (per_position["value_offset"] + per_position["value_scale"]),
+                "key_group_ranges": round(packed * sum(per_position.get(name, 0) for name in ref.KEY_GROUPS)),
                 "outliers": packed * sum(per_position[f"{kind}_outlier_{part}"]
                                          for kind in ("key", "value") for part in ("index", "value")),
                 "sink": 2 * sink * kv_heads * head_dim * st.sink_keys.element_size(),

@@ -34,12 +34,15 @@ def check_bits(op: str, name: str, bits) -> None:
 
 def make_codebook(key_bits: int, value_bits: int, key_offset: Tensor, key_scale: Tensor,
                   key_levels: Tensor | None = None, value_levels: Tensor | None = None,
-                  key_boundaries: Tensor | None = None, value_boundaries: Tensor | None = None) -> Codebook:
+                  key_boundaries: Tensor | None = None, value_boundaries: Tensor | None = None,
+                  key_group: int = 0) -> Codebook:
     """A layer's Codebook. Levels default to uniform (intX); boundaries to the levels' midpoints.
 
     key_offset, key_scale: [kv_heads, head_dim] (centre and half-width of each channel's range, scale > 0).
     key_levels/value_levels: [2^bits] ascending (nuqX from torchext.nn.calibrate); boundaries [2^bits - 1]
     ascending. All moved to fp32 on key_offset's device.
+    key_group: 0 for KVQuant's per-layer key ranges; G >= 2 for KIVI's per-channel ranges of every G positions,
+    kept in the Storage (key_offset and key_scale then only give the shape: ones and zeros will do).
 
     Raises TypeError for a non-int bits or a non-tensor table, ValueError for unsupported bits, mismatched shapes,
     key_offset and key_scale on two devices, or non-finite, non-positive or unordered values (read to the host:
@@ -48,6 +51,10 @@ def make_codebook(key_bits: int, value_bits: int, key_offset: Tensor, key_scale:
     op = "make_codebook"
     check_bits(op, "key_bits", key_bits)
     check_bits(op, "value_bits", value_bits)
+    check_int(op, "key_group", key_group, minimum=0)
+    if key_group == 1:
+        raise ValueError("make_codebook: key_group must be 0 (per-layer key ranges) or >= 2 (the range of one "
+                         "position is empty)")
     tables = {"key_levels": key_levels, "value_levels": value_levels, "key_boundaries": key_boundaries,
               "value_boundaries": value_boundaries}  # optional, moved to key_offset's device
     for name, t in {"key_offset": key_offset, "key_scale": key_scale, **tables}.items():
@@ -71,7 +78,7 @@ def make_codebook(key_bits: int, value_bits: int, key_offset: Tensor, key_scale:
         if not (lv.isfinite().all() and bd.isfinite().all() and (lv.diff() > 0).all() and (bd.diff() > 0).all()):
             raise ValueError(f"make_codebook: {name} levels and boundaries must be finite and strictly ascending")
     return Codebook(key_bits, value_bits, levels[0], bounds[0], levels[1], bounds[1],
-                    key_offset.float().contiguous(), key_scale.float().contiguous())
+                    key_offset.float().contiguous(), key_scale.float().contiguous(), key_group)
 
 
 def allocate_storage(batch: int, kv_heads: int, head_dim: int, capacity: int, codebook: Codebook, slots: int = 1,
@@ -79,7 +86,8 @@ def allocate_storage(batch: int, kv_heads: int, head_dim: int, capacity: int, co
     """Empty buffers for `capacity` positions per sequence (lengths 0). See reference.kv_quant.Storage.
 
     slots: outlier slots per [head_dim] vector (reference.kv_quant.outlier_slots(head_dim, fraction)), 0 for none.
-    sink: leading positions kept in `dtype`; window: most recent positions kept in `dtype` (a ring buffer).
+    sink: leading positions kept in `dtype`; window: most recent positions kept in `dtype` (a ring buffer); with
+    the codebook's key_group G > 0 (KIVI mode) window >= G, as it holds each group until the group is complete.
     """
     for name, value in (("batch", batch), ("kv_heads", kv_heads), ("head_dim", head_dim), ("capacity", capacity),
                         ("slots", slots), ("sink", sink), ("window", window)):
@@ -95,26 +103,37 @@ def allocate_storage(batch: int, kv_heads: int, head_dim: int, capacity: int, co
     if tuple(codebook.key_offset.shape) != (kv_heads, head_dim):
         raise ValueError(f"allocate_storage: the codebook is for [kv_heads, head_dim] = "
                          f"{list(codebook.key_offset.shape)}, not [{kv_heads}, {head_dim}]")
+    if window < codebook.key_group:
+        raise ValueError(f"allocate_storage: the KIVI mode (key_group={codebook.key_group}) needs window >= "
+                         f"key_group to hold the incomplete group, got window={window}")
     spec = ref.layout(batch, kv_heads, capacity, head_dim, slots, sink, window, codebook.key_bits,
-                      codebook.value_bits, dtype)
+                      codebook.value_bits, dtype, codebook.key_group)
     empty = {name: -1 if name.endswith("outlier_index") else 0 for name in spec}  # -1: an empty outlier slot
     return Storage(*(torch.full(shape, empty[name], dtype=dt, device=device) for name, (shape, dt) in spec.items()))
 
 
-def bytes_per_position(storage: Storage) -> dict[str, int]:
+def bytes_per_position(storage: Storage, codebook: Codebook) -> dict[str, float]:
     """Bytes one packed position of one sequence takes in each packed buffer (all kv heads): the codes, the value
-    offset and scale, and the outlier slots. The sink and window are counted apart."""
-    return {name: getattr(storage, name)[0, :, 0].numel() * getattr(storage, name).element_size()
-            for name in ref.PACKED}
+    offset and scale, the outlier slots and, in the KIVI mode, its share of its key group's ranges. The sink and
+    window are counted apart."""
+    sizes = {name: getattr(storage, name)[0, :, 0].numel() * getattr(storage, name).element_size()
+             for name in ref.PACKED}
+    for name in ref.KEY_GROUPS if codebook.key_group else ():
+        sizes[name] = getattr(storage, name)[0, :, 0].numel() * getattr(storage, name).element_size() / \
+            codebook.key_group
+    return sizes
 
 
 def _check_storage(op: str, storage: Storage, codebook: Codebook) -> tuple[int, ...]:
     """(batch, kv_heads, capacity, head_dim, slots) after checking every buffer against the layout."""
     batch, kv_heads, capacity, _ = storage.key_codes.shape
     head_dim, slots = storage.sink_keys.shape[-1], storage.key_outlier_index.shape[-1]
+    if codebook.key_group and storage.window_keys.shape[2] < codebook.key_group:
+        raise ValueError(f"{op}: the KIVI mode needs window >= key_group={codebook.key_group}, got "
+                         f"{storage.window_keys.shape[2]}")
     expected = ref.layout(batch, kv_heads, capacity, head_dim, slots, storage.sink_keys.shape[2],
                           storage.window_keys.shape[2], codebook.key_bits, codebook.value_bits,
-                          storage.sink_keys.dtype)
+                          storage.sink_keys.dtype, codebook.key_group)
     for name, tensor in zip(Storage._fields, storage):
         shape, dt = expected[name]
         check_tensor(op, f"storage.{name}", tensor, (dt,))
@@ -153,20 +172,24 @@ def _check_append(storage: Storage, codebook: Codebook, k: Tensor, v: Tensor, co
 
 
 def _append_cuda(storage: Storage, codebook: Codebook, k: Tensor, v: Tensor, counts: Tensor) -> None:
+    """The CUDA append, every buffer handed by its Storage field name (the binding's keyword arguments)."""
     batch, kv_heads, n, head_dim = k.shape
     CUDA_EXT.kv_quant_append(
-        k.data_ptr(), v.data_ptr(), k.stride()[:3], v.stride()[:3], counts.data_ptr(), storage.lengths.data_ptr(),
-        *(t.data_ptr() for t in ref.buffers(storage, ref.PER_SEQUENCE)),  # the binding's order: Storage's
-        codebook.key_boundaries.data_ptr(), codebook.value_boundaries.data_ptr(), codebook.key_offset.data_ptr(),
-        codebook.key_scale.data_ptr(), batch, kv_heads, n, head_dim, storage.key_codes.shape[2],
-        storage.key_outlier_index.shape[3], storage.sink_keys.shape[2], storage.window_keys.shape[2],
-        codebook.key_bits, codebook.value_bits, cuda_dtype_code(k.dtype),
-        torch.cuda.current_stream(k.device).cuda_stream)
+        k=k.data_ptr(), v=v.data_ptr(), k_strides=k.stride()[:3], v_strides=v.stride()[:3],
+        counts=counts.data_ptr(), lengths=storage.lengths.data_ptr(),
+        **{name: getattr(storage, name).data_ptr() for name in ref.CUDA_APPEND},
+        **{name: getattr(codebook, name).data_ptr() for name in
+           ("key_boundaries", "value_boundaries", "key_offset", "key_scale")},
+        batch=batch, kv_heads=kv_heads, n_new=n, head_dim=head_dim, capacity=storage.key_codes.shape[2],
+        slots=storage.key_outlier_index.shape[3], sink=storage.sink_keys.shape[2],
+        window=storage.window_keys.shape[2], key_bits=codebook.key_bits, value_bits=codebook.value_bits,
+        dtype=cuda_dtype_code(k.dtype), stream=torch.cuda.current_stream(k.device).cuda_stream)
 
 
 # The ops take the Storage and Codebook NamedTuples flattened, field by field, in their declared order.
 _STORAGE_ARGS = ", ".join(f"Tensor(a{i}!) {name}" for i, name in enumerate(Storage._fields))
-_CODEBOOK_ARGS = ", ".join(f"{'int' if name.endswith('bits') else 'Tensor'} {name}" for name in Codebook._fields)
+_CODEBOOK_INTS = ("key_bits", "value_bits", "key_group")
+_CODEBOOK_ARGS = ", ".join(f"{'int' if name in _CODEBOOK_INTS else 'Tensor'} {name}" for name in Codebook._fields)
 _N_STORAGE, _N_CODEBOOK = len(Storage._fields), len(Codebook._fields)
 torch.library.define("torchext::kv_quant_append_",
                      f"({_STORAGE_ARGS}, {_CODEBOOK_ARGS}, Tensor k, Tensor v, Tensor counts) -> ()")
@@ -182,8 +205,8 @@ def _unflatten(args) -> tuple:
 def _kv_quant_append_impl(*args) -> None:
     storage, codebook, k, v, counts = _unflatten(args)
     _check_append(storage, codebook, k, v, counts)
-    if use_cuda_ext(k) and hasattr(CUDA_EXT, "kv_quant_append"):
-        _append_cuda(storage, codebook, k, v, counts)
+    if use_cuda_ext(k) and hasattr(CUDA_EXT, "kv_quant_append") and not codebook.key_group:
+        _append_cuda(storage, codebook, k, v, counts)  # the KIVI mode appends through the reference (torch)
     else:
         ref.append(storage, codebook, k, v, counts)
 
@@ -211,7 +234,8 @@ def kv_quant_append_(storage: Storage, codebook: Codebook, k: Tensor, v: Tensor,
 
     Positions below `sink` go to the sink, the last `window` positions to the ring buffer (both in the cache
     dtype), and each position leaving the window is quantized (keys per channel, values per token, outliers into
-    their slots).
+    their slots); in the KIVI mode (codebook.key_group > 0) positions leave in whole groups. The KIVI mode runs
+    the reference append (torch, a host sync per sequence) on CUDA too: the CUDA append kernel is KVQuant's.
     """
     check_tensor("kv_quant_append_", "k", k, ndim=4)
     if counts is not None:

@@ -6,7 +6,9 @@ normalisation, calibrated offline, paper sec. 3.1-3.4) and a `Storage` (per-sequ
 of the ops:
 
 - keys are quantized per channel and before RoPE (sec. 3.1-3.2): x = (k - offset_c) / scale_c, so the
-  calibrated range of channel c maps to [-1, 1]; RoPE is applied when attention reads them;
+  calibrated range of channel c maps to [-1, 1]; RoPE is applied when attention reads them. With
+  `Codebook.key_group` = G > 0 (the KIVI mode, Liu et al., arXiv 2402.02750, sec. 3.2) the range of channel c is
+  instead the min-max range of every G consecutive quantized positions, stored per group in the cache;
 - values are quantized per token: offset and scale of each [head_dim] vector, after its outliers are removed;
 - each normalised element takes the code of its nearest level of a per-layer table of 2^bits levels (nuqX,
   sec. 3.3: k-means levels; uniform levels without calibration). The code is the number of midpoints
@@ -14,7 +16,9 @@ of the ops:
 - dense-and-sparse (sec. 3.4): a fixed number of slots per [head_dim] vector keeps outliers exactly (their
   channel index and original 16-bit value), replacing the dense element on dequantization;
 - positions below `sink` and the last `window` positions of each sequence stay in 16-bit (attention sink and
-  recent window); the recent window is a ring buffer indexed by position % window.
+  recent window); the recent window is a ring buffer indexed by position % window. In the KIVI mode positions
+  leave it G at a time, when the group they belong to is complete, so it holds between window - G + 1 and window
+  of the most recent positions (KIVI's full-precision residual).
 """
 
 import math
@@ -32,7 +36,9 @@ POISONED_LENGTH = -1  # lengths[b] of a sequence an append could not take (see S
 
 class Codebook(NamedTuple):
     """What is fixed per layer. Levels are ascending fp32; boundaries[i] separates levels i and i + 1 (their
-    midpoints, or the midpoints of the levels before Q-Norm moved them)."""
+    midpoints, or the midpoints of the levels before Q-Norm moved them). key_group 0 normalises keys by the
+    per-layer key_offset and key_scale (KVQuant); G > 0 by per-group ranges in the Storage (KIVI), and the
+    per-layer ones go unread."""
     key_bits: int
     value_bits: int
     key_levels: Tensor         # [2^key_bits] fp32
@@ -41,6 +47,7 @@ class Codebook(NamedTuple):
     value_boundaries: Tensor   # [2^value_bits - 1] fp32
     key_offset: Tensor         # [kv_heads, head_dim] fp32, the centre of each channel's calibrated range
     key_scale: Tensor          # [kv_heads, head_dim] fp32, its half-width (> 0)
+    key_group: int = 0         # 0: per-layer key ranges; G > 0: per-channel ranges of every G positions
 
 
 class Storage(NamedTuple):
@@ -49,7 +56,10 @@ class Storage(NamedTuple):
 
     The value offsets and scales are fp32 whatever the cache dtype: they need the range of the values they
     describe (fp16 scales read an fp32 value of 7e4 back as inf) and more precision than bf16 gives them (a bf16
-    offset near 8 is rounded by up to 1/32). Every other floating buffer has the cache dtype (fp16, bf16 or fp32).
+    offset near 8 is rounded by up to 1/32). Every other floating buffer has the cache dtype (fp16, bf16 or fp32),
+    the KIVI mode's key group ranges too, as KIVI stores them: one pair per group of G positions costs 32 / G bits
+    per element at 16 bits, and the keys are quantized with the ranges as stored, so their rounding cannot push
+    an element out of its group's range. Group g covers positions [sink + g G, sink + (g + 1) G).
 
     lengths[b] counts the tokens sequence b holds, or is POISONED_LENGTH once an append could not take its
     tokens (a count outside [0, n] or past the capacity): without a host sync the append cannot raise, so it marks
@@ -59,6 +69,8 @@ class Storage(NamedTuple):
     key_codes: Tensor            # [batch, kv_heads, capacity, words(head_dim, key_bits)] int32
     key_outlier_index: Tensor    # [batch, kv_heads, capacity, slots] int16
     key_outlier_value: Tensor    # [batch, kv_heads, capacity, slots] cache dtype
+    key_group_offset: Tensor     # [batch, kv_heads, groups, head_dim] cache dtype (groups 0 unless key_group)
+    key_group_scale: Tensor      # [batch, kv_heads, groups, head_dim] cache dtype, > 0
     value_codes: Tensor          # [batch, kv_heads, capacity, words(head_dim, value_bits)] int32
     value_offset: Tensor         # [batch, kv_heads, capacity] fp32
     value_scale: Tensor          # [batch, kv_heads, capacity] fp32
@@ -73,25 +85,35 @@ class Storage(NamedTuple):
 
 # The buffers by role, named once: code reads them through these, never by position.
 KEY_PACKED = ("key_codes", "key_outlier_index", "key_outlier_value")  # one slot per quantized position
+KEY_GROUPS = ("key_group_offset", "key_group_scale")  # one slot per group of key_group positions (KIVI mode)
 VALUE_PACKED = ("value_codes", "value_offset", "value_scale", "value_outlier_index", "value_outlier_value")
 PACKED = KEY_PACKED + VALUE_PACKED
 DENSE = ("sink_keys", "sink_values", "window_keys", "window_values")  # cache-dtype positions
-PER_SEQUENCE = PACKED + DENSE  # every buffer that holds a sequence's tokens (all but lengths)
+PER_SEQUENCE = KEY_PACKED + KEY_GROUPS + VALUE_PACKED + DENSE  # every buffer that holds a sequence's tokens
+CUDA_APPEND = PACKED + DENSE  # the buffers the CUDA append writes, by keyword (it has no KIVI mode)
 
 
 def buffers(storage: Storage, names: tuple[str, ...]) -> tuple[Tensor, ...]:
     return tuple(getattr(storage, name) for name in names)
 
 
+def key_groups(capacity: int, sink: int, key_group: int) -> int:
+    """Groups of key_group positions past the sink that `capacity` positions span (0 without the KIVI mode)."""
+    return 0 if key_group == 0 else -(-max(capacity - sink, 0) // key_group)
+
+
 def layout(batch: int, kv_heads: int, capacity: int, head_dim: int, slots: int, sink: int, window: int,
-           key_bits: int, value_bits: int, dtype: torch.dtype) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+           key_bits: int, value_bits: int, dtype: torch.dtype,
+           key_group: int = 0) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
     """The shape and dtype of every Storage buffer, in field order: what allocation, the ops' checks and byte
     counting read (adding a buffer is one entry here and one field in Storage)."""
     vectors, outliers = (batch, kv_heads, capacity), (batch, kv_heads, capacity, slots)
     dense = (batch, kv_heads)
+    groups = (batch, kv_heads, key_groups(capacity, sink, key_group), head_dim)
     spec = {
         "key_codes": (vectors + (words_per_vector(head_dim, key_bits),), torch.int32),
         "key_outlier_index": (outliers, torch.int16), "key_outlier_value": (outliers, dtype),
+        "key_group_offset": (groups, dtype), "key_group_scale": (groups, dtype),
         "value_codes": (vectors + (words_per_vector(head_dim, value_bits),), torch.int32),
         "value_offset": (vectors, torch.float32), "value_scale": (vectors, torch.float32),
         "value_outlier_index": (outliers, torch.int16), "value_outlier_value": (outliers, dtype),
@@ -217,14 +239,34 @@ def normalize_keys(k: Tensor, key_offset: Tensor, key_scale: Tensor) -> Tensor:
     return (k.float() - key_offset[:, None]) / key_scale[:, None]
 
 
-def quantize_keys(k: Tensor, codebook: Codebook, slots: int) -> tuple[Tensor, Tensor, Tensor]:
-    """k [batch, kv_heads, n, head_dim] pre-RoPE -> (codes int32 [..., words], outlier index int16 [..., slots],
-    outlier value [..., slots] in k.dtype).
+KeyRanges = tuple[Tensor, Tensor]  # fp32 (offset, scale) broadcastable to the keys [..., kv_heads, n, head_dim]
 
-    Elements outside their channel's calibrated range (|x| > 1) are outliers; the `slots` largest per vector are
-    kept exactly, the rest clamp to the range.
+
+def layer_key_ranges(codebook: Codebook) -> KeyRanges:
+    """The per-layer ranges of the KVQuant mode, [kv_heads, 1, head_dim] each."""
+    return codebook.key_offset[:, None], codebook.key_scale[:, None]
+
+
+def group_key_ranges(k: Tensor, group: int) -> KeyRanges:
+    """KIVI's per-channel min-max ranges of every `group` consecutive positions of k [..., n, head_dim] (n a
+    multiple of group): (offset, scale) [..., n / group, head_dim] in k.dtype, as the cache stores them; a
+    constant channel gets the smallest positive scale, so it reads back as its offset."""
+    grouped = k.float().unflatten(-2, (-1, group))  # [..., groups, group, head_dim]
+    half_hi, half_lo = grouped.amax(-2) / 2, grouped.amin(-2) / 2  # halved first: hi - lo may overflow
+    tiny = torch.finfo(k.dtype).tiny
+    return (half_hi + half_lo).to(k.dtype), (half_hi - half_lo).clamp_min(tiny).to(k.dtype)
+
+
+def quantize_keys(k: Tensor, codebook: Codebook, slots: int,
+                  ranges: KeyRanges | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    """k [batch, kv_heads, n, head_dim] pre-RoPE -> (codes int32 [..., words], outlier index int16 [..., slots],
+    outlier value [..., slots] in k.dtype), normalised by `ranges` (default the codebook's per-layer ones).
+
+    Elements outside their channel's range (|x| > 1) are outliers; the `slots` largest per vector are kept
+    exactly, the rest clamp to the range.
     """
-    x = normalize_keys(k, codebook.key_offset, codebook.key_scale)
+    offset, scale = layer_key_ranges(codebook) if ranges is None else ranges
+    x = (k.float() - offset.float()) / scale.float()
     index = _outliers(x.abs(), x.abs() > 1, slots)
     codes = nearest_code(x.clamp(-1, 1), codebook.key_boundaries)
     return pack_codes(codes, codebook.key_bits), index.to(torch.int16), _gather_outliers(k, index)
@@ -258,10 +300,11 @@ def quantize_values(v: Tensor, codebook: Codebook, slots: int) -> tuple[Tensor, 
 
 
 def dequantize_keys(codes: Tensor, outlier_index: Tensor, outlier_value: Tensor, codebook: Codebook,
-                    head_dim: int) -> Tensor:
+                    head_dim: int, ranges: KeyRanges | None = None) -> Tensor:
     """Inverse of quantize_keys: [batch, kv_heads, n, head_dim] fp32, pre-RoPE."""
+    offset, scale = layer_key_ranges(codebook) if ranges is None else ranges
     level = codebook.key_levels[unpack_codes(codes, codebook.key_bits, head_dim)]
-    dense = level * codebook.key_scale[:, None] + codebook.key_offset[:, None]
+    dense = level * scale.float() + offset.float()
     return _replace_outliers(dense, outlier_index, outlier_value)
 
 
@@ -271,6 +314,21 @@ def dequantize_values(codes: Tensor, offset: Tensor, scale: Tensor, outlier_inde
     level = codebook.value_levels[unpack_codes(codes, codebook.value_bits, head_dim)]
     dense = level * scale.float()[..., None] + offset.float()[..., None]
     return _replace_outliers(dense, outlier_index, outlier_value)
+
+
+def quantize_dequantize(keys: Tensor, values: Tensor, codebook: Codebook, slots: int) -> tuple[Tensor, Tensor]:
+    """The quantizer alone (no sink, no window): keys (pre-RoPE) and values [batch, kv_heads, n, head_dim] as they
+    read back from their quantized slots, fp32. In the KIVI mode the last n % key_group positions, an incomplete
+    group, stay exact, as the window holds them. What calibration and the quality benchmark measure."""
+    head_dim, n = keys.shape[-1], keys.shape[2]
+    full = n - n % codebook.key_group if codebook.key_group else n
+    ranges = None
+    if codebook.key_group:
+        ranges = tuple(t.repeat_interleave(codebook.key_group, -2) for t in
+                       group_key_ranges(keys[:, :, :full], codebook.key_group))
+    k_hat = dequantize_keys(*quantize_keys(keys[:, :, :full], codebook, slots, ranges), codebook, head_dim, ranges)
+    v_hat = dequantize_values(*quantize_values(values, codebook, slots), codebook, head_dim)
+    return torch.cat((k_hat, keys[:, :, full:].float()), 2), v_hat
 
 
 # ---- RoPE -----------------------------------------------------------------------------------------------------------
@@ -299,8 +357,17 @@ def unrotate(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
 
 def _store_dense(storage: Storage, codebook: Codebook, b: int, positions: Tensor, k: Tensor, v: Tensor,
                  slots: int) -> None:
-    """Quantize k, v [kv_heads, n, head_dim] into the dense-and-sparse slots of sequence b at `positions`."""
-    kc, ki, kv_ = quantize_keys(k[None], codebook, slots)
+    """Quantize k, v [kv_heads, n, head_dim] into the dense-and-sparse slots of sequence b at `positions` (whole
+    key groups in the KIVI mode: their ranges are stored first, and the keys quantized with them as stored)."""
+    ranges = None
+    if codebook.key_group:
+        group = codebook.key_group
+        first_group = (int(positions[0]) - storage.sink_keys.shape[2]) // group
+        groups = torch.arange(first_group, first_group + positions.numel() // group)
+        for buffer, new in zip(buffers(storage, KEY_GROUPS), group_key_ranges(k, group)):
+            buffer[b][:, groups] = new
+        ranges = tuple(t[b][:, groups].repeat_interleave(group, 1)[None] for t in buffers(storage, KEY_GROUPS))
+    kc, ki, kv_ = quantize_keys(k[None], codebook, slots, ranges)
     vc, vo, vs, vi, vv = quantize_values(v[None], codebook, slots)
     for buffer, new in zip(buffers(storage, PACKED), (kc, ki, kv_, vc, vo, vs, vi, vv)):
         buffer[b][:, positions] = new[0]
@@ -317,8 +384,8 @@ def append(storage: Storage, codebook: Codebook, k: Tensor, v: Tensor, counts: T
     lengths[b], lengths[b] + 1, ...; lengths grows by counts.
 
     k: [batch, kv_heads, n, head_dim] pre-RoPE; v: the same; counts: [batch] int (default n for all).
-    A position below `sink` goes to the sink. Otherwise it enters the recent window; the position it pushes out
-    of the window (position - window, if not in the sink) is quantized into its slot. A sequence that cannot take
+    A position below `sink` goes to the sink. Otherwise it enters the recent window; the positions it pushes out
+    of the window (window_start) are quantized into their slots. A sequence that cannot take
     its tokens (can_take) is poisoned: nothing is written for it and lengths[b] becomes POISONED_LENGTH, so a
     poisoned sequence stays poisoned (see Storage; the op raises instead when asked to check on the host).
     """
@@ -336,50 +403,71 @@ def append(storage: Storage, codebook: Codebook, k: Tensor, v: Tensor, counts: T
 
 def _append_sequence(storage: Storage, codebook: Codebook, b: int, k: Tensor, v: Tensor, start: int) -> None:
     """Sequence b's new tokens k, v [kv_heads, count, head_dim] at positions start, start + 1, ..."""
-    sink, window = storage.sink_keys.shape[2], storage.window_keys.shape[2]
+    sink, window, step = storage.sink_keys.shape[2], storage.window_keys.shape[2], window_step(codebook)
     count, slots = k.shape[1], storage.key_outlier_index.shape[3]
-    history = torch.cat((read_window(storage, b, start), torch.stack((k, v))), 2)
-    first = window_start(start, sink, window)  # the position history[:, :, 0] holds
-    for p in range(start, start + count):  # place the new tokens
-        if p < sink:
-            storage.sink_keys[b, :, p], storage.sink_values[b, :, p] = \
-                history[0, :, p - first], history[1, :, p - first]
-        elif window > 0:
-            storage.window_keys[b, :, p % window], storage.window_values[b, :, p % window] = \
-                history[0, :, p - first], history[1, :, p - first]
-    leaving = torch.arange(max(start - window, sink), max(start + count - window, sink))
+    history = torch.cat((read_window(storage, codebook, b, start), torch.stack((k, v))), 2)
+    first = window_start(start, sink, window, step)  # the position history[:, :, 0] holds
+    end = start + count
+    to_sink = torch.arange(start, max(start, min(end, sink)))
+    storage.sink_keys[b][:, to_sink], storage.sink_values[b][:, to_sink] = history[:, :, to_sink - first]
+    if window > 0:  # the new tokens the ring keeps: the last one of each slot (a later one overwrites the rest)
+        to_ring = torch.arange(max(start, sink, end - window), end)
+        storage.window_keys[b][:, to_ring % window], storage.window_values[b][:, to_ring % window] = \
+            history[:, :, to_ring - first]
+    leaving = torch.arange(max(first, sink), max(window_start(end, sink, window, step), sink))
     if leaving.numel():  # positions that left the window in this append: quantize them
         _store_dense(storage, codebook, b, leaving, history[0, :, leaving - first], history[1, :, leaving - first],
                      slots)
 
 
-def window_start(length: int, sink: int, window: int) -> int:
-    """The first position the recent window holds in a sequence of `length` tokens."""
-    return min(length, max(sink, length - window))
+def window_step(codebook: Codebook) -> int:
+    """Positions that leave the recent window together: one at a time, or a whole key group (KIVI mode)."""
+    return max(codebook.key_group, 1)
 
 
-def read_window(storage: Storage, b: int, length: int) -> Tensor:
+def window_start(length: int, sink: int, window: int, step: int = 1) -> int:
+    """The first position the recent window holds in a sequence of `length` tokens: everything past the sink is
+    in it while it fits; then positions leave in whole steps from the sink on, so the window holds the last
+    window - step + 1 to window positions (window >= step)."""
+    if length <= sink:
+        return length
+    excess = max(length - sink - window, 0)
+    return sink + -(-excess // step) * step
+
+
+def read_window(storage: Storage, codebook: Codebook, b: int, length: int) -> Tensor:
     """The window's tokens of sequence b at `length`, oldest first: [2, kv_heads, n, head_dim] (keys, values)."""
     sink, window = storage.sink_keys.shape[2], storage.window_keys.shape[2]
-    positions = torch.arange(window_start(length, sink, window), length)
+    positions = torch.arange(window_start(length, sink, window, window_step(codebook)), length)
     slots = positions % max(window, 1)
     return torch.stack((storage.window_keys[b][:, slots], storage.window_values[b][:, slots]))
+
+
+def read_packed(storage: Storage, codebook: Codebook, positions: Tensor) -> tuple[Tensor, Tensor]:
+    """The quantized slots at `positions` [n] of every sequence, dequantized: fp32 keys (pre-RoPE) and values
+    [batch, kv_heads, n, head_dim]."""
+    head_dim, sink = storage.sink_keys.shape[-1], storage.sink_keys.shape[2]
+    ranges = None
+    if codebook.key_group and storage.key_group_offset.shape[2]:
+        group = ((positions - sink) // codebook.key_group).clamp(0, storage.key_group_offset.shape[2] - 1)
+        ranges = tuple(t[:, :, group] for t in buffers(storage, KEY_GROUPS))
+    keys = dequantize_keys(*(t[:, :, positions] for t in buffers(storage, KEY_PACKED)), codebook, head_dim, ranges)
+    values = dequantize_values(*(t[:, :, positions] for t in buffers(storage, VALUE_PACKED)), codebook, head_dim)
+    return keys, values
 
 
 def read(storage: Storage, codebook: Codebook) -> tuple[Tensor, Tensor]:
     """Every position of the cache as fp32 (keys pre-RoPE): [batch, kv_heads, capacity, head_dim] each. Positions
     at or past a sequence's length hold garbage, every position of a poisoned one too; attention masks them."""
-    head_dim = storage.sink_keys.shape[-1]
     sink, capacity = storage.sink_keys.shape[2], storage.key_codes.shape[2]
-    keys = dequantize_keys(*buffers(storage, KEY_PACKED), codebook, head_dim)
-    values = dequantize_values(*buffers(storage, VALUE_PACKED), codebook, head_dim)
+    keys, values = read_packed(storage, codebook, torch.arange(capacity, device=storage.key_codes.device))
     for b in range(keys.shape[0]):
         length = int(storage.lengths[b])
         if not 0 <= length <= capacity:  # poisoned (or a length no append writes): it holds nothing to read
             continue
         held = min(sink, length)
         keys[b, :, :held], values[b, :, :held] = storage.sink_keys[b, :, :held], storage.sink_values[b, :, :held]
-        recent = read_window(storage, b, length).float()
+        recent = read_window(storage, codebook, b, length).float()
         keys[b, :, length - recent.shape[2]:length], values[b, :, length - recent.shape[2]:length] = recent
     return keys, values
 
@@ -387,25 +475,22 @@ def read(storage: Storage, codebook: Codebook) -> tuple[Tensor, Tensor]:
 def crop(storage: Storage, codebook: Codebook, keep: list[int]) -> None:
     """Cut sequence b back to its first min(keep[b], lengths[b]) tokens, in place (a poisoned sequence stays so).
 
-    A position the shorter sequence holds in its recent window may have left the window since (newer tokens took
-    its ring slot and it was quantized): it is restored from its quantized slot, so it reads back quantized, as
-    it would have after those tokens; every other position reads back as before.
+    A position the shorter sequence holds in its recent window may have left the window since (it was quantized,
+    and newer tokens may have taken its ring slot): it is restored from its quantized slot, so it reads back
+    quantized, as it would have after those tokens; every other position reads back as before.
     """
-    sink, window = storage.sink_keys.shape[2], storage.window_keys.shape[2]
-    head_dim = storage.sink_keys.shape[-1]
+    sink, window, step = storage.sink_keys.shape[2], storage.window_keys.shape[2], window_step(codebook)
     for b, wanted in enumerate(keep):
         old = int(storage.lengths[b])
         if old < 0:
             continue
         new = max(min(int(wanted), old), 0)
-        first = window_start(new, sink, window)
-        overwritten = torch.arange(first, max(first, min(new, old - window)))
-        if overwritten.numel():  # dequantize just these positions: [1, kv_heads, n, head_dim] each
-            keys = dequantize_keys(*(t[b:b + 1, :, overwritten] for t in buffers(storage, KEY_PACKED)), codebook,
-                                   head_dim)
-            values = dequantize_values(*(t[b:b + 1, :, overwritten] for t in buffers(storage, VALUE_PACKED)),
-                                       codebook, head_dim)
-            slots = overwritten % window
+        first = window_start(new, sink, window, step)
+        quantized = torch.arange(first, max(first, min(new, window_start(old, sink, window, step))))
+        if quantized.numel():  # dequantize just these positions of sequence b: [1, kv_heads, n, head_dim] each
+            sequence = Storage(*(t[b:b + 1] for t in storage))
+            keys, values = read_packed(sequence, codebook, quantized.to(storage.key_codes.device))
+            slots = quantized % window
             storage.window_keys[b][:, slots] = keys[0].to(storage.window_keys.dtype)
             storage.window_values[b][:, slots] = values[0].to(storage.window_values.dtype)
         storage.lengths[b] = new
