@@ -86,7 +86,7 @@ ANCHORS = {"sdpa fp16": _sdpa, "flash fp16": partial(_sdpa, backend=SDPBackend.F
 
 
 def packed_bytes_per_token(key_bits, value_bits, kv_heads=KV_HEADS, head_dim=HEAD_DIM):
-    """Bytes one position takes in the packed buffers (codes, fp32 value offset and scale, outlier slots), read
+    """Bytes one position takes in the packed buffers (codes, value offset and scale, outlier slots), read
     off an allocated one-position cache."""
     codebook = ops.make_codebook(key_bits, value_bits, torch.zeros(kv_heads, head_dim), torch.ones(kv_heads, head_dim))
     storage = ops.allocate_storage(1, kv_heads, head_dim, 1, codebook, SLOTS, dtype=torch.float16)

@@ -103,7 +103,7 @@ PYBIND11_MODULE(_C, m) {
         };
         const torchext::KvQuantStorage storage{
             as_ptr<int32_t>(key_codes),         as_ptr<int16_t>(key_outlier_index), as_ptr<void>(key_outlier_value),
-            as_ptr<int32_t>(value_codes),       as_ptr<float>(value_offset),        as_ptr<float>(value_scale),
+            as_ptr<int32_t>(value_codes),       as_ptr<void>(value_offset),         as_ptr<void>(value_scale),
             as_ptr<int16_t>(value_outlier_index), as_ptr<void>(value_outlier_value), as_ptr<void>(sink_keys),
             as_ptr<void>(sink_values),          as_ptr<void>(window_keys),          as_ptr<void>(window_values)};
         const torchext::KvQuantCodebook codebook{as_ptr<const float>(key_boundaries),

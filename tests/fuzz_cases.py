@@ -1785,22 +1785,29 @@ def _storage_valid(device: str) -> dict:
 
 def _storage_expected(a: dict):
     """Empty buffers of the documented layout: codes and counts zero, outlier indices -1, value offsets and scales
-    fp32."""
+    fp16 in an fp16 cache and fp32 otherwise, key group ranges for ceil((capacity - sink) / key_group) groups."""
     p = {"slots": 1, "sink": 0, "window": 0, "dtype": torch.float16, "device": None, **a}
-    cache, device = p["dtype"], p["device"]
+    cache, device, group = p["dtype"], p["device"], p["codebook"].key_group
     vectors, spatial = (p["batch"], p["kv_heads"], p["capacity"]), (p["batch"], p["kv_heads"])
+    groups = math.ceil(max(p["capacity"] - p["sink"], 0) / group) if group else 0
+    metadata = torch.float16 if cache == torch.float16 else torch.float32
 
     def zeros(*shape, dtype=cache):
         return torch.zeros(*shape, dtype=dtype, device=device)
 
     words = [math.ceil(p["head_dim"] / (32 // bits)) for bits in (p["codebook"].key_bits, p["codebook"].value_bits)]
+    dense = {name: zeros(*spatial, p[kind], p["head_dim"]) for name, kind in
+             (("sink_keys", "sink"), ("sink_values", "sink"), ("window_keys", "window"), ("window_values", "window"))}
     return ref_kv.Storage(
-        zeros(*vectors, words[0], dtype=torch.int32), zeros(*vectors, p["slots"], dtype=torch.int16) - 1,
-        zeros(*vectors, p["slots"]), zeros(*vectors, words[1], dtype=torch.int32),
-        zeros(*vectors, dtype=torch.float32), zeros(*vectors, dtype=torch.float32),
-        zeros(*vectors, p["slots"], dtype=torch.int16) - 1, zeros(*vectors, p["slots"]),
-        *(zeros(*spatial, size, p["head_dim"]) for size in (p["sink"], p["sink"], p["window"], p["window"])),
-        zeros(p["batch"], dtype=torch.int32))
+        key_codes=zeros(*vectors, words[0], dtype=torch.int32),
+        key_outlier_index=zeros(*vectors, p["slots"], dtype=torch.int16) - 1,
+        key_outlier_value=zeros(*vectors, p["slots"]),
+        key_group_offset=zeros(*spatial, groups, p["head_dim"]), key_group_scale=zeros(*spatial, groups, p["head_dim"]),
+        value_codes=zeros(*vectors, words[1], dtype=torch.int32),
+        value_offset=zeros(*vectors, dtype=metadata), value_scale=zeros(*vectors, dtype=metadata),
+        value_outlier_index=zeros(*vectors, p["slots"], dtype=torch.int16) - 1,
+        value_outlier_value=zeros(*vectors, p["slots"]), **dense,
+        lengths=zeros(p["batch"], dtype=torch.int32))
 
 
 STORAGE = Op("allocate_storage", _storage_valid, lambda a: ops.allocate_storage(**a), _storage_expected)

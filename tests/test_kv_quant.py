@@ -309,13 +309,25 @@ def test_layer_reset_clears_a_poisoned_sequence():
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
-def test_value_offsets_and_scales_are_fp32(dtype):
+def test_value_offsets_and_scales_are_fp16_only_in_an_fp16_cache(dtype):
     storage, codebook = fresh_cache(1, 2, 32, 4, dtype=dtype)
-    assert storage.value_offset.dtype == storage.value_scale.dtype == torch.float32
-    wrong = storage._replace(value_scale=storage.value_scale.to(dtype if dtype != torch.float32 else torch.float64))
+    expected = torch.float16 if dtype == torch.float16 else torch.float32
+    assert storage.value_offset.dtype == storage.value_scale.dtype == expected
+    wrong = storage._replace(value_scale=storage.value_scale.to(torch.float64))
     check_raises(lambda: ops.kv_quant_append_(wrong, codebook, torch.zeros(1, 2, 1, 32, dtype=dtype),
                                               torch.zeros(1, 2, 1, 32, dtype=dtype)), TypeError,
-                 "storage.value_scale must have dtype in ['torch.float32']")
+                 f"storage.value_scale must have dtype in ['{expected}']")
+
+
+def test_fp16_value_metadata_codes_what_a_read_sees():
+    """In an fp16 cache the codes are those of the offset and scale as rounded to fp16: the read-back error
+    stays within half a step of the stored scale, as with fp32 metadata."""
+    storage, codebook = fresh_cache(1, 2, 32, 64, slots=0, sink=0, dtype=torch.float16)
+    v = (torch.randn(1, 2, 64, 32) * 3 + 5).half()
+    ops.kv_quant_append_(storage, codebook, v, v)
+    _, values = ref.read(storage, codebook)
+    half_step = storage.value_scale.float()[..., None] / (2 ** codebook.value_bits - 1)
+    assert ((values - v.float()).abs() <= half_step * (1 + 1e-3) + 1e-6).all()
 
 
 def test_bf16_cache_keeps_offsets_of_shifted_values():
@@ -881,15 +893,22 @@ def drifting_keys(batch, kv_heads, n, head_dim, group, seed=0):
     return (jumps + noise).flatten(2, 3)
 
 
-@pytest.mark.parametrize("data", ["drifting", "fixed_channels"])
+def spiky_keys(batch, kv_heads, n, head_dim, seed=0):
+    """Gaussian keys, half of the vectors with one element 40 larger in a random channel (a per-group range is
+    stretched by every spike in it for all the group's positions; per-layer levels fitted to the data are not)."""
+    g = torch.Generator().manual_seed(seed)
+    k = torch.randn(batch, kv_heads, n, head_dim, generator=g)
+    spike = (torch.rand(batch, kv_heads, n, 1, generator=g) < 0.5) * 40.0
+    return k.scatter_add_(-1, torch.randint(0, head_dim, (batch, kv_heads, n, 1), generator=g), spike)
+
+
+@pytest.mark.parametrize("data", ["drifting", "spiky"])
 def test_choose_quantizer_follows_the_data(data):
-    """Keys whose channels drift along the sequence get the KIVI mode's per-group ranges; keys whose channels
-    keep one range (KVQuant's structure) get per-layer ranges, which leave the budget's bits to the codes."""
+    """Keys whose channels drift along the sequence get the KIVI mode's per-group ranges; keys with rare large
+    elements get KVQuant's per-layer ranges and levels."""
     head_dim, n, budget = 64, 256, 4.5
-    if data == "drifting":
-        k, v = drifting_keys(2, 2, n, head_dim, 32), torch.randn(2, 2, n, head_dim)
-    else:
-        k, v = structured_kv(2, 2, n, head_dim)
+    keys = drifting_keys(2, 2, n, head_dim, 32) if data == "drifting" else spiky_keys(2, 2, n, head_dim)
+    k, v = keys.half(), torch.randn(2, 2, n, head_dim).half()
     q = torch.randn(2, 8, n, head_dim, generator=torch.Generator().manual_seed(1))
     candidates = candidate_quantizers(budget, head_dim, window_tokens=128)
     assert {c.key_group for c in candidates} == {0, 32, 64, 128}

@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <climits>
 #include <cmath>
+#include <type_traits>
 
 #include <cuda_bf16.h>
 
@@ -28,6 +29,13 @@ template <typename T>
 __device__ __forceinline__ T zero() {
   return T(0.f);
 }
+
+// The type of the value offsets and scales in a cache of T (reference: value_metadata_dtype).
+template <typename T>
+using ValueMetadata = std::conditional_t<std::is_same_v<T, __half>, __half, float>;
+
+__device__ __forceinline__ float rounded_to(float x, float*) { return x; }
+__device__ __forceinline__ float rounded_to(float x, __half*) { return __half2float(__float2half_rn(x)); }
 
 struct Params {
   const void* k;
@@ -207,11 +215,16 @@ __device__ __forceinline__ void quantize_value(const Params& p, const float (&x)
   hi = warp_max(hi);
   lo = warp_min(lo);
   // Halved first: hi - lo overflows fp32 near its largest finite values.
+  // Rounded to the stored type first, so the codes are those of the offset and scale a read sees.
+  using Metadata = ValueMetadata<T>;
+  Metadata* const stored_offset = static_cast<Metadata*>(p.storage.value_offset);
+  Metadata* const stored_scale = static_cast<Metadata*>(p.storage.value_scale);
   const float half_hi = __fmul_rn(hi, 0.5f), half_lo = __fmul_rn(lo, 0.5f);
-  const float offset = __fadd_rn(half_hi, half_lo), scale = __fsub_rn(half_hi, half_lo);
+  const float offset = rounded_to(__fadd_rn(half_hi, half_lo), stored_offset);
+  const float scale = rounded_to(__fsub_rn(half_hi, half_lo), stored_scale);
   if (lane == 0) {
-    p.storage.value_offset[row] = offset;
-    p.storage.value_scale[row] = scale;
+    stored_offset[row] = Metadata(offset);
+    stored_scale[row] = Metadata(scale);
   }
   const float scale_floored = fmaxf(scale, kScaleFloor);
   float normal[kPerLane];

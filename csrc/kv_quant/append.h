@@ -5,7 +5,7 @@
 
 #include <cstdint>
 
-#include <cuda_fp16.h>  // for csrc/module.cpp, which still casts the value offsets and scales to __half*
+#include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
 #include "dtype.h"
@@ -27,7 +27,7 @@ struct KvQuantStrides {
 
 // The buffers of torchext/reference/kv_quant.py::Storage, all contiguous (device addresses). "dtype" is the
 // cache dtype (the `dtype` argument of kv_quant_append, the same as the inputs'), that of every floating buffer but
-// the value offsets and scales, which are float whatever the cache dtype (see Storage: range and precision);
+// the value offsets and scales: __half in an fp16 cache, float otherwise (see Storage: range and precision);
 // words = ceil(head_dim / (32 / bits)) int32 words per vector, code c in word c / (32 / bits) at bit
 // (c % (32 / bits)) * bits.
 struct KvQuantStorage {
@@ -35,8 +35,8 @@ struct KvQuantStorage {
   int16_t* key_outlier_index;    // [batch, kv_heads, capacity, slots], -1 in empty slots
   void* key_outlier_value;       // [batch, kv_heads, capacity, slots] dtype, 0 in empty slots
   int32_t* value_codes;          // [batch, kv_heads, capacity, words(head_dim, value_bits)]
-  float* value_offset;           // [batch, kv_heads, capacity]
-  float* value_scale;            // [batch, kv_heads, capacity]
+  void* value_offset;            // [batch, kv_heads, capacity] __half in an fp16 cache, else float
+  void* value_scale;             // [batch, kv_heads, capacity] the same
   int16_t* value_outlier_index;  // [batch, kv_heads, capacity, slots]
   void* value_outlier_value;     // [batch, kv_heads, capacity, slots] dtype
   void* sink_keys;               // [batch, kv_heads, sink, head_dim] dtype, pre-RoPE

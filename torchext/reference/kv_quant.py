@@ -54,9 +54,11 @@ class Storage(NamedTuple):
     """The per-sequence buffers of one layer, indexed by absolute position (a position held in the sink or the
     window leaves its quantized slot unused). Outlier slots hold channel index -1 when empty.
 
-    The value offsets and scales are fp32 whatever the cache dtype: they need the range of the values they
-    describe (fp16 scales read an fp32 value of 7e4 back as inf) and more precision than bf16 gives them (a bf16
-    offset near 8 is rounded by up to 1/32). Every other floating buffer has the cache dtype (fp16, bf16 or fp32),
+    The value offsets and scales are fp16 in an fp16 cache and fp32 otherwise (value_metadata_dtype): they need
+    the range of the values they describe (fp16 scales read an fp32 value of 7e4 back as inf) and more precision
+    than bf16 gives them (a bf16 offset near 8 is rounded by up to 1/32); in an fp16 cache the values are fp16
+    themselves, and fp32 metadata would cost 64 / head_dim bits per element (2 at head_dim 32) where fp16 costs
+    half. The codes are those of the offset and scale as stored. Every other floating buffer has the cache dtype,
     the KIVI mode's key group ranges too, as KIVI stores them: one pair per group of G positions costs 32 / G bits
     per element at 16 bits, and the keys are quantized with the ranges as stored, so their rounding cannot push
     an element out of its group's range. Group g covers positions [sink + g G, sink + (g + 1) G).
@@ -97,6 +99,11 @@ def buffers(storage: Storage, names: tuple[str, ...]) -> tuple[Tensor, ...]:
     return tuple(getattr(storage, name) for name in names)
 
 
+def value_metadata_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype of the value offsets and scales in a cache of `dtype` (see Storage)."""
+    return torch.float16 if dtype == torch.float16 else torch.float32
+
+
 def key_groups(capacity: int, sink: int, key_group: int) -> int:
     """Groups of key_group positions past the sink that `capacity` positions span (0 without the KIVI mode)."""
     return 0 if key_group == 0 else -(-max(capacity - sink, 0) // key_group)
@@ -115,7 +122,7 @@ def layout(batch: int, kv_heads: int, capacity: int, head_dim: int, slots: int, 
         "key_outlier_index": (outliers, torch.int16), "key_outlier_value": (outliers, dtype),
         "key_group_offset": (groups, dtype), "key_group_scale": (groups, dtype),
         "value_codes": (vectors + (words_per_vector(head_dim, value_bits),), torch.int32),
-        "value_offset": (vectors, torch.float32), "value_scale": (vectors, torch.float32),
+        "value_offset": (vectors, value_metadata_dtype(dtype)), "value_scale": (vectors, value_metadata_dtype(dtype)),
         "value_outlier_index": (outliers, torch.int16), "value_outlier_value": (outliers, dtype),
         "sink_keys": (dense + (sink, head_dim), dtype), "sink_values": (dense + (sink, head_dim), dtype),
         "window_keys": (dense + (window, head_dim), dtype), "window_values": (dense + (window, head_dim), dtype),
@@ -291,9 +298,14 @@ def value_statistics(v: Tensor, slots: int) -> tuple[Tensor, Tensor, Tensor, Ten
 
 def quantize_values(v: Tensor, codebook: Codebook, slots: int) -> tuple[Tensor, ...]:
     """v [batch, kv_heads, n, head_dim] -> (codes int32 [..., words], offset [...], scale [...], outlier index
-    int16 [..., slots], outlier value [..., slots]), offsets and scales fp32, outliers in v.dtype; see
-    value_statistics."""
+    int16 [..., slots], outlier value [..., slots]), offsets and scales in value_metadata_dtype(v.dtype) and the
+    codes of them as rounded, outliers in v.dtype; see value_statistics."""
     x, _, index, (offset, scale) = value_statistics(v, slots)
+    metadata = value_metadata_dtype(v.dtype)
+    if metadata != torch.float32:
+        offset, scale = offset.to(metadata), scale.to(metadata)
+        tiny = torch.finfo(torch.float32).tiny
+        x = (v.float() - offset.float()[..., None]) / scale.float().clamp_min(tiny)[..., None]
     codes = nearest_code(x.clamp(-1, 1), codebook.value_boundaries)
     return (pack_codes(codes, codebook.value_bits), offset, scale, index.to(torch.int16),
             _gather_outliers(v, index))
