@@ -83,14 +83,14 @@ def quantization_step(codebook, kind):
 @pytest.mark.parametrize("bits", ref.SUPPORTED_BITS)
 @pytest.mark.parametrize("head_dim", [32, 64, 128])
 def test_packing_layout(bits, head_dim):
-    """Code c sits in word c // (32 // bits) at bit (c % (32 // bits)) * bits; 3 bits pack 10 per word."""
+    """Code c sits at bits [c bits, (c + 1) bits) of the words' little-endian bit string: 3 bits take 3 words per
+    32 codes, code 10 straddling words 0 and 1."""
     codes = torch.randint(0, 2 ** bits, (5, head_dim))
     words = ref.pack_codes(codes, bits)
-    per_word = 32 // bits
-    assert words.dtype == torch.int32 and words.shape == (5, math.ceil(head_dim / per_word))
-    c = 13
-    assert torch.equal((words[:, c // per_word].long() & 0xFFFFFFFF) >> (c % per_word * bits) & (2 ** bits - 1),
-                       codes[:, c])
+    assert words.dtype == torch.int32 and words.shape == (5, head_dim * bits // 32)
+    as_int = [sum((int(w) & 0xFFFFFFFF) << (32 * i) for i, w in enumerate(row)) for row in words]
+    for c in (0, 10, 13, head_dim - 1):
+        assert [(n >> (c * bits)) & (2 ** bits - 1) for n in as_int] == codes[:, c].tolist()
     assert torch.equal(ref.unpack_codes(words, bits, head_dim), codes)
 
 

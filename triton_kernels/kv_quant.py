@@ -79,11 +79,17 @@ def _group_ranges(offset_ptr, scale_ptr, bh, pos, valid, channel, SINK: tl.const
 
 @triton.jit
 def _unpack(codes_ptr, rows, channel, valid, levels_ptr, WORDS: tl.constexpr, BITS: tl.constexpr):
-    """Levels of the codes of a [BLOCK_N, C] tile: code c of a row sits in word c // (32 // BITS)."""
-    per_word: tl.constexpr = 32 // BITS
-    word = tl.load(codes_ptr + rows[:, None] * WORDS + (channel // per_word)[None, :], mask=valid[:, None], other=0)
-    code = (word >> ((channel % per_word) * BITS)[None, :]) & ((1 << BITS) - 1)
-    return tl.load(levels_ptr + code)
+    """Levels of the codes of a [BLOCK_N, C] tile: code c of a row sits at bits [c BITS, (c + 1) BITS) of the row's
+    words (reference.kv_quant.pack_codes); at 3 bits a code may continue in the next word."""
+    first_bit = channel * BITS  # [C]
+    at = rows[:, None] * WORDS + (first_bit // 32)[None, :]  # [BLOCK_N, C]
+    shift = (first_bit % 32).to(tl.uint32)[None, :]
+    code = tl.load(codes_ptr + at, mask=valid[:, None], other=0).to(tl.uint32, bitcast=True) >> shift
+    if 32 % BITS != 0:
+        straddles = (first_bit % 32 + BITS > 32)[None, :]
+        rest = tl.load(codes_ptr + at + 1, mask=valid[:, None] & straddles, other=0).to(tl.uint32, bitcast=True)
+        code = code | ((rest << 1) << (31 - shift))  # rest << (32 - shift), never a shift by 32
+    return tl.load(levels_ptr + (code & ((1 << BITS) - 1)).to(tl.int32))
 
 
 @triton.jit

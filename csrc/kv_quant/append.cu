@@ -146,9 +146,10 @@ __device__ __forceinline__ int nearest_code(float x, const float* boundaries, in
   return code;
 }
 
-// Codes of the vector's normalised elements, packed into the words of vector `row`: code c in word c / n at bit
-// (c % n) * bits, n = 32 / bits (3 bits: 10 codes, the top 2 bits stay 0). The codes go through the warp's
-// `staging` bytes, then lane w builds word w.
+// Codes of the vector's normalised elements, packed into the words of vector `row`: code c at bits
+// [c * bits, (c + 1) * bits) of the words' little-endian bit string (reference pack_codes; a 3-bit code may straddle
+// two words). The codes go through the warp's `staging` bytes, then lane w builds word w from every code with bits
+// in it.
 __device__ __forceinline__ void store_codes(const float (&normal)[kPerLane], const float* boundaries, int bits,
                                             int head_dim, int lane, uint8_t* staging, int32_t* codes, int64_t row) {
 #pragma unroll
@@ -157,12 +158,14 @@ __device__ __forceinline__ void store_codes(const float (&normal)[kPerLane], con
     if (c < head_dim) staging[c] = static_cast<uint8_t>(nearest_code(normal[j], boundaries, bits));
   }
   __syncwarp();
-  const int per_word = kWordBits / bits;
-  const int n_words = (head_dim + per_word - 1) / per_word;
+  const int n_words = (head_dim * bits + kWordBits - 1) / kWordBits;
   for (int w = lane; w < n_words; w += kWarp) {
     uint32_t word = 0;
-    for (int e = 0; e < per_word && w * per_word + e < head_dim; ++e) {
-      word |= static_cast<uint32_t>(staging[w * per_word + e]) << (e * bits);
+    const int last = std::min(head_dim, ((w + 1) * kWordBits + bits - 1) / bits);  // codes starting before bit 32(w+1)
+    for (int c = w * kWordBits / bits; c < last; ++c) {
+      const int shift = c * bits - w * kWordBits;  // in (-bits, 32): negative for a code begun in word w - 1
+      const uint32_t code = staging[c];
+      word |= shift >= 0 ? code << shift : code >> -shift;
     }
     codes[row * n_words + w] = static_cast<int32_t>(word);
   }

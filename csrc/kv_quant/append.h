@@ -28,8 +28,8 @@ struct KvQuantStrides {
 // The buffers of torchext/reference/kv_quant.py::Storage, all contiguous (device addresses). "dtype" is the
 // cache dtype (the `dtype` argument of kv_quant_append, the same as the inputs'), that of every floating buffer but
 // the value offsets and scales: __half in an fp16 cache, float otherwise (see Storage: range and precision);
-// words = ceil(head_dim / (32 / bits)) int32 words per vector, code c in word c / (32 / bits) at bit
-// (c % (32 / bits)) * bits.
+// words = ceil(head_dim * bits / 32) int32 words per vector, code c at bits [c * bits, (c + 1) * bits) of their
+// little-endian bit string (a 3-bit code may straddle two words).
 struct KvQuantStorage {
   int32_t* key_codes;            // [batch, kv_heads, capacity, words(head_dim, key_bits)]
   int16_t* key_outlier_index;    // [batch, kv_heads, capacity, slots], -1 in empty slots

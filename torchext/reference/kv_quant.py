@@ -135,32 +135,37 @@ def layout(batch: int, kv_heads: int, capacity: int, head_dim: int, slots: int, 
 # ---- codes and levels -----------------------------------------------------------------------------------------------
 
 
-def codes_per_word(bits: int) -> int:
-    """Codes packed in one int32 word (10 for 3 bits: 2 bits of each word stay unused)."""
-    return WORD_BITS // bits
-
-
 def words_per_vector(head_dim: int, bits: int) -> int:
-    return math.ceil(head_dim / codes_per_word(bits))
+    """int32 words of a vector's codes, packed densely (3 bits: 3 words per 32 codes, no bit unused)."""
+    return math.ceil(head_dim * bits / WORD_BITS)
+
+
+def _code_bits(head_dim: int, bits: int, device) -> tuple[Tensor, Tensor]:
+    """(word, shift) of each code's first bit: code c starts at bit c * bits, in word c * bits // 32."""
+    first_bit = torch.arange(head_dim, device=device) * bits
+    return first_bit // WORD_BITS, first_bit % WORD_BITS
 
 
 def pack_codes(codes: Tensor, bits: int) -> Tensor:
-    """codes [..., D] in [0, 2^bits) -> int32 words [..., words]; code c sits in word c // n at bit (c % n) * bits."""
-    per_word = codes_per_word(bits)
-    n_words = words_per_vector(codes.shape[-1], bits)
-    padded = torch.zeros(*codes.shape[:-1], n_words * per_word, dtype=torch.int64, device=codes.device)
-    padded[..., :codes.shape[-1]] = codes
-    shifts = torch.arange(per_word, device=codes.device) * bits
-    words = (padded.view(*codes.shape[:-1], n_words, per_word) << shifts).sum(-1)
+    """codes [..., D] in [0, 2^bits) -> int32 words [..., words]: code c at bits [c bits, (c + 1) bits) of the
+    little-endian bit string of the words, so a 3-bit code may straddle two words (2 and 4 bits never do)."""
+    head_dim = codes.shape[-1]
+    word, shift = _code_bits(head_dim, bits, codes.device)
+    placed = codes.long() << shift  # up to 35 bits: what passes bit 32 belongs to the next word
+    words = torch.zeros(*codes.shape[:-1], words_per_vector(head_dim, bits) + 1, dtype=torch.int64,
+                        device=codes.device)
+    words.scatter_add_(-1, word.expand_as(placed), placed & 0xFFFFFFFF)  # the fields are disjoint: sum = OR
+    words.scatter_add_(-1, (word + 1).expand_as(placed), placed >> WORD_BITS)
+    words = words[..., :-1]
     return torch.where(words >= 2 ** 31, words - 2 ** 32, words).to(torch.int32)  # the same 32 bits, signed
 
 
 def unpack_codes(words: Tensor, bits: int, head_dim: int) -> Tensor:
     """int32 words [..., words] -> int64 codes [..., head_dim] (inverse of pack_codes)."""
-    channel = torch.arange(head_dim, device=words.device)
-    per_word = codes_per_word(bits)
-    word = words.long()[..., channel // per_word] & 0xFFFFFFFF
-    return (word >> ((channel % per_word) * bits)) & (2 ** bits - 1)
+    word, shift = _code_bits(head_dim, bits, words.device)
+    unsigned = torch.cat((words.long() & 0xFFFFFFFF, words.new_zeros(*words.shape[:-1], 1, dtype=torch.int64)), -1)
+    pair = unsigned[..., word] | (unsigned[..., word + 1] << WORD_BITS)  # the code's word and the next
+    return (pair >> shift) & (2 ** bits - 1)
 
 
 def uniform_levels(bits: int) -> Tensor:
