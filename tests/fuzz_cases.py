@@ -2002,6 +2002,9 @@ def _kde_module_call(a: dict) -> Tensor:
 
 def _kde_module_reference(a: dict) -> Tensor:
     m = a["module"]
+    if a.get("attn_mask") is not None:
+        bias = torch.zeros(a["attn_mask"].shape, device=a["q"].device).masked_fill(~a["attn_mask"], -math.inf)
+        return torch.softmax(a["q"] @ a["k"].transpose(-1, -2) * a["q"].shape[-1] ** -0.5 + bias, -1) @ a["v"]
     if a["q"].shape[2] != a["k"].shape[2]:
         return ref_kde.exact_attention(a["q"], a["k"], a["v"])[0]
     return _kde_reference(dict(q=a["q"], k=a["k"], v=a["v"], causal=a.get("is_causal", False),
@@ -2028,9 +2031,8 @@ KDE_MODULE_CASES = [
     KDE_MODULE.matches("valid", "causal", True, is_causal=True),
     KDE_MODULE.matches("shape", "keys of another length: exact SDPA", k=lambda t: t[:, :, :16],
                        v=lambda t: t[:, :, :16]),
-    KDE_MODULE.raises("hyperparameter", "an attn_mask", ValueError, "attn_mask",
-                      attn_mask=From(lambda a: torch.ones(SEQ, SEQ, dtype=torch.bool, device=a["q"].device))),
-    KDE_MODULE.raises("hyperparameter", "dropout_p 0.1", ValueError, "dropout_p", dropout_p=0.1),
+    KDE_MODULE.matches("valid", "a padding attn_mask: exact SDPA",
+                       attn_mask=From(lambda a: (torch.arange(SEQ, device=a["q"].device) < SEQ - 3).expand(SEQ, SEQ))),
     KDE_MODULE.raises("dtype", "q int64", TypeError, "q", **_all(cast(torch.int64), *QKV)),
     KDE_MODULE.matches("grad", "q, k and v", True, grad=QKV),
     KDE_SWAP.matches("valid", "a layer's SDPA call rerouted", True),

@@ -2,6 +2,7 @@
 the estimator's claims (unbiased numerator and denominator, error falling as 1/sqrt(m), bounded spectral, Frobenius
 and lse error, LSH finding planted heavy keys), causality, GQA, bad inputs, opcheck, compile, and the module."""
 
+import dataclasses
 import functools
 import math
 
@@ -62,18 +63,36 @@ def test_fp64_gradients_match_reference_and_gradcheck(causal, device):
     """fp64 kernels vs the same-hash reference (forward and every gradient), then gradcheck of the op itself.
 
     gradcheck runs in fast mode (random directional derivatives): the slow mode's one forward per input element is
-    minutes under the Triton interpreter. Uniform sampling, so p does not depend on v (with value-norm sampling p is
-    held fixed by design and finite differences in v would move it)."""
+    minutes under the Triton interpreter."""
     op, reference = op_and_reference(causal, 16, 8, 16, sampling="uniform")
     q, k, v = inputs(1, 2, 1, 35, 8, 8, dtype=torch.float64, device=device)
     check_against_reference(op, reference, [q, k, v])
     check_gradcheck(op, [q, k, v], fast_mode=True)
 
 
-def test_value_norm_gradcheck_in_q_and_k(device):
-    op, _ = op_and_reference(False, 16, 8, 16)
-    q, k, v = inputs(1, 1, 1, 24, 8, 8, dtype=torch.float64, device=device)
-    check_gradcheck(lambda q, k: op(q, k, v.detach()), [q, k], fast_mode=True)
+@pytest.mark.parametrize("causal", [False, True])
+def test_value_norm_gradient_is_exact_in_every_input(causal, device):
+    """Value-norm sampling weights 1 / (m p_j) depend on ||v_j||: finite differences in q, k and v (which move the
+    weights, not the drawn keys) match the op's gradient, and the same-plan reference's."""
+    op, reference = op_and_reference(causal, 16, 8, 16)
+    q, k, v = inputs(1, 2, 1, 35, 8, 8, dtype=torch.float64, device=device)
+    check_against_reference(op, reference, [q, k, v])
+    check_gradcheck(op, [q, k, v], fast_mode=True)
+
+
+def test_value_norm_weights_pass_gradient_to_v():
+    """The term through the weights is there: with it removed (weights held fixed), dv is measurably wrong."""
+    q, k, v = inputs(1, 1, 1, 64, 8, 8, dtype=torch.float64)
+    plan = ref.make_plan(q, k, v, SEED, bucket_size=16, num_samples=16, num_hash_bits=4)
+    out, _ = ref.kde_attention(q, k, v, plan)
+    (dv,) = torch.autograd.grad(out.square().sum(), v)
+    fixed = dataclasses.replace(plan, sampling="uniform")  # same keys and weights, weights not differentiated
+    _, _, dv_fixed = ref.kde_attention_backward(2 * out.detach(), torch.zeros(1, 1, 64, dtype=torch.float64), q, k, v,
+                                                fixed)
+    _, _, dv_full = ref.kde_attention_backward(2 * out.detach(), torch.zeros(1, 1, 64, dtype=torch.float64), q, k, v,
+                                               plan)
+    assert_close(dv_full, dv, "dv")
+    assert (dv_fixed - dv).norm() > 1e-3 * dv.norm()
 
 
 def test_strided_inputs_from_a_fused_projection(device):
@@ -126,6 +145,14 @@ def test_empty_sequence(device):
 
 
 # ---- the plan --------------------------------------------------------------------------------------------------------
+
+
+def test_no_hashing_gives_the_diagonal_blocks():
+    """num_hash_bits=0: each query in the block of the original order at its own position (not all in block 0)."""
+    q, k, v = inputs(1, 1, 1, 64, 8, 8)
+    level = ref.make_plan(q, k, v, SEED, bucket_size=16, num_samples=4, num_hash_bits=0).levels[0]
+    torch.testing.assert_close(level.q_block[0, 0], torch.arange(64) // 16)
+    torch.testing.assert_close(level.k_block[0, 0], torch.arange(64) // 16)
 
 
 def test_inverse_gray_order_puts_one_bit_neighbours_next_to_each_other():

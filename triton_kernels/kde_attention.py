@@ -13,7 +13,8 @@ kernels evaluate the estimator of that module's docstring without materialising 
   estimator): dq per query tile over the same keys; dk, dv per key tile of each block over the queries assigned
   to that block (and every query head of the kv head: GQA needs no atomics); the dq program of a query tile also
   writes the dk, dv contributions of its own sampled keys (each sample slot belongs to one tile), which are then
-  index_add_-ed into dk, dv (a key may be drawn by many tiles, or twice by one).
+  index_add_-ed into dk, dv (a key may be drawn by many tiles, or twice by one), and each slot's d loss / d log w
+  (the column sum of dS), through which value-norm sampling weights pass gradient to v.
 
 Conventions: fp32 accumulation (fp64 for fp64 inputs), 16-bit operands straight into tl.dot on GPU and upcast
 under the interpreter, int64 offsets, every load and store masked. Scores are kept in log2 units (exp2).
@@ -261,15 +262,16 @@ def _store_slots(ptr, slots, ok, cols, n_cols, x):
 
 @triton.jit
 def _kde_attention_bwd_dq_kernel(
-        q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr, dk_s_ptr, dv_s_ptr,
+        q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr, dk_s_ptr, dv_s_ptr, dlogw_s_ptr,
         perm_q_ptr, perm_k_ptr, tile_start_ptr, tile_count_ptr, tile_block_ptr, s_idx_ptr, s_block_ptr, s_logw_ptr,
         n, H, G, D, DV, table_bh_stride, blocks_per_piece, keys_per_piece, bucket, n_samples,
         consts_ptr, stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh,
         stride_vn,
         IDENTITY: tl.constexpr, CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
         BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, COMPUTE: tl.constexpr, DOT: tl.constexpr):
-    """dq of one query tile, and the dk, dv contributions of its sampled keys: dk_s, dv_s [tile rows, m, D / DV]
-    (the slots of a tile with no queries get zeros, so the index_add_ that follows needs no mask)."""
+    """dq of one query tile, and the dk, dv contributions of its sampled keys: dk_s, dv_s [tile rows, m, D / DV],
+    and d loss / d log w of each slot, dlogw_s [tile rows, m] (the slots of a tile with no queries get zeros, so the
+    index_add_ that follows needs no mask)."""
     qk_scale, scale, log2e, ln2 = _constants(consts_ptr, COMPUTE)
     qi, q_ok, block, count, b, h, bhk, entry = _query_tile(tile_start_ptr, tile_count_ptr, tile_block_ptr, perm_q_ptr,
                                                            n, H, G, table_bh_stride, IDENTITY, BLOCK_M)
@@ -300,6 +302,7 @@ def _kde_attention_bwd_dq_kernel(
             dk_slots = _product(tl.trans(ds), q, DOT) * scale
             _store_slots(dk_s_ptr, entry * n_samples + slots, slot_ok, cols_d, D, dk_slots)
             _store_slots(dv_s_ptr, entry * n_samples + slots, slot_ok, cols_dv, DV, _product(tl.trans(p), do, DOT))
+            tl.store(dlogw_s_ptr + entry * n_samples + slots, tl.sum(ds, axis=0), mask=slot_ok)
         dq_ptrs = dq_ptr + row[:, None] * D + cols_d[None, :]
         dq_mask = q_ok[:, None] & (cols_d[None, :] < D)
         tl.store(dq_ptrs, tl.load(dq_ptrs, mask=dq_mask, other=0.0) + dq * scale, mask=dq_mask)
@@ -311,6 +314,7 @@ def _kde_attention_bwd_dq_kernel(
                          tl.zeros([BLOCK_N, BLOCK_D], dtype=COMPUTE))
             _store_slots(dv_s_ptr, entry * n_samples + slots, slot_ok, cols_dv, DV,
                          tl.zeros([BLOCK_N, BLOCK_DV], dtype=COMPUTE))
+            tl.store(dlogw_s_ptr + entry * n_samples + slots, tl.zeros([BLOCK_N], dtype=COMPUTE), mask=slot_ok)
 
 
 # ---- backward: dk, dv -----------------------------------------------------------------------------------------
@@ -421,28 +425,29 @@ def _level_schedule(level, bucket: int) -> _Schedule:
 class _Launch:
     """The tensors of one launch: its schedule, key order and samples (none for the exact windows)."""
 
-    def __init__(self, plan, level, n: int, block_m: int, device):
+    def __init__(self, plan, level, n: int, block_m: int, device, weight_dtype: torch.dtype):
         self.level = level
         if level is None:
             self.schedule = _window_schedule(n, plan.window, block_m, device)
             empty = torch.zeros(0, dtype=torch.int32, device=device)
-            self.perm_k, self.s_idx, self.s_block, self.s_logw = empty, empty, empty, empty.float()
+            self.perm_k, self.s_idx, self.s_block, self.s_logw = empty, empty, empty, empty.to(weight_dtype)
             self.bucket, self.n_samples = plan.window, 0
         else:
             self.schedule = _level_schedule(level, plan.bucket)
             self.perm_k = level.perm_k.to(torch.int32).contiguous()
             self.s_idx = level.sample_idx.to(torch.int32).contiguous()
             self.s_block = level.sample_block.to(torch.int32).contiguous()
-            self.s_logw = level.sample_logw.float().contiguous()
+            self.s_logw = level.sample_logw.to(weight_dtype).contiguous()
             self.bucket, self.n_samples = plan.bucket, level.sample_idx.shape[-1]
         self.identity = self.causal = level is None
         self.perm_q = self.schedule.perm_q if self.schedule.perm_q is not None else self.perm_k
 
 
-def _launches(plan, n: int, block_m: int, device) -> list[_Launch]:
-    """The exact causal windows first (causal plans), then every level, in accumulation order."""
+def _launches(plan, n: int, block_m: int, device, weight_dtype: torch.dtype) -> list[_Launch]:
+    """The exact causal windows first (causal plans), then every level, in accumulation order; sample log weights in
+    weight_dtype (the accumulator dtype: fp64 inputs get their weights in fp64, so the op is smooth in v)."""
     levels = ([None] if plan.window is not None else []) + list(plan.levels)
-    return [_Launch(plan, level, n, block_m, device) for level in levels]
+    return [_Launch(plan, level, n, block_m, device, weight_dtype) for level in levels]
 
 
 # ---- launchers ------------------------------------------------------------------------------------------------------
@@ -480,7 +485,7 @@ def kde_attention_fwd(q: Tensor, k: Tensor, v: Tensor, plan, scale: float) -> tu
     acc_dtype = accumulator_dtype(q.dtype)
     _check_head_dims(q, v)
     meta = _meta("fwd", q, v, plan)
-    launches = _launches(plan, n, meta["BLOCK_M"], q.device)
+    launches = _launches(plan, n, meta["BLOCK_M"], q.device, acc_dtype)
     # One launch writes the output directly; several resume each other's state from an fp32 buffer.
     out = torch.empty((B, H, n, DV), dtype=q.dtype if len(launches) == 1 else acc_dtype, device=q.device)
     lse = torch.empty((B, H, n), dtype=acc_dtype, device=q.device)
@@ -515,16 +520,19 @@ def kde_attention_bwd(grad_out: Tensor, grad_lse: Tensor, q: Tensor, k: Tensor, 
     strides = _strides(q, k, v)
     # The kv row (batch x kv head) of every query head, for the sampled keys' index_add_.
     kv_row = torch.arange(B, device=q.device)[:, None] * Hk + torch.arange(H, device=q.device) // (H // Hk)  # [B, H]
-    for launch in _launches(plan, n, block_m, q.device):
+    slot_grads = []  # d loss / d log w of every level's sample slots
+    for launch in _launches(plan, n, block_m, q.device, acc_dtype):
         s = launch.schedule
         flags = dict(IDENTITY=launch.identity, CAUSAL=launch.causal)
         # Per sample slot of every query tile: its dk, dv from that tile's queries (written by the dq kernel).
         dk_s = torch.empty((B * H * s.n_tiles * launch.n_samples, D), dtype=acc_dtype, device=q.device)
         dv_s = torch.empty((B * H * s.n_tiles * launch.n_samples, DV), dtype=acc_dtype, device=q.device)
+        dlogw_s = torch.empty((B, H, s.n_tiles, launch.n_samples), dtype=acc_dtype, device=q.device)
         _kde_attention_bwd_dq_kernel[(s.n_tiles, B * H)](
-            q, k, v, grad_out, lse, delta, dq, dk_s, dv_s, launch.perm_q, launch.perm_k, s.tile_start, s.tile_count,
-            s.tile_block, launch.s_idx, launch.s_block, launch.s_logw, n, H, H // Hk, D, DV, s.tile_stride,
-            s.blocks_per_piece, s.keys_per_piece, launch.bucket, launch.n_samples, consts, *strides, **flags, **dq_meta)
+            q, k, v, grad_out, lse, delta, dq, dk_s, dv_s, dlogw_s, launch.perm_q, launch.perm_k, s.tile_start,
+            s.tile_count, s.tile_block, launch.s_idx, launch.s_block, launch.s_logw, n, H, H // Hk, D, DV,
+            s.tile_stride, s.blocks_per_piece, s.keys_per_piece, launch.bucket, launch.n_samples, consts, *strides,
+            **flags, **dq_meta)
         tiles_per_block = triton.cdiv(launch.bucket, dkdv_meta["BLOCK_N"])
         _kde_attention_bwd_dkdv_kernel[(s.n_blocks * tiles_per_block, B * Hk)](
             q, k, v, grad_out, lse, delta, dk, dv, launch.perm_q, launch.perm_k, s.block_q_start, s.block_q_count,
@@ -535,4 +543,8 @@ def kde_attention_bwd(grad_out: Tensor, grad_lse: Tensor, q: Tensor, k: Tensor, 
             rows = (kv_row[:, :, None, None] * n + launch.level.sample_idx).flatten()  # [B H T m]
             dk.view(-1, D).index_add_(0, rows, dk_s)
             dv.view(-1, DV).index_add_(0, rows, dv_s)
+        if launch.level is not None:
+            slot_grads.append(dlogw_s)
+    if plan.sampling != "uniform":
+        dv += ref.value_weight_grad(v, plan, slot_grads).to(acc_dtype)
     return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)

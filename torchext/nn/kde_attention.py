@@ -31,8 +31,9 @@ class KDEAttention(nn.Module):
     draws one per forward).
 
     forward(q [B, H, N, D], k [B, Hk, N, D], v [B, Hk, N, Dv], attn_mask=None, dropout_p=0.0, is_causal=False,
-    scale=None, enable_gqa=False) -> [B, H, N, Dv]. Query and key lengths that differ (decoding with a KV cache)
-    run exact SDPA. attn_mask and dropout are not supported (ValueError); GQA works whatever enable_gqa says.
+    scale=None, enable_gqa=False) -> [B, H, N, Dv]. Calls the estimator does not cover run exact SDPA with the same
+    arguments: query and key lengths that differ (decoding with a KV cache), an attn_mask (padding) and attention
+    dropout. GQA works whatever enable_gqa says.
     """
 
     def __init__(self, bucket_size: int = 256, num_samples: int = 256, num_hash_bits: int = 8,
@@ -47,12 +48,9 @@ class KDEAttention(nn.Module):
 
     def forward(self, q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None = None, dropout_p: float = 0.0,
                 is_causal: bool = False, scale: float | None = None, enable_gqa: bool = False) -> Tensor:
-        if attn_mask is not None:
-            raise ValueError("KDEAttention: attn_mask is not supported (use is_causal for causal masking)")
-        if dropout_p > 0:
-            raise ValueError(f"KDEAttention: attention dropout is not supported, got dropout_p={dropout_p}")
-        if q.dim() == 4 and k.dim() == 4 and q.shape[2] != k.shape[2]:
-            return _ORIGINAL_SDPA(q, k, v, is_causal=is_causal, scale=scale, enable_gqa=k.shape[1] != q.shape[1])
+        if attn_mask is not None or dropout_p > 0 or (q.dim() == 4 and k.dim() == 4 and q.shape[2] != k.shape[2]):
+            return _ORIGINAL_SDPA(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal, scale=scale,
+                                  enable_gqa=q.dim() == 4 and k.dim() == 4 and k.shape[1] != q.shape[1])
         return kde_attention(q, k, v, causal=is_causal, scale=scale, bucket_size=self.bucket_size,
                              num_samples=self.num_samples, num_hash_bits=self.num_hash_bits, seed=self.seed,
                              sampling=self.sampling, exact_window=self.exact_window, min_seq_len=self.min_seq_len)

@@ -39,11 +39,12 @@ which lets a later query's hash move an earlier query to another block).
 Sampling probabilities ("value_norm"): p_j = (1 - VALUE_NORM_MIX) ||v_j|| / sum_k ||v_k|| + VALUE_NORM_MIX / L
 over the L keys of a piece: KDEformer's value-row-norm sampling mixed with uniform by a fixed share, so the mix is
 the same whatever the scale of V (KDEformer divides by a power-iteration estimate of ||V||^2, which is not), and
-1 / (m p_j) <= L / (m VALUE_NORM_MIX) bounds every weight. p is a function of v but is not differentiated: for a
-fixed p the estimator is unbiased for every v, so the gradient with p held fixed is unbiased for the gradient of
-the exact sums. "uniform": p_j = 1 / L (HyperAttention).
+1 / (m p_j) <= L / (m VALUE_NORM_MIX) bounds every weight. The weights are a function of v and are differentiated
+(``sample_log_weights``): the gradient is the exact gradient of the estimator the forward computed, and only the
+choice of keys, a step function of v, is held fixed. "uniform": p_j = 1 / L (HyperAttention).
 """
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -80,7 +81,7 @@ class Level:
             tile, -1 for queries in no piece.
         sample_idx: [B, H, T, m] int64, original indices of the keys sampled for each query tile (from its piece).
         sample_block: [B, H, T, m] int64, their blocks (the tile's queries count those of other blocks only).
-        sample_logw: [B, H, T, m] float32, log(1 / (m p_j)).
+        sample_logw: [B, H, T, m] float64, log(1 / (m p_j)) (``sample_log_weights`` as a function of v).
     """
 
     chunk: int
@@ -136,12 +137,14 @@ def query_tiles(counts: Tensor, size: int, n: int) -> QueryTiles:
 @dataclass(frozen=True)
 class KDEPlan:
     """Hashes, blocks and samples of one call. ``window`` is the exact causal window (None: non-causal); ``tile``
-    the queries per query tile."""
+    the queries per query tile; ``sampling`` the sampling distribution (its weights depend on v under
+    "value_norm")."""
 
     bucket: int
     num_samples: int
     tile: int
     window: int | None
+    sampling: str
     levels: tuple[Level, ...]
 
 
@@ -183,6 +186,12 @@ def _chunk_pieces(n: int, chunk: int, pair: int, device) -> tuple[int, Tensor, T
     q_piece = torch.where(c % 2 == 1, c // 2, -1)
     k_piece = torch.where((c % 2 == 0) & (c // 2 < n_pieces), c // 2, -1)
     return n_pieces, q_piece, k_piece
+
+
+def _piece_keys(n: int, chunk: int, pair: int, n_pieces: int, device) -> Tensor:
+    """[P, L] original indices of each piece's keys (key chunks are always full)."""
+    first_key = torch.arange(n_pieces, device=device) * (1 + pair) * chunk
+    return first_key[:, None] + torch.arange(min(chunk, n), device=device)
 
 
 def _sampling_probs(v_norm: Tensor, sampling: str) -> Tensor:
@@ -234,6 +243,12 @@ def _level(q_rank: Tensor, k_rank: Tensor, v_norm: Tensor, chunk: int, pair: int
     device = q_rank.device
     n_pieces, q_piece, k_piece = _chunk_pieces(n, chunk, pair, device)
     keys_per_piece = min(chunk, n)
+    if hash_bits == 0:
+        # No hashing: rank by the position inside the chunk, so a query's block is the one at its own offset (the
+        # diagonal blocks, one chunk back in causal levels), not block 0 for every query.
+        hash_bits = max(1, (keys_per_piece - 1).bit_length())
+        q_rank = (torch.arange(n, device=device) % keys_per_piece).expand_as(q_rank)
+        k_rank = (torch.arange(n, device=device) % keys_per_piece).expand_as(k_rank)
 
     # Keys: sort by (piece, hash rank); piece p's keys then sit at sorted positions [p L, p L + L).
     k_key = torch.where(k_piece >= 0, k_piece, n_pieces) * (1 << hash_bits) + k_rank  # [B, Hk, N]
@@ -267,8 +282,7 @@ def _level(q_rank: Tensor, k_rank: Tensor, v_norm: Tensor, chunk: int, pair: int
     # Samples: m iid draws per query tile from the keys of its piece's key chunk (original order), by inverse CDF of
     # a counter-based uniform of the tile's identity (block, index inside the block), not of its position.
     tile_block, tile_index = (x.view(B, H, n_tiles) for x in (tiles.block, tiles.index))
-    first_key = (torch.arange(n_pieces, device=device) * (1 + pair) * chunk)[:, None]  # [P, 1]
-    piece_keys = first_key + torch.arange(keys_per_piece, device=device)  # [P, L]: key chunks are always full
+    piece_keys = _piece_keys(n, chunk, pair, n_pieces, device)  # [P, L]
     probs = _sampling_probs(v_norm[..., piece_keys], sampling)  # [B, Hk, P, L]
     slot = torch.arange(num_samples, device=device)
     batch = torch.arange(B, device=device)[:, None, None, None]
@@ -287,13 +301,34 @@ def _level(q_rank: Tensor, k_rank: Tensor, v_norm: Tensor, chunk: int, pair: int
         target = (u + tile_piece[..., None]).reshape(B, Hk, group * n_tiles * num_samples)  # [B, Hk, G T m]
         pos = torch.searchsorted(cdf.flatten(2), target, right=True).view(B, H, n_tiles, num_samples)
         local = (pos - tile_piece[..., None] * keys_per_piece).clamp(0, keys_per_piece - 1)
-    sample_idx = first_key[tile_piece, 0][..., None] + local  # [B, H, T, m]
+    sample_idx = piece_keys[tile_piece, 0][..., None] + local  # [B, H, T, m]
     sample_block = _heads(k_block, H).gather(-1, sample_idx.flatten(2)).view_as(sample_idx)
-    piece_probs = _heads(probs, H).flatten(2, 3)  # [B, H, P L]
-    sample_p = piece_probs.gather(-1, (tile_piece[..., None] * keys_per_piece + local).flatten(2))
-    sample_logw = -torch.log(num_samples * sample_p.float()).view_as(sample_idx)
-    return Level(chunk, pair, n_pieces, perm_k, k_block, q_block, perm_q, tiles, q_tile, sample_idx, sample_block,
-                 sample_logw)
+    level = Level(chunk, pair, n_pieces, perm_k, k_block, q_block, perm_q, tiles, q_tile, sample_idx, sample_block,
+                  None)
+    return dataclasses.replace(level, sample_logw=_slot_log_weights(probs, level))
+
+
+def _slot_log_weights(probs: Tensor, level: Level) -> Tensor:
+    """[B, H, T, m] fp64 log(1 / (m p_j)) of every sample slot, from the pieces' probabilities [B, Hk, P, L]."""
+    H, m = level.sample_idx.shape[1], level.sample_idx.shape[-1]
+    span = (1 + level.pair) * level.chunk  # a piece's key chunk starts at p span
+    piece, local = level.sample_idx // span, level.sample_idx % span
+    sample_p = _heads(probs, H).flatten(2, 3).gather(-1, (piece * probs.shape[-1] + local).flatten(2))
+    return -torch.log(m * sample_p).view_as(level.sample_idx)
+
+
+def sample_log_weights(v: Tensor, plan: "KDEPlan") -> list[Tensor]:
+    """The plan's sample weights log(1 / (m p_j)) as a function of v: one [B, H, T, m] fp64 tensor per level,
+    differentiable in v under "value_norm" (where p_j depends on ||v_j||), equal to ``level.sample_logw``.
+
+    v: [B, Hk, N, Dv], the values the plan was made from.
+    """
+    v_norm = torch.linalg.vector_norm(v, dim=-1, dtype=torch.float64)  # [B, Hk, N]
+    weights = []
+    for level in plan.levels:
+        keys = _piece_keys(v.shape[2], level.chunk, level.pair, level.n_pieces, v.device)
+        weights.append(_slot_log_weights(_sampling_probs(v_norm[..., keys], plan.sampling), level))
+    return weights
 
 
 def make_plan(q: Tensor, k: Tensor, v: Tensor, seed: int | Tensor, causal: bool = False, bucket_size: int = 256,
@@ -310,7 +345,8 @@ def make_plan(q: Tensor, k: Tensor, v: Tensor, seed: int | Tensor, causal: bool 
         causal: plan HyperAttention's causal split with exact windows of ``exact_window`` tokens.
         bucket_size: keys per LSH block.
         num_samples: m, sampled keys per query tile (min(bucket_size, QUERY_TILE) queries of one block).
-        num_hash_bits: r, hyperplanes of the SimHash (0: no hashing, blocks of the original order).
+        num_hash_bits: r, hyperplanes of the SimHash (0: no hashing, each query in the block of the original order
+            at its own position).
         sampling: "value_norm" or "uniform".
         exact_window: causal only; a multiple of bucket_size.
 
@@ -333,12 +369,14 @@ def make_plan(q: Tensor, k: Tensor, v: Tensor, seed: int | Tensor, causal: bool 
     tile = min(bucket_size, QUERY_TILE)
     levels = tuple(_level(q_rank, k_rank, v_norm, c, pair, bucket_size, tile, num_samples, num_hash_bits, sampling,
                           seed, i) for i, c in enumerate(chunks))
-    return KDEPlan(bucket_size, num_samples, tile, exact_window if causal else None, levels)
+    return KDEPlan(bucket_size, num_samples, tile, exact_window if causal else None, sampling, levels)
 
 
-def log_weights(plan: KDEPlan, n_heads: int, n: int, device: torch.device) -> Tensor:
+def log_weights(plan: KDEPlan, n_heads: int, n: int, device: torch.device,
+                sample_logw: list[Tensor] | None = None) -> Tensor:
     """The estimator as a dense logit bias on ``device``: [B, H, N, N] fp64 log W (0 exact, log(c_j / (m p_j))
-    sampled, -inf absent); [1, H, N, N] when the plan has no levels (causal, N <= exact_window)."""
+    sampled, -inf absent); [1, H, N, N] when the plan has no levels (causal, N <= exact_window). ``sample_logw``
+    (one [B, H, T, m] tensor per level, default the plan's) gives the slots' log weights, differentiably."""
     level0 = plan.levels[0] if plan.levels else None
     pos = torch.arange(n, device=device)
     log_w = torch.full((n, n), -math.inf, device=device, dtype=torch.float64)
@@ -346,20 +384,79 @@ def log_weights(plan: KDEPlan, n_heads: int, n: int, device: torch.device) -> Te
         same_window = (pos[:, None] // plan.window) == (pos[None, :] // plan.window)
         log_w = torch.where(same_window & (pos[None, :] <= pos[:, None]), 0.0, log_w)
     log_w = log_w.expand(*(level0.q_block.shape[:2] if level0 else (1, n_heads)), n, n)
-    for level in plan.levels:
-        group = level.q_block.shape[1] // level.k_block.shape[1]
-        _, q_piece, k_piece = _chunk_pieces(n, level.chunk, level.pair, device)
-        same_piece = (q_piece[:, None] == k_piece[None, :]) & (q_piece[:, None] >= 0)  # [N, N]
-        k_block = level.k_block.repeat_interleave(group, dim=1)
-        exact = same_piece & (level.q_block[..., :, None] == k_block[..., None, :])  # [B, H, N, N]
-        idx = level.sample_idx  # [B, H, T, m]
-        count = torch.zeros(idx.shape[:3] + (n,), dtype=torch.float64, device=device).scatter_add_(
-            -1, idx, torch.ones_like(idx, dtype=torch.float64))
-        logw = torch.zeros_like(count).scatter_(-1, idx, level.sample_logw.double())
-        tile_bias = count.log() + logw  # [B, H, T, N]: the bias each tile's queries give each key
+    weights = [level.sample_logw for level in plan.levels] if sample_logw is None else sample_logw
+    for level, slot_logw in zip(plan.levels, weights):
+        exact, sampled = _level_masks(level, n, device)
+        weight = _key_weights(level, slot_logw, n)  # [B, H, T, N]
+        tile_bias = torch.where(weight > 0, weight.clamp_min(torch.finfo(weight.dtype).tiny).log(), -math.inf)
         sampled_bias = tile_bias.gather(2, level.q_tile.clamp_min(0)[..., None].expand(-1, -1, -1, n))  # [B, H, N, N]
-        log_w = torch.where(exact, 0.0, torch.where(same_piece & ~exact, sampled_bias, log_w))
+        log_w = torch.where(exact, 0.0, torch.where(sampled, sampled_bias, log_w))
     return log_w
+
+
+def _level_masks(level: Level, n: int, device) -> tuple[Tensor, Tensor]:
+    """([B, H, N, N] bool pairs attended exactly, pairs attended through the samples) of one level."""
+    group = level.q_block.shape[1] // level.k_block.shape[1]
+    _, q_piece, k_piece = _chunk_pieces(n, level.chunk, level.pair, device)
+    same_piece = (q_piece[:, None] == k_piece[None, :]) & (q_piece[:, None] >= 0)  # [N, N]
+    k_block = level.k_block.repeat_interleave(group, dim=1)
+    exact = same_piece & (level.q_block[..., :, None] == k_block[..., None, :])
+    return exact, same_piece & ~exact
+
+
+def _key_weights(level: Level, slot_logw: Tensor, n: int) -> Tensor:
+    """c_j / (m p_j) of every tile and key: the weights of the slots that drew key j, summed ([B, H, T, N] fp64, 0
+    for keys not drawn)."""
+    idx = level.sample_idx  # [B, H, T, m]
+    return torch.zeros(idx.shape[:3] + (n,), dtype=torch.float64, device=idx.device).scatter_add(
+        -1, idx, slot_logw.double().exp())
+
+
+def slot_weight_grads(plan: KDEPlan, grad_logits: Tensor) -> list[Tensor]:
+    """d loss / d log w of every sample slot (one [B, H, T, m] fp64 tensor per level) from d loss / d logits
+    [B, H, N, N] (the logits are S + log W: a key drawn by c slots of a tile has log W = log sum of their weights,
+    and each slot gets its share of the key's gradient)."""
+    n = grad_logits.shape[-1]
+    grads = []
+    for level in plan.levels:
+        _, sampled = _level_masks(level, n, grad_logits.device)
+        per_tile = torch.zeros(level.sample_idx.shape[:3] + (n,), dtype=torch.float64, device=grad_logits.device)
+        per_tile.scatter_add_(2, level.q_tile.clamp_min(0)[..., None].expand(-1, -1, -1, n),
+                              torch.where(sampled, grad_logits.double(), 0.0))  # [B, H, T, N]
+        share = level.sample_logw.exp() / _key_weights(level, level.sample_logw, n).gather(-1, level.sample_idx)
+        grads.append(per_tile.gather(-1, level.sample_idx) * share)
+    return grads
+
+
+def value_weight_grad(v: Tensor, plan: KDEPlan, grad_log_weights: list[Tensor]) -> Tensor:
+    """d loss / d v through the value-norm sample weights alone, given d loss / d log w of every sample slot (one
+    [B, H, T, m] tensor per level): [B, Hk, N, Dv] fp64, zero for uniform sampling.
+
+    Written out rather than by autograd, as it runs inside the op's backward: with log w = -log(m p_j) and
+    p_j = (1 - a) ||v_j|| / S + a / L over a piece (S = sum of its norms), dL/dp_j = -G_j / p_j (G_j: the summed
+    slot gradients of key j), dL/d||v_k|| = (1 - a) / S (dL/dp_k - sum_j dL/dp_j ||v_j|| / S), and
+    dL/dv_k = dL/d||v_k|| v_k / ||v_k||.
+    """
+    B, Hk, n, _ = v.shape
+    vd = v.detach().double()
+    if plan.sampling == "uniform":
+        return torch.zeros_like(vd)
+    v_norm = torch.linalg.vector_norm(vd, dim=-1)  # [B, Hk, N]
+    grad_norm = torch.zeros_like(v_norm)
+    for level, grad in zip(plan.levels, grad_log_weights):
+        keys = _piece_keys(n, level.chunk, level.pair, level.n_pieces, v.device)  # [P, L]
+        norms = v_norm[..., keys]  # [B, Hk, P, L]
+        span = (1 + level.pair) * level.chunk
+        flat = (level.sample_idx // span * keys.shape[-1] + level.sample_idx % span).flatten(2)  # [B, H, T m]
+        probs = _heads(_sampling_probs(norms, plan.sampling), grad.shape[1]).flatten(2, 3)  # [B, H, P L]
+        grad_p = torch.zeros_like(probs).scatter_add_(-1, flat, -grad.double().flatten(2) / probs.gather(-1, flat))
+        grad_p = _group_sum(grad_p, Hk).view_as(norms)
+        total = norms.sum(-1, keepdim=True)
+        safe = total.clamp_min(torch.finfo(total.dtype).tiny)
+        by_norm = (1 - VALUE_NORM_MIX) / safe * (grad_p - (grad_p * norms).sum(-1, keepdim=True) / safe)
+        grad_norm.index_add_(-1, keys.flatten(), torch.where(total > 0, by_norm, 0.0).flatten(2))
+    unit = torch.where(v_norm[..., None] > 0, vd / v_norm.clamp_min(torch.finfo(vd.dtype).tiny)[..., None], 0.0)
+    return grad_norm[..., None] * unit
 
 
 def _heads(x: Tensor, n_heads: int) -> Tensor:
@@ -367,11 +464,13 @@ def _heads(x: Tensor, n_heads: int) -> Tensor:
     return x.repeat_interleave(n_heads // x.shape[1], dim=1)
 
 
-def _probs(q: Tensor, k: Tensor, plan: KDEPlan, scale: float) -> tuple[Tensor, Tensor]:
-    """(P = softmax(S + log W) [B, H, N, N], lse [B, H, N]) in the compute dtype."""
+def _probs(q: Tensor, k: Tensor, v: Tensor, plan: KDEPlan, scale: float) -> tuple[Tensor, Tensor]:
+    """(P = softmax(S + log W) [B, H, N, N], lse [B, H, N]) in the compute dtype, differentiable in q, k and v
+    (through the sample weights)."""
     H, n = q.shape[1], q.shape[2]
     qf = upcast(q)
-    logits = (qf @ _heads(upcast(k), H).transpose(-1, -2)) * scale + log_weights(plan, H, n, q.device).to(qf.dtype)
+    log_w = log_weights(plan, H, n, q.device, sample_log_weights(v, plan))
+    logits = (qf @ _heads(upcast(k), H).transpose(-1, -2)) * scale + log_w.to(qf.dtype)
     lse = torch.logsumexp(logits, dim=-1)
     return torch.exp(logits - lse[..., None]), lse
 
@@ -388,7 +487,7 @@ def kde_attention(q: Tensor, k: Tensor, v: Tensor, plan: KDEPlan, scale: float |
         (out [B, H, N, Dv] in q.dtype, lse [B, H, N] in fp32, fp64 for fp64 q); differentiable in q, k, v.
     """
     scale = q.shape[-1] ** -0.5 if scale is None else scale
-    probs, lse = _probs(q, k, plan, scale)
+    probs, lse = _probs(q, k, v, plan, scale)
     return nonfinite_heads_as_nan((probs @ _heads(upcast(v), q.shape[1])).to(q.dtype), lse, k, v)
 
 
@@ -399,14 +498,16 @@ def _group_sum(x: Tensor, n_kv_heads: int) -> Tensor:
 
 def kde_attention_backward(grad_out: Tensor, grad_lse: Tensor, q: Tensor, k: Tensor, v: Tensor, plan: KDEPlan,
                            scale: float | None = None) -> tuple[Tensor, Tensor, Tensor]:
-    """Explicit gradient of ``kde_attention`` (the plan held fixed): (dq, dk, dv) in the dtypes of q, k, v.
+    """Explicit gradient of ``kde_attention`` (the keys chosen by the plan held fixed): (dq, dk, dv) in the dtypes of
+    q, k, v.
 
     With P = softmax(S + log W): dV = P^T dO, dS = P * (dO V^T - delta) with delta_i = dO_i.O_i - dlse_i,
-    dQ = scale dS K, dK = scale dS^T Q (summed over the query heads of each kv head).
+    dQ = scale dS K, dK = scale dS^T Q (summed over the query heads of each kv head); with value-norm sampling
+    dV also gets dS through log W (``slot_weight_grads``, ``value_weight_grad``).
     """
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     H, Hk = q.shape[1], k.shape[1]
-    probs, _ = _probs(q, k, plan, scale)
+    probs, _ = _probs(q, k, v, plan, scale)
     grad_out, vh = upcast(grad_out), _heads(upcast(v), H)
     out = probs @ vh
     delta = (grad_out * out).sum(-1) - upcast(grad_lse)
@@ -414,6 +515,8 @@ def kde_attention_backward(grad_out: Tensor, grad_lse: Tensor, q: Tensor, k: Ten
     dq = scale * dlogits @ _heads(upcast(k), H)
     dk = _group_sum(scale * dlogits.transpose(-1, -2) @ upcast(q), Hk)
     dv = _group_sum(probs.transpose(-1, -2) @ grad_out, Hk)
+    if plan.sampling != "uniform":
+        dv = dv + value_weight_grad(v, plan, slot_weight_grads(plan, dlogits))
     return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
 
 
