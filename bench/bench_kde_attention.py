@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from bench import sizes
+from bench import kde_roofline, sizes
 from bench._harness import (Case, NotApplicable, bench_device, cases_of, peak_extra_mib, pytest_params,
                             run_benchmark, time_ms)
 from torchext.ops.kde_attention import DEFAULT_EXACT_WINDOW, kde_attention
@@ -98,16 +98,18 @@ def _summary(case: Case, causal: bool, params: dict, ms: dict[str, float]) -> st
     if device.type == "cuda":
         memory = {p: peak_extra_mib(case, p, mode) for p in ("torchext", "eager", *case.extra_providers)}
         parts.append("peak extra memory " + ", ".join(f"{p} {m:.4g} MiB" for p, m in memory.items() if m is not None))
+    parts.append(kde_roofline.summary(causal, mode == "fwd+bwd"))
     return "; ".join(parts)
 
 
-def _case(B, H, n, D, causal, mode, gpu, dtype=BF16):
-    params = GPU_PARAMS if gpu else CPU_PARAMS
+def _case(B, H, n, D, causal, mode, gpu, dtype=BF16, sampling="uniform"):
+    params = {**(GPU_PARAMS if gpu else CPU_PARAMS), "sampling": sampling}
     anchors = {"sdpa flash": partial(_sdpa, causal, backend=SDPBackend.FLASH_ATTENTION),
                "sdpa efficient": partial(_sdpa, causal, backend=SDPBackend.EFFICIENT_ATTENTION),
                "flash-attn": partial(_flash_attn, causal),
                "kde kernel": partial(_torchext, causal, {**params, "min_seq_len": 0})}
-    case = Case("kde_attention", "kde_attention" + ("_causal" if causal else ""), f"B{B}-H{H}-N{n}-D{D}", dtype,
+    shape = f"B{B}-H{H}-N{n}-D{D}" + ("" if sampling == "uniform" else f"-{sampling}")
+    case = Case("kde_attention", "kde_attention" + ("_causal" if causal else ""), shape, dtype,
                 partial(_inputs, B, H, n, D), partial(_torchext, causal, params), partial(_sdpa, causal),
                 partial(_sdpa, causal), modes=(mode,), count_bytes=False, gpu=gpu, extra_providers=anchors,
                 flops={mode: (4 if mode == "fwd" else 14) * B * H * n * n * D // (2 if causal else 1)}, rep_ms=500)
@@ -117,7 +119,7 @@ def _case(B, H, n, D, causal, mode, gpu, dtype=BF16):
 KINDS = {"kde": _case}
 
 CASES = [
-    # CPU smoke sizes: the estimator (min_seq_len 0 in "kde kernel") and the exact fallback (torchext at n < 4096).
+    # CPU smoke sizes: the estimator (min_seq_len 0 in "kde kernel") and the exact fallback (torchext, short N).
     *(_case(1, 2, 200, 32, causal, mode, gpu=False, dtype=torch.float32)
       for causal in (False, True) for mode in ("fwd", "fwd+bwd")),
     *cases_of(sizes.KDE_ATTENTION, KINDS),  # GPU sizes

@@ -59,6 +59,10 @@ _ONE_TILE_BACKWARD = ("all 512 keys of a head sit in one [512, 16] tile of score
 ALLOWED_SPILLS: dict[tuple[str, str], str] = {
     ("_kronecker_attention_bwd_queries_kernel", "BLOCK_L=512"): _ONE_TILE_BACKWARD,
     ("_kronecker_attention_bwd_tokens_kernel", "BLOCK_L=512"): _ONE_TILE_BACKWARD,
+    ("_kde_attention_bwd_dq_kernel", "VALUE_WEIGHTS=True"): (
+        "sm_80 only, value-norm sampling (not the default): the per-slot column sum of dS, the weights' gradient "
+        "to v, costs one more cross-warp reduction beside the 128-query tile's operands; 16 keys per step is the "
+        "narrowest tile and still spills 16 bytes at head_dim 64"),
     ("_kde_attention_bwd_dq_kernel", "BLOCK_D=128"): (
         "sm_80 only: a 128-query tile (the plan's sampling tile) holds q and dO [128, 128] in 16 bits and dq "
         "[128, 128] in fp32 beside the [128, 16] scores; mma.sync keeps its operands in registers where sm_90's "

@@ -166,7 +166,10 @@ KDE_ATTENTION = [
            ("kde", dict(B=1, H=8, n=32768, D=64, causal=True, mode="fwd+bwd", dtype=FP16),
             dict(compile=True)),
            ("kde", dict(B=1, H=8, n=8192, D=32, causal=True, mode="fwd+bwd", dtype=FP32),
-            dict(compile=True)))
+            dict(compile=True)),
+           # value-norm sampling: its dq kernel also reduces dS per sample slot (the weights' gradient to v)
+           *(("kde", dict(B=1, H=8, n=32768, D=D, causal=False, mode="fwd+bwd", sampling="value_norm"),
+              dict(compile=True)) for D in (64, 128)))
 
 KRONECKER_ATTENTION = [
     *(Size("kronecker_attention", "kao", dict(mode=mode, shape=(8, 128, side, side), heads=2, bench_mode=bench_mode),

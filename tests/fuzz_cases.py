@@ -1878,8 +1878,8 @@ KV_MODULE_CASES = [
 # ---- KDE attention ------------------------------------------------------------------------------------------------
 
 SEQ, KDE_DIM = 32, 8
-KDE_DEFAULTS = dict(causal=False, scale=None, bucket_size=256, num_samples=256, num_hash_bits=8, seed=None,
-                    sampling="value_norm", exact_window=2048, min_seq_len=None, return_lse=False)
+KDE_DEFAULTS = dict(causal=False, scale=None, bucket_size=256, num_samples=256, num_hash_bits=None, seed=None,
+                    sampling="uniform", exact_window=2048, min_seq_len=None, return_lse=False)
 
 
 def _kde_valid(device: str) -> dict:

@@ -39,7 +39,9 @@ LN2 = 0.6931471805599453
 # sm_90 without spilling (bench/offline.py; 64-key tiles with 4 warps spilled up to 1.5 KB per thread in the
 # backward; under Triton 3.6, 32-key dk/dv tiles at head_dim <= 64 spilled 48 bytes on sm_80), except the dq kernel
 # at head_dim 128 on sm_80 (bench/offline.py's ALLOWED_SPILLS says why). Not yet timed on a GPU.
-_GPU_BLOCKS = {"fwd": ((64, 8, 1), (32, 8, 1)), "dq": ((32, 8, 1), (16, 8, 1)), "dkdv": ((16, 8, 1), (32, 8, 1))}
+_GPU_BLOCKS = {"fwd": ((64, 8, 1), (32, 8, 1)), "dq": ((32, 8, 1), (16, 8, 1)), "dkdv": ((16, 8, 1), (32, 8, 1)),
+               # value-norm sampling's dq also sums dS per sample slot: 32 keys spilled 188 bytes on sm_80
+               "dq_value_weights": ((16, 8, 1), (16, 8, 1))}
 _GPU_BLOCKS_WIDE = (16, 8, 1)  # fp32 / fp64 operands: FMA dots from registers, every kernel
 _INTERPRETER_BLOCKS = (64, 4, 1)
 # The head dims a 128-query tile fits on a GPU, by operand bytes: past them no tile compiles without spilling
@@ -267,11 +269,12 @@ def _kde_attention_bwd_dq_kernel(
         n, H, G, D, DV, table_bh_stride, blocks_per_piece, keys_per_piece, bucket, n_samples,
         consts_ptr, stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh,
         stride_vn,
-        IDENTITY: tl.constexpr, CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-        BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, COMPUTE: tl.constexpr, DOT: tl.constexpr):
+        IDENTITY: tl.constexpr, CAUSAL: tl.constexpr, VALUE_WEIGHTS: tl.constexpr, BLOCK_M: tl.constexpr,
+        BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, COMPUTE: tl.constexpr,
+        DOT: tl.constexpr):
     """dq of one query tile, and the dk, dv contributions of its sampled keys: dk_s, dv_s [tile rows, m, D / DV],
-    and d loss / d log w of each slot, dlogw_s [tile rows, m] (the slots of a tile with no queries get zeros, so the
-    index_add_ that follows needs no mask)."""
+    and with VALUE_WEIGHTS (weights that depend on v) d loss / d log w of each slot, dlogw_s [tile rows, m] (the
+    slots of a tile with no queries get zeros, so the index_add_ that follows needs no mask)."""
     qk_scale, scale, log2e, ln2 = _constants(consts_ptr, COMPUTE)
     qi, q_ok, block, count, b, h, bhk, entry = _query_tile(tile_start_ptr, tile_count_ptr, tile_block_ptr, perm_q_ptr,
                                                            n, H, G, table_bh_stride, IDENTITY, BLOCK_M)
@@ -302,7 +305,8 @@ def _kde_attention_bwd_dq_kernel(
             dk_slots = _product(tl.trans(ds), q, DOT) * scale
             _store_slots(dk_s_ptr, entry * n_samples + slots, slot_ok, cols_d, D, dk_slots)
             _store_slots(dv_s_ptr, entry * n_samples + slots, slot_ok, cols_dv, DV, _product(tl.trans(p), do, DOT))
-            tl.store(dlogw_s_ptr + entry * n_samples + slots, tl.sum(ds, axis=0), mask=slot_ok)
+            if VALUE_WEIGHTS:
+                tl.store(dlogw_s_ptr + entry * n_samples + slots, tl.sum(ds, axis=0), mask=slot_ok)
         dq_ptrs = dq_ptr + row[:, None] * D + cols_d[None, :]
         dq_mask = q_ok[:, None] & (cols_d[None, :] < D)
         tl.store(dq_ptrs, tl.load(dq_ptrs, mask=dq_mask, other=0.0) + dq * scale, mask=dq_mask)
@@ -314,7 +318,8 @@ def _kde_attention_bwd_dq_kernel(
                          tl.zeros([BLOCK_N, BLOCK_D], dtype=COMPUTE))
             _store_slots(dv_s_ptr, entry * n_samples + slots, slot_ok, cols_dv, DV,
                          tl.zeros([BLOCK_N, BLOCK_DV], dtype=COMPUTE))
-            tl.store(dlogw_s_ptr + entry * n_samples + slots, tl.zeros([BLOCK_N], dtype=COMPUTE), mask=slot_ok)
+            if VALUE_WEIGHTS:
+                tl.store(dlogw_s_ptr + entry * n_samples + slots, tl.zeros([BLOCK_N], dtype=COMPUTE), mask=slot_ok)
 
 
 # ---- backward: dk, dv -----------------------------------------------------------------------------------------
@@ -507,7 +512,8 @@ def kde_attention_bwd(grad_out: Tensor, grad_lse: Tensor, q: Tensor, k: Tensor, 
     B, H, n, D = q.shape
     Hk, DV = k.shape[1], v.shape[-1]
     acc_dtype = accumulator_dtype(q.dtype)
-    dq_meta, dkdv_meta = _meta("dq", q, v, plan), _meta("dkdv", q, v, plan)
+    value_weights = plan.sampling != "uniform"
+    dq_meta, dkdv_meta = _meta("dq_value_weights" if value_weights else "dq", q, v, plan), _meta("dkdv", q, v, plan)
     block_m = dq_meta["BLOCK_M"]
     grad_out = grad_out.contiguous()
     # delta_i = dO_i . O_i - dlse_i: dS = P (dP - delta) is then the gradient through both outputs.
@@ -520,19 +526,20 @@ def kde_attention_bwd(grad_out: Tensor, grad_lse: Tensor, q: Tensor, k: Tensor, 
     strides = _strides(q, k, v)
     # The kv row (batch x kv head) of every query head, for the sampled keys' index_add_.
     kv_row = torch.arange(B, device=q.device)[:, None] * Hk + torch.arange(H, device=q.device) // (H // Hk)  # [B, H]
-    slot_grads = []  # d loss / d log w of every level's sample slots
+    slot_grads = []  # d loss / d log w of every level's sample slots (value-norm sampling only)
     for launch in _launches(plan, n, block_m, q.device, acc_dtype):
         s = launch.schedule
         flags = dict(IDENTITY=launch.identity, CAUSAL=launch.causal)
         # Per sample slot of every query tile: its dk, dv from that tile's queries (written by the dq kernel).
         dk_s = torch.empty((B * H * s.n_tiles * launch.n_samples, D), dtype=acc_dtype, device=q.device)
         dv_s = torch.empty((B * H * s.n_tiles * launch.n_samples, DV), dtype=acc_dtype, device=q.device)
-        dlogw_s = torch.empty((B, H, s.n_tiles, launch.n_samples), dtype=acc_dtype, device=q.device)
+        dlogw_s = torch.empty((B, H, s.n_tiles, launch.n_samples if value_weights else 0), dtype=acc_dtype,
+                              device=q.device)
         _kde_attention_bwd_dq_kernel[(s.n_tiles, B * H)](
             q, k, v, grad_out, lse, delta, dq, dk_s, dv_s, dlogw_s, launch.perm_q, launch.perm_k, s.tile_start,
             s.tile_count, s.tile_block, launch.s_idx, launch.s_block, launch.s_logw, n, H, H // Hk, D, DV,
             s.tile_stride, s.blocks_per_piece, s.keys_per_piece, launch.bucket, launch.n_samples, consts, *strides,
-            **flags, **dq_meta)
+            VALUE_WEIGHTS=value_weights, **flags, **dq_meta)
         tiles_per_block = triton.cdiv(launch.bucket, dkdv_meta["BLOCK_N"])
         _kde_attention_bwd_dkdv_kernel[(s.n_blocks * tiles_per_block, B * Hk)](
             q, k, v, grad_out, lse, delta, dk, dv, launch.perm_q, launch.perm_k, s.block_q_start, s.block_q_count,
@@ -545,6 +552,6 @@ def kde_attention_bwd(grad_out: Tensor, grad_lse: Tensor, q: Tensor, k: Tensor, 
             dv.view(-1, DV).index_add_(0, rows, dv_s)
         if launch.level is not None:
             slot_grads.append(dlogw_s)
-    if plan.sampling != "uniform":
+    if value_weights:
         dv += ref.value_weight_grad(v, plan, slot_grads).to(acc_dtype)
     return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)

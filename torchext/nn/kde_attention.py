@@ -36,8 +36,8 @@ class KDEAttention(nn.Module):
     dropout. GQA works whatever enable_gqa says.
     """
 
-    def __init__(self, bucket_size: int = 256, num_samples: int = 256, num_hash_bits: int = 8,
-                 sampling: str = "value_norm", exact_window: int = DEFAULT_EXACT_WINDOW,
+    def __init__(self, bucket_size: int = 256, num_samples: int = 256, num_hash_bits: int | None = None,
+                 sampling: str = "uniform", exact_window: int = DEFAULT_EXACT_WINDOW,
                  min_seq_len: int | None = None, seed: int | None = None):
         super().__init__()
         check_params("KDEAttention", False, bucket_size, num_samples, num_hash_bits, sampling, exact_window)

@@ -25,12 +25,13 @@ if HAS_TRITON:
 # What kind of kernel backs each op on CUDA (read by `python -m torchext info`).
 KERNELS = {"kde_attention": "triton"}
 
-# Below these sequence lengths `kde_attention` runs exact attention (SDPA) instead of the estimator. NOT MEASURED:
-# no GPU was available while writing this. The values are the research note's starting points (HyperAttention
-# breaks even with CUDA FlashAttention-2 at about 4k tokens non-causal and 8-16k causal); measure the crossing on
-# the target GPU with bench/bench_kde_attention.py and set them there.
-MIN_SEQ_LEN = 4096
-MIN_SEQ_LEN_CAUSAL = 8192
+# Below these sequence lengths `kde_attention` runs exact attention (SDPA) instead of the estimator: where the
+# roofline estimate of bench/kde_roofline.py (H100 SXM peaks, the plan's ~700 eager operations non-causal and
+# ~1,800-2,500 causal at 4 us each, B 1, H 32, d 64) first puts the forward ahead of FlashAttention: 1.7x at 32K
+# non-causal (below 1x at 16K) and 1.7x at 128K causal (below 1x at 64K). An ESTIMATE: no GPU has timed it; the
+# plan's eager operations dominate below these lengths, so fusing it moves both down.
+MIN_SEQ_LEN = 32768
+MIN_SEQ_LEN_CAUSAL = 131072
 # Causal: exact attention inside aligned windows of this many tokens (the recursion's leaves).
 DEFAULT_EXACT_WINDOW = 2048
 MAX_HEAD_DIM = 256
@@ -59,13 +60,15 @@ def _check_inputs(op: str, q: Tensor, k: Tensor, v: Tensor) -> None:
         raise ValueError(f"{op}: head dims must be <= {MAX_HEAD_DIM}, got q/k {D} and v {v.shape[3]}")
 
 
-def check_params(op: str, causal: bool, bucket_size: int, num_samples: int, num_hash_bits: int, sampling: str,
+def check_params(op: str, causal: bool, bucket_size: int, num_samples: int, num_hash_bits: int | None, sampling: str,
                  exact_window: int) -> None:
     """The estimator's budget (kde_attention's arguments): TypeError for a non-int, ValueError out of range;
     exact_window is checked against bucket_size only when causal (it is unused otherwise)."""
-    for name, value in (("bucket_size", bucket_size), ("num_samples", num_samples), ("num_hash_bits", num_hash_bits),
-                        ("exact_window", exact_window)):
+    for name, value in (("bucket_size", bucket_size), ("num_samples", num_samples), ("exact_window", exact_window)):
         check_int(op, name, value)
+    if num_hash_bits is None:  # the default: chosen from the sequence length
+        num_hash_bits = ref.MIN_HASH_BITS
+    check_int(op, "num_hash_bits", num_hash_bits)
     if bucket_size < 16 or bucket_size & (bucket_size - 1):
         raise ValueError(f"{op}: bucket_size must be a power of two >= 16, got {bucket_size}")
     if num_samples < 0:
@@ -158,8 +161,8 @@ _kde_attention.register_autograd(_kde_attention_grad, setup_context=_kde_attenti
 
 
 def kde_attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False, scale: float | None = None,
-                  bucket_size: int = 256, num_samples: int = 256, num_hash_bits: int = 8,
-                  seed: int | Tensor | None = None, sampling: str = "value_norm",
+                  bucket_size: int = 256, num_samples: int = 256, num_hash_bits: int | None = None,
+                  seed: int | Tensor | None = None, sampling: str = "uniform",
                   exact_window: int = DEFAULT_EXACT_WINDOW, min_seq_len: int | None = None,
                   return_lse: bool = False) -> Tensor | tuple[Tensor, Tensor]:
     """Sub-quadratic softmax attention by LSH blocks plus importance-sampled keys (KDEformer / HyperAttention).
@@ -180,11 +183,15 @@ def kde_attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False, scal
         bucket_size: keys per LSH block, a power of two >= 16.
         num_samples: m, sampled keys per query tile (min(bucket_size, 128) queries of one LSH block, each tile
             drawing its own keys); 0 gives block-sparse attention.
-        num_hash_bits: SimHash hyperplanes r (2^r buckets, ordered by the inverse Gray code).
+        num_hash_bits: SimHash hyperplanes r (2^r buckets, ordered by the inverse Gray code); None: grows with N
+            (torchext.reference.kde_attention.default_hash_bits: 8 up to 1024 tokens at bucket 256, 12 at 16K,
+            15 at 128K), so a bucket stays smaller than a block and recall holds at long context.
         seed: seeds hyperplanes and samples: an int, a one-element int64 tensor (best on q's device: a CUDA graph
             then replays with whatever seed it holds), or None to draw one from torch's generator on q's device
             (a new plan per call). Nothing is read back to the host.
-        sampling: "value_norm" or "uniform".
+        sampling: "uniform" (the default, HyperAttention's) or "value_norm" (KDEformer's value-row norms mixed with
+            uniform: outputs no more accurate in examples/kde_quality.py, a less noisy lse in the tests; its
+            backward carries the weights' gradient to v, one more reduction in the dq kernel).
         exact_window: causal only, a multiple of bucket_size.
         min_seq_len: run exact attention below this length; None: MIN_SEQ_LEN (MIN_SEQ_LEN_CAUSAL when causal).
         return_lse: also return the log-sum-exp of the (estimated) softmax denominator.
@@ -206,6 +213,8 @@ def kde_attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False, scal
         check_int("kde_attention", "min_seq_len", min_seq_len, minimum=0)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     n = q.shape[2]
+    if num_hash_bits is None:
+        num_hash_bits = ref.default_hash_bits(n, bucket_size)
     threshold = (MIN_SEQ_LEN_CAUSAL if causal else MIN_SEQ_LEN) if min_seq_len is None else min_seq_len
     if n < threshold:
         if not return_lse:
