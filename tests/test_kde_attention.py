@@ -232,8 +232,9 @@ def test_numerator_and_denominator_are_unbiased(causal):
 
 
 def test_error_falls_as_one_over_sqrt_m():
-    """RMS error of den over 30 seeds: 16x the samples should give about 1/4 the error (measured 0.27-0.28; allow
-    0.15 to 0.40)."""
+    """RMS error of den over 30 seeds: 16x the samples give at most the 1/4 of iid draws (1/sqrt(m); measured
+    0.27-0.28 with iid draws), less with stratified ones (measured 0.147: 256 strata of 240 keys nearly enumerate
+    them); allow 0.07 to 0.30."""
     q, k, v = gaussian(256, 16, seed=2)
     exact = ref.exact_attention(q, k, v)[1].exp()
     rms = {}
@@ -241,7 +242,7 @@ def test_error_falls_as_one_over_sqrt_m():
         errors = [estimate(q, k, v, s, bucket_size=16, num_samples=m, num_hash_bits=5)[1].exp() - exact
                   for s in range(30)]
         rms[m] = torch.stack(errors).pow(2).mean().sqrt().item()
-    assert 0.15 < rms[256] / rms[16] < 0.40, rms
+    assert 0.07 < rms[256] / rms[16] < 0.30, rms
 
 
 def relative_errors(estimated, exact, v):

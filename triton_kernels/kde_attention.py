@@ -5,7 +5,7 @@ kernels evaluate the estimator of that module's docstring without materialising 
 
 - forward: one program per query tile (queries of one LSH block, in sorted order) keeps a single online-softmax
   state over the exact keys of its block, then over the m keys sampled for that tile, whose importance weight
-  log(1 / (m p_j)) is an additive logit bias and which are masked when they lie in the tile's own block. Out and
+  log(Q / (m p_j)) is an additive logit bias and which are masked when they lie in the tile's own block. Out and
   log-sum-exp are written at the queries' original positions. Causal mode runs one launch for the exact windows,
   then one per level that resumes each query's state from (out, lse) of the launches before (each query is in at
   most one piece per level, so there are no races).

@@ -168,10 +168,11 @@ def kde_attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False, scal
     """Sub-quadratic softmax attention by LSH blocks plus importance-sampled keys (KDEformer / HyperAttention).
 
     Each query attends exactly to the keys of its SimHash block (``bucket_size`` keys of the hash-sorted order) and
-    to ``num_samples`` keys drawn with probability p_j (value-row norm mixed with uniform, or uniform), weighted
-    1 / (m p_j), keys of its own block excluded: numerator and denominator of the softmax are unbiased estimates of
-    the exact sums. Causal: exact attention in aligned windows of ``exact_window`` tokens plus HyperAttention's
-    recursive split of the rest (see torchext.reference.kde_attention). Cost O(N (bucket_size + num_samples) D)
+    to ``num_samples`` keys drawn from the other keys with probability p_j / Q (p: value-row norm mixed with uniform,
+    or uniform; Q: the sum of p outside the query's block), stratified in hash order, weighted Q / (m p_j):
+    numerator and denominator of the softmax are unbiased estimates of the exact sums. Causal: exact attention in
+    aligned windows of ``exact_window`` tokens plus HyperAttention's recursive split of the rest (see
+    torchext.reference.kde_attention). Cost O(N (bucket_size + num_samples) D)
     per head against O(N^2 D). Below ``min_seq_len`` tokens it is exact attention (SDPA).
 
     Args:

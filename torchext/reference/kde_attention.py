@@ -10,16 +10,25 @@ Two parts, both used by the op and by its Triton kernels:
    query tile with their importance weights. The kernels take the plan as it is, so the reference below with the
    same plan is their ground truth (forward, gradients, fp64 gradcheck).
 2. ``kde_attention``: the estimator given a plan, as one dense softmax. For query i with LSH block B(i) and keys
-   j_1..j_m drawn iid from p (s_ij = scale q_i.k_j):
+   j_1..j_m drawn from the keys outside B(i) with probabilities p_j / Q (Q = the sum of p outside B(i)),
+   stratified in hash order (s_ij = scale q_i.k_j):
 
-       num_i = sum_{j in B(i)} e^{s_ij} v_j + (1/m) sum_l [j_l not in B(i)] e^{s_{i j_l}} v_{j_l} / p_{j_l}
+       num_i = sum_{j in B(i)} e^{s_ij} v_j + (Q/m) sum_l e^{s_{i j_l}} v_{j_l} / p_{j_l}
        den_i = the same with v_j replaced by 1,      out_i = num_i / den_i,      lse_i = log den_i.
 
-   E[second term] = sum_{j not in B(i)} e^{s_ij} v_j, so num_i and den_i are unbiased for the exact sums (keys of
-   the query's own block are excluded from the samples: counting them again would bias the estimate). Written as
-   weights, num_i = sum_j W_ij e^{s_ij} v_j with W_ij = 1 in the block and c_j / (m p_j) outside it (c_j: how
-   often j was drawn), so out = softmax(S + log W) V: the importance weight is an additive logit bias
-   log(1 / (m p_j)) and the kernels fold it into one online softmax.
+   E[second term] = sum_{j not in B(i)} e^{s_ij} v_j, so num_i and den_i are unbiased for the exact sums (the
+   query's own block is exact, so its keys are left out of the draws, not drawn and masked: at n = 1K and bucket
+   256 that was a quarter of the slots). Written as weights, num_i = sum_j W_ij e^{s_ij} v_j with W_ij = 1 in the
+   block and c_j Q / (m p_j) outside it (c_j: how often j was drawn), so out = softmax(S + log W) V: the importance
+   weight is an additive logit bias log(Q / (m p_j)) and the kernels fold it into one online softmax.
+
+   Stratified draws: with the keys outside B(i) in hash order and F their CDF under p / Q, slot l takes the key
+   whose interval [F_{j-1}, F_j) holds (l + u_l) / m, u_l uniform in (0, 1). Slot l draws key j with probability
+   m |[F_{j-1}, F_j) & [l/m, (l+1)/m)|, which sums to m p_j / Q over the slots, so the second term keeps its
+   expectation; a key with p_j / Q < 1/m is drawn at most once, and the slots spread over the piece's hash order
+   (directions) instead of repeating keys. Against iid draws from the whole piece, at the defaults (bucket 256,
+   256 samples), output cosine to exact rose from 0.530 to 0.648 (Gaussian d 64, n 1K) and from 0.918 to 0.952
+   (MiniLM, n 1K), measured on the data of examples/kde_quality.py.
 
    Each query tile draws its own m keys. With one draw per head (KDEformer, HyperAttention) every query shares one
    sampling noise: on near-uniform attention the output error is then close to rank one and its spectral norm is
@@ -39,7 +48,7 @@ which lets a later query's hash move an earlier query to another block).
 Sampling probabilities ("value_norm"): p_j = (1 - VALUE_NORM_MIX) ||v_j|| / sum_k ||v_k|| + VALUE_NORM_MIX / L
 over the L keys of a piece: KDEformer's value-row-norm sampling mixed with uniform by a fixed share, so the mix is
 the same whatever the scale of V (KDEformer divides by a power-iteration estimate of ||V||^2, which is not), and
-1 / (m p_j) <= L / (m VALUE_NORM_MIX) bounds every weight. The weights are a function of v and are differentiated
+Q / (m p_j) <= L / (m VALUE_NORM_MIX) bounds every weight. The weights are a function of v and are differentiated
 (``sample_log_weights``): the gradient is the exact gradient of the estimator the forward computed, and only the
 choice of keys, a step function of v, is held fixed. "uniform": p_j = 1 / L (HyperAttention).
 """
@@ -87,7 +96,7 @@ class Level:
             tile, -1 for queries in no piece.
         sample_idx: [B, H, T, m] int64, original indices of the keys sampled for each query tile (from its piece).
         sample_block: [B, H, T, m] int64, their blocks (the tile's queries count those of other blocks only).
-        sample_logw: [B, H, T, m] float64, log(1 / (m p_j)) (``sample_log_weights`` as a function of v).
+        sample_logw: [B, H, T, m] float64, log(Q / (m p_j)) (``sample_log_weights`` as a function of v).
     """
 
     chunk: int
@@ -291,46 +300,72 @@ def _level(q_rank: Tensor, k_rank: Tensor, v_norm: Tensor, chunk: int, pair: int
     q_tile = torch.where(q_block >= 0, q_tile, -1)
     n_tiles = tiles.count.shape[-1]
 
-    # Samples: m iid draws per query tile from the keys of its piece's key chunk (original order), by inverse CDF of
-    # a counter-based uniform of the tile's identity (block, index inside the block), not of its position.
+    # Samples: m stratified draws per query tile from the keys of its piece's key chunk outside its own block, in
+    # hash order, by inverse CDF (see the module docstring), from counter-based uniforms of the tile's identity
+    # (block, index inside the block), not of its position.
     tile_block, tile_index = (x.view(B, H, n_tiles) for x in (tiles.block, tiles.index))
-    piece_keys = _piece_keys(n, chunk, pair, n_pieces, device)  # [P, L]
-    probs = _sampling_probs(v_norm[..., piece_keys], sampling)  # [B, Hk, P, L]
+    probs = _sampling_probs(v_norm[..., _piece_keys(n, chunk, pair, n_pieces, device)], sampling)  # [B, Hk, P, L]
+    blocks = Level(chunk, pair, n_pieces, perm_k, k_block, q_block, perm_q, tiles, q_tile, None, None, None)
     slot = torch.arange(num_samples, device=device)
     batch = torch.arange(B, device=device)[:, None, None, None]
     head = torch.arange(H, device=device)[:, None, None]
     u = _uniform(seed, _SAMPLES_STREAM, batch, head, level, tile_block[..., None], tile_index[..., None],
                  slot)  # [B, H, T, m]
-    tile_piece = tile_block // blocks_per_piece  # [B, H, T]
-    if sampling == "uniform":
-        local = (u * keys_per_piece).long().clamp_max(keys_per_piece - 1)
-    else:
-        # One CDF per piece, each shifted by its piece number so the pieces of a head make one sorted sequence.
-        cdf = torch.cumsum(probs.double(), -1)
-        cdf = cdf / cdf[..., -1:]
-        cdf[..., -1] = 1.0
-        cdf = cdf + torch.arange(n_pieces, device=device, dtype=torch.float64)[:, None]  # [B, Hk, P, L]
-        target = (u + tile_piece[..., None]).reshape(B, Hk, group * n_tiles * num_samples)  # [B, Hk, G T m]
-        pos = torch.searchsorted(cdf.flatten(2), target, right=True).view(B, H, n_tiles, num_samples)
-        local = (pos - tile_piece[..., None] * keys_per_piece).clamp(0, keys_per_piece - 1)
-    sample_idx = piece_keys[tile_piece, 0][..., None] + local  # [B, H, T, m]
+    sorted_probs = probs.gather(-1, _sorted_local(blocks))  # [B, Hk, P, L]
+    before, own, piece_mass = _tile_block_masses(sorted_probs, blocks, bucket)
+    before, own = before / piece_mass, own / piece_mass  # [B, H, T], shares of the piece
+    # Slot l's stratum [l/m, (l+1)/m) of the mass outside the own block, mapped past the block onto the piece's CDF.
+    outside_cdf = (slot + u) / num_samples * (1 - own[..., None])  # [B, H, T, m]
+    in_piece_cdf = torch.where(outside_cdf < before[..., None], outside_cdf, outside_cdf + own[..., None])
+    # One CDF per piece, each shifted by its piece number so the pieces of a head make one sorted sequence.
+    cdf = torch.cumsum(sorted_probs, -1) / sorted_probs.sum(-1, keepdim=True)
+    cdf[..., -1] = 1.0
+    cdf = cdf + torch.arange(n_pieces, device=device, dtype=torch.float64)[:, None]  # [B, Hk, P, L]
+    target = (in_piece_cdf + (tile_block // blocks_per_piece)[..., None]).reshape(B, Hk, -1)  # [B, Hk, G T m]
+    pos = torch.searchsorted(cdf.flatten(2), target, right=True).clamp_max(n_pieces * keys_per_piece - 1)
+    sample_idx = perm_k[..., :n_pieces * keys_per_piece].gather(-1, pos).view(B, H, n_tiles, num_samples)
     sample_block = _heads(k_block, H).gather(-1, sample_idx.flatten(2)).view_as(sample_idx)
-    level = Level(chunk, pair, n_pieces, perm_k, k_block, q_block, perm_q, tiles, q_tile, sample_idx, sample_block,
-                  None)
-    return dataclasses.replace(level, sample_logw=_slot_log_weights(probs, level))
+    blocks = dataclasses.replace(blocks, sample_idx=sample_idx, sample_block=sample_block)
+    return dataclasses.replace(blocks, sample_logw=_slot_log_weights(probs, blocks, bucket))
 
 
-def _slot_log_weights(probs: Tensor, level: Level) -> Tensor:
-    """[B, H, T, m] fp64 log(1 / (m p_j)) of every sample slot, from the pieces' probabilities [B, Hk, P, L]."""
+def _sorted_local(level: Level) -> Tensor:
+    """[B, Hk, P, L] the keys of each piece in hash order, as offsets into the piece's key chunk."""
+    n = level.perm_k.shape[-1]
+    first_key = _piece_keys(n, level.chunk, level.pair, level.n_pieces, level.perm_k.device)[:, :1]  # [P, 1]
+    keys_per_piece = min(level.chunk, n)
+    return level.perm_k[..., :level.n_pieces * keys_per_piece].unflatten(-1, (level.n_pieces, -1)) - first_key
+
+
+def _tile_block_masses(sorted_probs: Tensor, level: Level, bucket: int) -> tuple[Tensor, Tensor, Tensor]:
+    """(mass of the blocks before the tile's own block in its piece, mass of the own block, mass of the piece): three
+    [B, H, T] tensors from the sampling probabilities [B, Hk, P, L] of each piece's keys in hash order (block c:
+    positions [c bucket, (c + 1) bucket))."""
+    L = sorted_probs.shape[-1]
+    blocks_per_piece = -(-L // bucket)
+    padded = torch.nn.functional.pad(sorted_probs, (0, blocks_per_piece * bucket - L))
+    block_mass = padded.unflatten(-1, (blocks_per_piece, bucket)).sum(-1)  # [B, Hk, P, blocks]
+    before = torch.cumsum(block_mass, -1) - block_mass
+    piece_mass = block_mass.sum(-1, keepdim=True).expand_as(block_mass)
+    B, H = level.q_block.shape[:2]
+    tile_block = level.tiles.block.view(B, H, -1)  # global blocks: piece * blocks_per_piece + block
+    return tuple(_heads(x.flatten(2), H).gather(-1, tile_block) for x in (before, block_mass, piece_mass))
+
+
+def _slot_log_weights(probs: Tensor, level: Level, bucket: int) -> Tensor:
+    """[B, H, T, m] fp64 log(q_tile / (m p_j)) of every sample slot (q_tile: the probability outside the tile's own
+    block, from which its slots draw), from the pieces' probabilities [B, Hk, P, L] in original order."""
     H, m = level.sample_idx.shape[1], level.sample_idx.shape[-1]
     span = (1 + level.pair) * level.chunk  # a piece's key chunk starts at p span
     piece, local = level.sample_idx // span, level.sample_idx % span
     sample_p = _heads(probs, H).flatten(2, 3).gather(-1, (piece * probs.shape[-1] + local).flatten(2))
-    return -torch.log(m * sample_p).view_as(level.sample_idx)
+    _, own, piece_mass = _tile_block_masses(probs.gather(-1, _sorted_local(level)), level, bucket)
+    outside = (piece_mass - own).clamp_min(torch.finfo(probs.dtype).tiny)  # [B, H, T]
+    return (outside.log()[..., None] - torch.log(m * sample_p.view_as(level.sample_idx)))
 
 
 def sample_log_weights(v: Tensor, plan: "KDEPlan") -> list[Tensor]:
-    """The plan's sample weights log(1 / (m p_j)) as a function of v: one [B, H, T, m] fp64 tensor per level,
+    """The plan's sample weights log(Q / (m p_j)) as a function of v: one [B, H, T, m] fp64 tensor per level,
     differentiable in v under "value_norm" (where p_j depends on ||v_j||), equal to ``level.sample_logw``.
 
     v: [B, Hk, N, Dv], the values the plan was made from.
@@ -339,7 +374,7 @@ def sample_log_weights(v: Tensor, plan: "KDEPlan") -> list[Tensor]:
     weights = []
     for level in plan.levels:
         keys = _piece_keys(v.shape[2], level.chunk, level.pair, level.n_pieces, v.device)
-        weights.append(_slot_log_weights(_sampling_probs(v_norm[..., keys], plan.sampling), level))
+        weights.append(_slot_log_weights(_sampling_probs(v_norm[..., keys], plan.sampling), level, plan.bucket))
     return weights
 
 
@@ -444,9 +479,10 @@ def value_weight_grad(v: Tensor, plan: KDEPlan, grad_log_weights: list[Tensor]) 
     """d loss / d v through the value-norm sample weights alone, given d loss / d log w of every sample slot (one
     [B, H, T, m] tensor per level): [B, Hk, N, Dv] fp64, zero for uniform sampling.
 
-    Written out rather than by autograd, as it runs inside the op's backward: with log w = -log(m p_j) and
+    Written out rather than by autograd, as it runs inside the op's backward: with log w = log Q - log(m p_j) and
     p_j = (1 - a) ||v_j|| / S + a / L over a piece (S = sum of its norms), dL/dp_j = -G_j / p_j (G_j: the summed
-    slot gradients of key j), dL/d||v_k|| = (1 - a) / S (dL/dp_k - sum_j dL/dp_j ||v_j|| / S), and
+    slot gradients of key j) plus the sum of G_tile / Q_tile over the tiles whose own block does not hold j
+    (``_outside_mass_grad``), dL/d||v_k|| = (1 - a) / S (dL/dp_k - sum_j dL/dp_j ||v_j|| / S), and
     dL/dv_k = dL/d||v_k|| v_k / ||v_k||.
     """
     B, Hk, n, _ = v.shape
@@ -462,13 +498,31 @@ def value_weight_grad(v: Tensor, plan: KDEPlan, grad_log_weights: list[Tensor]) 
         flat = (level.sample_idx // span * keys.shape[-1] + level.sample_idx % span).flatten(2)  # [B, H, T m]
         probs = _heads(_sampling_probs(norms, plan.sampling), grad.shape[1]).flatten(2, 3)  # [B, H, P L]
         grad_p = torch.zeros_like(probs).scatter_add_(-1, flat, -grad.double().flatten(2) / probs.gather(-1, flat))
-        grad_p = _group_sum(grad_p, Hk).view_as(norms)
+        grad_p = _group_sum(grad_p, Hk).view_as(norms) + _outside_mass_grad(norms, level, grad, plan)
         total = norms.sum(-1, keepdim=True)
         safe = total.clamp_min(torch.finfo(total.dtype).tiny)
         by_norm = (1 - VALUE_NORM_MIX) / safe * (grad_p - (grad_p * norms).sum(-1, keepdim=True) / safe)
         grad_norm.index_add_(-1, keys.flatten(), torch.where(total > 0, by_norm, 0.0).flatten(2))
     unit = torch.where(v_norm[..., None] > 0, vd / v_norm.clamp_min(torch.finfo(vd.dtype).tiny)[..., None], 0.0)
     return grad_norm[..., None] * unit
+
+
+def _outside_mass_grad(norms: Tensor, level: Level, grad: Tensor, plan: KDEPlan) -> Tensor:
+    """d loss / d p_k through log q_tile, the probability outside each tile's own block in the slots' weights
+    ([B, Hk, P, L], original order in the piece): with G_tile its slots' summed gradients, every key of the
+    tile's piece outside its block gets G_tile / q_tile."""
+    probs = _sampling_probs(norms, plan.sampling)
+    sorted_local = _sorted_local(level)
+    _, own, piece_mass = _tile_block_masses(probs.gather(-1, sorted_local), level, plan.bucket)
+    per_tile = grad.double().sum(-1) / (piece_mass - own).clamp_min(torch.finfo(probs.dtype).tiny)  # [B, H, T]
+    B, Hk, P, L = norms.shape
+    blocks_per_piece = -(-L // plan.bucket)
+    by_block = torch.zeros(B, grad.shape[1], P * blocks_per_piece, dtype=torch.float64, device=norms.device)
+    by_block = _group_sum(by_block.scatter_add_(-1, level.tiles.block.view_as(per_tile), per_tile), Hk)
+    by_block = by_block.view(B, Hk, P, blocks_per_piece)
+    sorted_block = torch.arange(L, device=norms.device) // plan.bucket
+    in_sorted_order = by_block.sum(-1, keepdim=True) - by_block[..., sorted_block]  # [B, Hk, P, L]
+    return torch.zeros_like(probs).scatter_(-1, sorted_local, in_sorted_order)
 
 
 def _heads(x: Tensor, n_heads: int) -> Tensor:
