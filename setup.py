@@ -46,7 +46,11 @@ class NvccBuildExt(build_ext):
     every core), then links them into torchext._C."""
 
     def build_extension(self, ext: Extension) -> None:
-        import pybind11
+        try:
+            import pybind11
+        except ImportError:
+            raise SystemExit("torchext: building the CUDA extension needs pybind11: `pip install pybind11` (or "
+                             "TORCHEXT_NO_CUDA=1 for a pure-Python install)") from None
 
         nvcc = str(find_nvcc())
         archs = cuda_archs()
@@ -89,6 +93,7 @@ setup(
     packages=["torchext", "torchext.ops", "torchext.reference", "torchext.nn", "torchext.triton_kernels"],
     # Shipped inside torchext: a top-level `triton_kernels` package already exists in the Triton project.
     package_dir={"torchext.triton_kernels": "triton_kernels"},
+    package_data={"torchext": ["py.typed"]},  # PEP 561: the package's annotations are meant for type checkers
     ext_modules=extensions(),
     cmdclass={"build_ext": NvccBuildExt},
 )

@@ -15,7 +15,7 @@ import time
 import torch
 from transformers import AutoModelForCausalLM, DynamicCache, LlamaConfig, LlamaForCausalLM
 
-from torchext.nn import KVQuantCache, calibrate
+from torchext.nn import KVQuantCache, cache_kwargs, calibrate
 
 
 def small_llama(device, dtype):
@@ -30,7 +30,7 @@ def generate(model, ids, cache, new_tokens):
     if ids.is_cuda:
         torch.cuda.synchronize()
     start = time.perf_counter()
-    out = model.generate(ids, max_new_tokens=new_tokens, do_sample=False, past_key_values=cache,
+    out = model.generate(ids, max_new_tokens=new_tokens, do_sample=False, **cache_kwargs(model, cache),
                          attention_mask=torch.ones_like(ids), pad_token_id=0, output_logits=True,
                          return_dict_in_generate=True)
     if ids.is_cuda:

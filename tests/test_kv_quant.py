@@ -722,8 +722,9 @@ def small_llama():
 
 
 def greedy(model, ids, cache, new_tokens=32):
+    from torchext.nn import cache_kwargs
     with torch.no_grad():
-        return model.generate(ids, max_new_tokens=new_tokens, do_sample=False, past_key_values=cache,
+        return model.generate(ids, max_new_tokens=new_tokens, do_sample=False, **cache_kwargs(model, cache),
                               attention_mask=torch.ones_like(ids), pad_token_id=0)[:, ids.shape[1]:]
 
 
@@ -749,18 +750,18 @@ def test_llama_greedy_generation_identical_at_4_bits_with_outliers(small_llama):
 def test_llama_logit_error_falls_as_bits_grow(small_llama):
     from transformers import DynamicCache
 
-    from torchext.nn import KVQuantCache, calibrate
+    from torchext.nn import KVQuantCache, cache_kwargs, calibrate
     model, config, g = small_llama
     calibration, ids = [induction_batch(4, 4, g)], induction_batch(2, 3, g)
     with torch.no_grad():
         exact_cache = DynamicCache(config=config)
-        model(ids[:, :40], past_key_values=exact_cache)
-        exact = model(ids[:, 40:], past_key_values=exact_cache).logits
+        model(ids[:, :40], **cache_kwargs(model, exact_cache))
+        exact = model(ids[:, 40:], **cache_kwargs(model, exact_cache)).logits
         errors = []
         for bits in (2, 3, 4):
             cache = KVQuantCache(calibrate(model, calibration, bits=bits), model, max_length=64, fused=False)
-            model(ids[:, :40], past_key_values=cache)
-            errors.append((model(ids[:, 40:], past_key_values=cache).logits - exact).abs().max().item())
+            model(ids[:, :40], **cache_kwargs(model, cache))
+            errors.append((model(ids[:, 40:], **cache_kwargs(model, cache)).logits - exact).abs().max().item())
     assert errors[0] > errors[1] > errors[2], errors
 
 
@@ -778,10 +779,11 @@ def test_llama_fisher_calibration_weights_the_levels(small_llama):
 
 def generate_with_logits(model, ids, mask, cache, new_tokens=6, **kwargs):
     """(new tokens [batch, new_tokens], logits [batch, new_tokens, vocab]) of greedy generation."""
+    from torchext.nn import cache_kwargs
     with torch.no_grad():
         out = model.generate(ids, attention_mask=mask, max_new_tokens=new_tokens, do_sample=False,
-                             past_key_values=cache, pad_token_id=0, output_logits=True, return_dict_in_generate=True,
-                             **kwargs)
+                             **cache_kwargs(model, cache), pad_token_id=0, output_logits=True,
+                             return_dict_in_generate=True, **kwargs)
     return out.sequences[:, ids.shape[1]:], torch.stack(out.logits, 1)
 
 
@@ -925,14 +927,14 @@ def test_choose_quantizer_follows_the_data(data):
 def test_budget_calibration_stays_within_budget_and_the_cache_holds_its_choice(small_llama):
     """calibrate(budget=...) gives each layer a quantizer within the budget; the cache built from the config
     quantizes each layer as chosen, and its memory report's bits per quantized element are the budget's."""
-    from torchext.nn import KVQuantCache, calibrate
+    from torchext.nn import KVQuantCache, cache_kwargs, calibrate
     model, config, g = small_llama
     kv = calibrate(model, [induction_batch(8, 4, g)], budget=4.0, sink_tokens=1, window_tokens=16)
     assert len(kv.quantizers) == config.num_hidden_layers
     assert all(q.bits_per_element(32, torch.float32) <= 4.0 for q in kv.quantizers), kv.quantizers
     cache = KVQuantCache(kv, model, max_length=96, fused=False)
     with torch.no_grad():
-        model(induction_batch(2, 5, g)[:, :80], past_key_values=cache)
+        model(induction_batch(2, 5, g)[:, :80], **cache_kwargs(model, cache))
     for layer, q in zip(cache.layers, kv.quantizers):
         assert (layer.codebook.key_bits, layer.codebook.value_bits, layer.codebook.key_group) == \
             (q.key_bits, q.value_bits, q.key_group)

@@ -1,10 +1,12 @@
 """The package itself: the CUDA extension is compiled wherever nvcc is, the Triton kernels never shadow
-Triton's own top-level `triton_kernels`, and `python -m torchext info` reports every op's backend."""
+Triton's own top-level `triton_kernels`, `python -m torchext info` reports every op's backend and survives a closed
+pipe, and the packaging metadata (license, py.typed, --version) is there."""
 
 import os
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -37,3 +39,24 @@ def test_info_lists_every_op(tmp_path):
     for family, module in FAMILIES.items():
         for op in module.KERNELS:
             assert any(line.split()[:2] == [family, op] for line in out.splitlines()), (family, op)
+
+
+def test_info_survives_a_closed_pipe(tmp_path):
+    """`python -m torchext info | head -1`: the reader is gone before the table is written (its end of the pipe is
+    closed before the child has imported torch), and info stops without a traceback."""
+    child = subprocess.Popen([sys.executable, "-m", "torchext", "info"], cwd=tmp_path, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True)
+    child.stdout.close()
+    stderr = child.stderr.read()
+    assert child.wait() == 0, stderr
+    assert "Traceback" not in stderr and "BrokenPipeError" not in stderr, stderr
+
+
+def test_version_flag_and_packaging_metadata(tmp_path):
+    out = subprocess.run([sys.executable, "-m", "torchext", "--version"], cwd=tmp_path, capture_output=True,
+                         text=True, check=True).stdout
+    assert out.strip() == f"torchext {torchext.__version__}"
+    root = Path(torchext.__file__).parent
+    assert (root / "py.typed").is_file()
+    assert "MIT License" in (root.parent / "LICENSE").read_text()
+    assert 'license = {text = "MIT"}' in (root.parent / "pyproject.toml").read_text()

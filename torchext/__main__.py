@@ -1,7 +1,10 @@
-"""`python -m torchext info`: versions, the device, and which backend each op of each family uses."""
+"""`python -m torchext info`: versions, the device, and which backend each op of each family uses;
+`python -m torchext --version`."""
 
 import argparse
+import os
 import platform
+import sys
 
 import torch
 
@@ -39,9 +42,16 @@ def info() -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m torchext")
+    parser.add_argument("--version", action="version", version=f"torchext {torchext.__version__}")
     parser.add_argument("command", choices=["info"], help="info: versions, device and backends")
     parser.parse_args()
-    info()
+    try:
+        info()
+        sys.stdout.flush()
+    except BrokenPipeError:
+        # The reader closed the pipe (`python -m torchext info | head`): stop quietly, and keep the interpreter's
+        # final flush from raising again on the closed descriptor.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
 
 
 if __name__ == "__main__":

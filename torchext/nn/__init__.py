@@ -5,7 +5,7 @@ from torchext.nn.gram_iteration import (GramSpectralNorm, format_lipschitz_table
 from torchext.nn.int8_matmul import Int8Linear, calibrate_outliers, replace_linear
 from torchext.nn.kde_attention import KDEAttention, use_kde_attention
 from torchext.nn.kronecker_attention import KroneckerAttention2d, KroneckerAttention3d
-from torchext.nn.kv_quant import (KVQuantCache, KVQuantConfig, KVQuantLayer, Quantizer, calibrate,
+from torchext.nn.kv_quant import (KVQuantCache, KVQuantConfig, KVQuantLayer, Quantizer, cache_kwargs, calibrate,
                                   use_kvquant_attention)
 from torchext.nn.ngpt import (NGPT, HypersphereResidual, NGPTBlock, NGPTConfig, NormalizedAttention,
                               NormalizedEmbedding, NormalizedLinear, NormalizedSwiGLU, RenormalizeAfterStep,
@@ -15,7 +15,7 @@ from torchext.nn.tensor_attention import TensorAttention
 __all__ = ["GramSpectralNorm", "HypersphereResidual", "Int8Linear", "KDEAttention", "KVQuantCache", "KVQuantConfig",
            "KVQuantLayer", "KroneckerAttention2d", "KroneckerAttention3d", "NGPT", "NGPTBlock", "NGPTConfig",
            "NormalizedAttention", "NormalizedEmbedding", "NormalizedLinear", "NormalizedSwiGLU", "Quantizer",
-           "RenormalizeAfterStep", "ScaledVector", "TensorAttention", "calibrate", "calibrate_outliers",
+           "RenormalizeAfterStep", "ScaledVector", "TensorAttention", "cache_kwargs", "calibrate", "calibrate_outliers",
            "format_lipschitz_table", "gram_spectral_norm", "lipschitz_bound", "lipschitz_penalty",
            "record_input_sizes", "renormalize_", "renormalize_after_step", "replace_linear", "use_kde_attention",
            "use_kvquant_attention"]

@@ -6,7 +6,7 @@
                                                                           # least attention error at 4 bits/element
     config.save("kvquant.safetensors")
     cache = KVQuantCache(config, model, max_length=8192)                 # a transformers.Cache
-    out = model.generate(input_ids, past_key_values=cache, max_new_tokens=64)
+    out = model.generate(input_ids, **cache_kwargs(model, cache), max_new_tokens=64)
     print(cache.memory_report())
 
 The cache takes the post-RoPE keys a Hugging Face attention layer hands it, un-rotates them (at each sequence's
@@ -17,6 +17,7 @@ installs on the model it is given). Beam search, crop (assisted generation) and 
 as with a DynamicCache.
 """
 
+import inspect
 import itertools
 import json
 import math
@@ -627,9 +628,16 @@ class KVQuantLayer(*(() if _HFLayer is None else (_HFLayer,))):
                 "tables": sum(t.numel() * t.element_size() for t in cb if isinstance(t, Tensor))}
 
 
+def cache_kwargs(model: nn.Module, cache) -> dict:
+    """The keyword argument that hands ``cache`` to ``model(...)`` or ``model.generate(...)`` of a Hugging Face model:
+    ``{"cache": cache}`` where the model's forward takes ``cache`` (transformers releases that renamed
+    ``past_key_values``: they warn on the old name, which goes in 6.0), else ``{"past_key_values": cache}``."""
+    return {"cache": cache} if "cache" in inspect.signature(model.forward).parameters else {"past_key_values": cache}
+
+
 class KVQuantCache(*((_PlainCache,) if _HFCache is None else (_HFCache,))):
     """A drop-in KVQuant cache: a transformers.Cache when transformers is installed (pass it to
-    model.generate(past_key_values=...)), else a plain object with the same update() for one's own model code.
+    model.generate(**cache_kwargs(model, cache))), else a plain object with the same update() for one's own model code.
 
     Args:
         config: KVQuantConfig (from calibrate, KVQuantConfig.load, or KVQuantConfig() for uncalibrated intX).

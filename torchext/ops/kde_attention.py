@@ -26,9 +26,9 @@ if HAS_TRITON:
 KERNELS = {"kde_attention": "triton"}
 
 # Below these sequence lengths `kde_attention` runs exact attention (SDPA) instead of the estimator: where the
-# roofline estimate of bench/kde_roofline.py (H100 SXM peaks, the plan's ~700 eager operations non-causal and
-# ~1,800-2,500 causal at 4 us each, B 1, H 32, d 64) first puts the forward ahead of FlashAttention: 1.7x at 32K
-# non-causal (below 1x at 16K) and 1.7x at 128K causal (below 1x at 64K). An ESTIMATE: no GPU has timed it; the
+# roofline estimate of bench/kde_roofline.py (H100 SXM peaks, the plan's ~800 eager operations non-causal and
+# ~2,200-3,100 causal at 4 us each, B 1, H 32, d 64) first puts the forward ahead of FlashAttention: 1.5x at 32K
+# non-causal (below 1x at 16K) and 1.5x at 128K causal (below 1x at 64K). An ESTIMATE: no GPU has timed it; the
 # plan's eager operations dominate below these lengths, so fusing it moves both down.
 MIN_SEQ_LEN = 32768
 MIN_SEQ_LEN_CAUSAL = 131072
