@@ -26,6 +26,8 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords and not HAS_CUDA:
             item.add_marker(skip_gpu)
+    # The longest tests first, so that under xdist the other workers run the rest beside them instead of after.
+    items.sort(key=lambda item: "run_first" not in item.keywords)
 
 
 @pytest.fixture(autouse=True)

@@ -137,7 +137,7 @@ def test_ngpt_step_captured_matches_eager():
         eager.zero_grad(set_to_none=False)
         train_step(eager, optimizers[1], tokens)
     for (name, p), q in zip(model.named_parameters(), eager.parameters()):
-        torch.testing.assert_close(p, q, atol=1e-5, rtol=1e-4, msg=lambda m: f"{name}: {m}")
+        torch.testing.assert_close(p, q, atol=1e-5, rtol=1e-4, msg=lambda m, name=name: f"{name}: {m}")
     for hook in hooks:
         hook.check()
 
@@ -150,7 +150,8 @@ def test_int8_linear_captured_is_exact_at_any_outlier_count():
     for columns in (0, 1, 64, 65, 128):  # the outlier list's length changes between replays; no host sync
         x.copy_(activations(columns, "cuda", 128))
         graph.replay()
-        torch.testing.assert_close(out, layer(x), atol=0, rtol=0, msg=lambda m: f"{columns} outlier columns: {m}")
+        torch.testing.assert_close(out, layer(x), atol=0, rtol=0,
+                                   msg=lambda m, columns=columns: f"{columns} outlier columns: {m}")
 
 
 @pytest.mark.gpu

@@ -95,7 +95,8 @@ def test_quant_cuda_kernel_matches_reference(shape, dtype):
         got = ops.int8_vectorwise_quant(x, *args)
         expected = ref.int8_vectorwise_quant(x, *args)
         for name, g, e in zip(("codes", "scale", "cols", "count"), got, expected):
-            torch.testing.assert_close(g, e, equal_nan=True, rtol=0, atol=0, msg=lambda m: f"{name} {args}: {m}")
+            torch.testing.assert_close(g, e, equal_nan=True, rtol=0, atol=0,
+                                       msg=lambda m, name=name, args=args: f"{name} {args}: {m}")
 
 
 # ---- int8_mm: the Triton kernel against the reference ----------------------------------------------------------

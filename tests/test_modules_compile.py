@@ -83,4 +83,4 @@ def test_module_compiles_fullgraph_forward_and_backward(name):
     for i, (g_c, g) in enumerate(zip(grads_c, grads)):
         assert (g_c is None) == (g is None), f"gradient {i}"
         if g is not None:
-            torch.testing.assert_close(g_c, g, rtol=1e-4, atol=1e-5, msg=lambda m: f"gradient {i}: {m}")
+            torch.testing.assert_close(g_c, g, rtol=1e-4, atol=1e-5, msg=lambda m, i=i: f"gradient {i}: {m}")

@@ -305,7 +305,7 @@ def test_renormalize_matches_reference(device):
     ops.renormalize_(tensors, dims)
     ref.renormalize_(expected, dims)
     for i, (t, e, dim) in enumerate(zip(tensors, expected, dims)):
-        torch.testing.assert_close(t, e, msg=lambda m: f"tensor {i}: {m}")
+        torch.testing.assert_close(t, e, msg=lambda m, i=i: f"tensor {i}: {m}")
         if t.numel():
             torch.testing.assert_close(t.float().norm(dim=dim), torch.ones(()).expand(t.float().norm(dim=dim).shape),
                                        atol=1e-2 if t.dtype != torch.float32 else 1e-5, rtol=0)

@@ -27,6 +27,7 @@ def section(text: str, title: str) -> str:
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU machine measures the real build")
 @pytest.mark.skipif(not TABLE.exists(), reason=f"no offline table committed for this Triton ({TABLE.name})")
+@pytest.mark.run_first  # the longest test of the oldest-Triton pass (3 minutes): the rest runs beside it
 def test_every_kernel_builds_for_sm80_and_sm90_as_committed(tmp_path):
     written = tmp_path / TABLE.name
     env = {name: value for name, value in os.environ.items() if name != "TRITON_INTERPRET"}

@@ -25,7 +25,8 @@ def _load_cuda_extension():
     try:
         from torchext import _C
     except ImportError as e:  # built but unloadable (e.g. a CUDA runtime mismatch): say so, keep working
-        warnings.warn(f"torchext._C exists but failed to load ({e}); CUDA C++ ops fall back to PyTorch")
+        warnings.warn(f"torchext._C exists but failed to load ({e}); CUDA C++ ops fall back to PyTorch",
+                      stacklevel=2)
         return None
     return _C
 

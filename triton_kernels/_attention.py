@@ -37,20 +37,20 @@ def rescale(m_old, m_new):
 
 
 @triton.jit
-def online_softmax_step(m, l, acc, s, mask, v, DOT: tl.constexpr):
+def online_softmax_step(m, row_sum, acc, s, mask, v, DOT: tl.constexpr):
     """Fold one tile of scores s [R, C] (log2 units; mask [R, C] or [1, C]: the scores that exist) over values
-    v [C, Dv] into the running state m [R], l [R], acc [R, Dv]. Returns the new (m, l, acc)."""
+    v [C, Dv] into the running state m [R], row_sum [R], acc [R, Dv]. Returns the new (m, row_sum, acc)."""
     s = tl.where(mask, s, -float("inf"))
     m_new = maximum_nan(m, max_nan(s, 1))
     alpha = rescale(m, m_new)
     p = tl.where(mask, tl.exp2(s - m_new[:, None]), 0.0)  # an attended -inf under a max of -inf: NaN (0 / 0)
-    return m_new, l * alpha + tl.sum(p, 1), dot(p, v, acc * alpha[:, None], DOT)
+    return m_new, row_sum * alpha + tl.sum(p, 1), dot(p, v, acc * alpha[:, None], DOT)
 
 
 @triton.jit
-def softmax_result(m, l, acc):
-    """(out = acc / l [R, Dv], lse = m + log2(l) [R], log2 units) of a final state: 0 and -inf for a row that
-    attended nothing, lse = m where m is infinite (the row's out is then NaN, its l is 0 or NaN)."""
-    l_safe = tl.where(l == 0, 1.0, l)  # NaN stays NaN
-    lse = tl.where(tl.abs(m) == float("inf"), m, m + tl.log2(l_safe))
-    return acc / l_safe[:, None], lse
+def softmax_result(m, row_sum, acc):
+    """(out = acc / row_sum [R, Dv], lse = m + log2(row_sum) [R], log2 units) of a final state: 0 and -inf for a row
+    that attended nothing, lse = m where m is infinite (the row's out is then NaN, its row_sum is 0 or NaN)."""
+    row_sum_safe = tl.where(row_sum == 0, 1.0, row_sum)  # NaN stays NaN
+    lse = tl.where(tl.abs(m) == float("inf"), m, m + tl.log2(row_sum_safe))
+    return acc / row_sum_safe[:, None], lse
