@@ -39,6 +39,19 @@ def test_info_lists_every_op(tmp_path):
     for family, module in FAMILIES.items():
         for op in module.KERNELS:
             assert any(line.split()[:2] == [family, op] for line in out.splitlines()), (family, op)
+    # The size rules are said where they apply: KDE attention is SDPA below its threshold.
+    kde_line = next(line for line in out.splitlines() if line.split()[:2] == ["kde_attention", "kde_attention"])
+    assert f"SDPA below {FAMILIES['kde_attention'].MIN_SEQ_LEN} tokens" in kde_line, kde_line
+
+
+def test_every_registered_op_is_listed_after_import(tmp_path):
+    """dir(torch.ops.torchext) in a fresh process right after `import torchext`: the kv_quant ops were missing until
+    first called."""
+    probe = "import torch, torchext; print(' '.join(dir(torch.ops.torchext)))"
+    listed = subprocess.run([sys.executable, "-c", probe], cwd=tmp_path, capture_output=True, text=True,
+                            check=True).stdout.split()
+    for name in ("kv_quant_append_", "kv_quant_decode_attention", "kde_attention", "renormalize_", "int8_mm"):
+        assert name in listed, name
 
 
 def test_info_survives_a_closed_pipe(tmp_path):

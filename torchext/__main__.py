@@ -36,8 +36,10 @@ def info() -> None:
     wide_op = max(len(op) for module in FAMILIES.values() for op in module.KERNELS) + 2
     print(f"\n{'family':<{wide_family}}{'op':<{wide_op}}backend on {device.type}")
     for family, module in FAMILIES.items():
+        rules = getattr(module, "DISPATCH", {})
         for op, kind in module.KERNELS.items():
-            print(f"{family:<{wide_family}}{op:<{wide_op}}{_backend_for(kind, device)}")
+            rule = f"; {rules[op]}" if op in rules else ""
+            print(f"{family:<{wide_family}}{op:<{wide_op}}{_backend_for(kind, device)}{rule}")
 
 
 def main() -> None:

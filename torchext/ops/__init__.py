@@ -1,5 +1,7 @@
 """Functional API: every torchext op as a plain function (also reachable as torch.ops.torchext.<name>)."""
 
+import torch
+
 from torchext.ops import gram_iteration, int8_matmul, kv_quant, ngpt
 # The modules whose name is also their op's name are bound first: the function import below shadows the name.
 from torchext.ops import kde_attention as _kde_attention_module
@@ -22,3 +24,9 @@ __all__ = ["allocate_storage", "conv_spectral_norm", "gram_spectral_norm", "hype
            "int8_mm", "int8_vectorwise_quant", "kde_attention", "kronecker_attention", "kv_quant_append_",
            "kv_quant_decode_attention", "l2_normalize", "make_codebook", "qk_norm_rope", "renormalize_",
            "scaled_swiglu", "tensor_attention"]
+
+# torch.ops.torchext lists an op only once it has been looked up (the torch.library.define'd ones, kv_quant's, are
+# not looked up at import): look every registered one up, so dir(torch.ops.torchext) shows them after import.
+for _name in __all__:
+    getattr(torch.ops.torchext, _name, None)
+del _name

@@ -32,6 +32,12 @@ def _check_gram(w: Tensor, n_iter: int) -> None:
     check_n_iter(op, n_iter)
 
 
+_GRAM_RULE = (f"on CUDA the kernel takes fp32/complex64 matrices with both sides <= "
+              f"{getattr(CUDA_EXT, 'GRAM_MAX_SIDE', 'GRAM_MAX_SIDE')} (shared memory), the reference the rest")
+# Where an op leaves its kernel for another path on the same device (printed by `python -m torchext info`).
+DISPATCH = {"gram_spectral_norm": _GRAM_RULE, "conv_spectral_norm": _GRAM_RULE}
+
+
 def _fits_shared_memory(w: Tensor) -> bool:
     """The CUDA kernel keeps each matrix (both sides <= GRAM_MAX_SIDE) and its Gram product in shared memory."""
     return (w.dtype in (torch.float32, torch.complex64) and hasattr(CUDA_EXT, "gram_iteration")

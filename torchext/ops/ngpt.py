@@ -25,6 +25,9 @@ KERNELS = {"l2_normalize": "triton", "hypersphere_update": "triton", "qk_norm_ro
            "scaled_swiglu": "triton", "renormalize_": "cuda"}
 
 
+# Where an op leaves its kernel for another path on the same device (printed by `python -m torchext info`).
+DISPATCH = {"renormalize_": "on CUDA the reference for float64 tensors"}
+
 # The smallest eps: the kernels divide by max(norm, eps) in fp32, and 1 / eps overflows for a subnormal eps.
 MIN_EPS = torch.finfo(torch.float32).tiny
 
