@@ -15,7 +15,8 @@ from torchext.ops.kv_quant import allocate_storage, kv_quant_append_, kv_quant_d
 from torchext.ops.ngpt import hypersphere_update, l2_normalize, qk_norm_rope, renormalize_, scaled_swiglu
 from torchext.ops.tensor_attention import tensor_attention
 
-# family name -> ops module (each has KERNELS: op -> "triton" | "cuda")
+# family name -> ops module (each has KERNELS: op -> "triton" | "cuda"; and DISPATCH: op -> where it leaves its
+# kernel for another path on the same device, for the ops that do, printed by `python -m torchext info`)
 FAMILIES = {"ngpt": ngpt, "int8_matmul": int8_matmul, "gram_iteration": gram_iteration,
             "kv_quant": kv_quant, "kde_attention": _kde_attention_module,
             "kronecker_attention": _kronecker_attention_module, "tensor_attention": _tensor_attention_module}

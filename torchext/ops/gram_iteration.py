@@ -34,7 +34,6 @@ def _check_gram(w: Tensor, n_iter: int) -> None:
 
 _GRAM_RULE = (f"on CUDA the kernel takes fp32/complex64 matrices with both sides <= "
               f"{getattr(CUDA_EXT, 'GRAM_MAX_SIDE', 'GRAM_MAX_SIDE')} (shared memory), the reference the rest")
-# Where an op leaves its kernel for another path on the same device (printed by `python -m torchext info`).
 DISPATCH = {"gram_spectral_norm": _GRAM_RULE, "conv_spectral_norm": _GRAM_RULE}
 
 

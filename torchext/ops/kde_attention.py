@@ -32,7 +32,6 @@ KERNELS = {"kde_attention": "triton"}
 # plan's eager operations dominate below these lengths, so fusing it moves both down.
 MIN_SEQ_LEN = 32768
 MIN_SEQ_LEN_CAUSAL = 131072
-# Where an op leaves its kernel for another path on the same device (printed by `python -m torchext info`).
 DISPATCH = {"kde_attention": f"exact SDPA below {MIN_SEQ_LEN} tokens ({MIN_SEQ_LEN_CAUSAL} causal) unless "
                              "min_seq_len says otherwise"}
 # Causal: exact attention inside aligned windows of this many tokens (the recursion's leaves).

@@ -20,7 +20,6 @@ from torchext.reference.kv_quant import Codebook, Storage
 KERNELS = {"kv_quant_append_": "cuda", "kv_quant_decode_attention": "triton"}
 
 CACHE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-# Where an op leaves its kernel for another path on the same device (printed by `python -m torchext info`).
 DISPATCH = {"kv_quant_append_": "on CUDA the reference for KIVI-mode codebooks (key_group > 0)"}
 HEAD_DIMS = (32, 64, 128, 256)
 # Codebook inputs are moved to fp32: integer ranges (rounded calibrations) are accepted too.

@@ -25,7 +25,6 @@ KERNELS = {"l2_normalize": "triton", "hypersphere_update": "triton", "qk_norm_ro
            "scaled_swiglu": "triton", "renormalize_": "cuda"}
 
 
-# Where an op leaves its kernel for another path on the same device (printed by `python -m torchext info`).
 DISPATCH = {"renormalize_": "on CUDA the reference for float64 tensors"}
 
 # The smallest eps: the kernels divide by max(norm, eps) in fp32, and 1 / eps overflows for a subnormal eps.

@@ -313,7 +313,7 @@ def _level(q_rank: Tensor, k_rank: Tensor, v_norm: Tensor, chunk: int, pair: int
                  slot)  # [B, H, T, m]
     sorted_probs = probs.gather(-1, _sorted_local(blocks))  # [B, Hk, P, L]
     before, own, piece_mass = _tile_block_masses(sorted_probs, blocks, bucket)
-    before, own = before / piece_mass, own / piece_mass  # [B, H, T], shares of the piece
+    before, own = before / piece_mass, own / piece_mass  # [B, H, T], shares of the piece's mass
     # Slot l's stratum [l/m, (l+1)/m) of the mass outside the own block, mapped past the block onto the piece's CDF.
     outside_cdf = (slot + u) / num_samples * (1 - own[..., None])  # [B, H, T, m]
     in_piece_cdf = torch.where(outside_cdf < before[..., None], outside_cdf, outside_cdf + own[..., None])
@@ -325,8 +325,8 @@ def _level(q_rank: Tensor, k_rank: Tensor, v_norm: Tensor, chunk: int, pair: int
     pos = torch.searchsorted(cdf.flatten(2), target, right=True).clamp_max(n_pieces * keys_per_piece - 1)
     sample_idx = perm_k[..., :n_pieces * keys_per_piece].gather(-1, pos).view(B, H, n_tiles, num_samples)
     sample_block = _heads(k_block, H).gather(-1, sample_idx.flatten(2)).view_as(sample_idx)
-    blocks = dataclasses.replace(blocks, sample_idx=sample_idx, sample_block=sample_block)
-    return dataclasses.replace(blocks, sample_logw=_slot_log_weights(probs, blocks, bucket))
+    sample_logw = _slot_log_weights(probs, blocks, sample_idx, piece_mass * (1 - own))
+    return dataclasses.replace(blocks, sample_idx=sample_idx, sample_block=sample_block, sample_logw=sample_logw)
 
 
 def _sorted_local(level: Level) -> Tensor:
@@ -352,16 +352,22 @@ def _tile_block_masses(sorted_probs: Tensor, level: Level, bucket: int) -> tuple
     return tuple(_heads(x.flatten(2), H).gather(-1, tile_block) for x in (before, block_mass, piece_mass))
 
 
-def _slot_log_weights(probs: Tensor, level: Level, bucket: int) -> Tensor:
-    """[B, H, T, m] fp64 log(q_tile / (m p_j)) of every sample slot (q_tile: the probability outside the tile's own
-    block, from which its slots draw), from the pieces' probabilities [B, Hk, P, L] in original order."""
-    H, m = level.sample_idx.shape[1], level.sample_idx.shape[-1]
+def _slot_log_weights(probs: Tensor, level: Level, sample_idx: Tensor, outside: Tensor) -> Tensor:
+    """[B, H, T, m] fp64 log(Q / (m p_j)) of every sample slot, from the pieces' probabilities [B, Hk, P, L] in
+    original order and Q [B, H, T], each tile's probability outside its own block (from which its slots draw)."""
+    H, m = sample_idx.shape[1], sample_idx.shape[-1]
     span = (1 + level.pair) * level.chunk  # a piece's key chunk starts at p span
-    piece, local = level.sample_idx // span, level.sample_idx % span
+    piece, local = sample_idx // span, sample_idx % span
     sample_p = _heads(probs, H).flatten(2, 3).gather(-1, (piece * probs.shape[-1] + local).flatten(2))
+    log_outside = outside.clamp_min(torch.finfo(probs.dtype).tiny).log()
+    return log_outside[..., None] - torch.log(m * sample_p.view_as(sample_idx))
+
+
+def _outside_mass(probs: Tensor, level: Level, bucket: int) -> Tensor:
+    """[B, H, T] Q of every tile, the probability outside its own block, from the pieces' probabilities
+    [B, Hk, P, L] in original order."""
     _, own, piece_mass = _tile_block_masses(probs.gather(-1, _sorted_local(level)), level, bucket)
-    outside = (piece_mass - own).clamp_min(torch.finfo(probs.dtype).tiny)  # [B, H, T]
-    return (outside.log()[..., None] - torch.log(m * sample_p.view_as(level.sample_idx)))
+    return piece_mass - own
 
 
 def sample_log_weights(v: Tensor, plan: "KDEPlan") -> list[Tensor]:
@@ -374,7 +380,8 @@ def sample_log_weights(v: Tensor, plan: "KDEPlan") -> list[Tensor]:
     weights = []
     for level in plan.levels:
         keys = _piece_keys(v.shape[2], level.chunk, level.pair, level.n_pieces, v.device)
-        weights.append(_slot_log_weights(_sampling_probs(v_norm[..., keys], plan.sampling), level, plan.bucket))
+        probs = _sampling_probs(v_norm[..., keys], plan.sampling)
+        weights.append(_slot_log_weights(probs, level, level.sample_idx, _outside_mass(probs, level, plan.bucket)))
     return weights
 
 
@@ -496,9 +503,10 @@ def value_weight_grad(v: Tensor, plan: KDEPlan, grad_log_weights: list[Tensor]) 
         norms = v_norm[..., keys]  # [B, Hk, P, L]
         span = (1 + level.pair) * level.chunk
         flat = (level.sample_idx // span * keys.shape[-1] + level.sample_idx % span).flatten(2)  # [B, H, T m]
-        probs = _heads(_sampling_probs(norms, plan.sampling), grad.shape[1]).flatten(2, 3)  # [B, H, P L]
+        piece_probs = _sampling_probs(norms, plan.sampling)  # [B, Hk, P, L]
+        probs = _heads(piece_probs, grad.shape[1]).flatten(2, 3)  # [B, H, P L]
         grad_p = torch.zeros_like(probs).scatter_add_(-1, flat, -grad.double().flatten(2) / probs.gather(-1, flat))
-        grad_p = _group_sum(grad_p, Hk).view_as(norms) + _outside_mass_grad(norms, level, grad, plan)
+        grad_p = _group_sum(grad_p, Hk).view_as(norms) + _outside_mass_grad(piece_probs, level, grad, plan.bucket)
         total = norms.sum(-1, keepdim=True)
         safe = total.clamp_min(torch.finfo(total.dtype).tiny)
         by_norm = (1 - VALUE_NORM_MIX) / safe * (grad_p - (grad_p * norms).sum(-1, keepdim=True) / safe)
@@ -507,22 +515,20 @@ def value_weight_grad(v: Tensor, plan: KDEPlan, grad_log_weights: list[Tensor]) 
     return grad_norm[..., None] * unit
 
 
-def _outside_mass_grad(norms: Tensor, level: Level, grad: Tensor, plan: KDEPlan) -> Tensor:
-    """d loss / d p_k through log q_tile, the probability outside each tile's own block in the slots' weights
-    ([B, Hk, P, L], original order in the piece): with G_tile its slots' summed gradients, every key of the
-    tile's piece outside its block gets G_tile / q_tile."""
-    probs = _sampling_probs(norms, plan.sampling)
-    sorted_local = _sorted_local(level)
-    _, own, piece_mass = _tile_block_masses(probs.gather(-1, sorted_local), level, plan.bucket)
-    per_tile = grad.double().sum(-1) / (piece_mass - own).clamp_min(torch.finfo(probs.dtype).tiny)  # [B, H, T]
-    B, Hk, P, L = norms.shape
-    blocks_per_piece = -(-L // plan.bucket)
-    by_block = torch.zeros(B, grad.shape[1], P * blocks_per_piece, dtype=torch.float64, device=norms.device)
+def _outside_mass_grad(probs: Tensor, level: Level, grad: Tensor, bucket: int) -> Tensor:
+    """d loss / d p_k through log Q_tile, the probability outside each tile's own block in the slots' weights
+    ([B, Hk, P, L], original order in the piece, from the probabilities probs of that shape): with G_tile its
+    slots' summed gradients, every key of the tile's piece outside its block gets G_tile / Q_tile."""
+    outside = _outside_mass(probs, level, bucket).clamp_min(torch.finfo(probs.dtype).tiny)
+    per_tile = grad.double().sum(-1) / outside  # [B, H, T]
+    B, Hk, P, L = probs.shape
+    blocks_per_piece = -(-L // bucket)
+    by_block = torch.zeros(B, grad.shape[1], P * blocks_per_piece, dtype=torch.float64, device=probs.device)
     by_block = _group_sum(by_block.scatter_add_(-1, level.tiles.block.view_as(per_tile), per_tile), Hk)
     by_block = by_block.view(B, Hk, P, blocks_per_piece)
-    sorted_block = torch.arange(L, device=norms.device) // plan.bucket
+    sorted_block = torch.arange(L, device=probs.device) // bucket
     in_sorted_order = by_block.sum(-1, keepdim=True) - by_block[..., sorted_block]  # [B, Hk, P, L]
-    return torch.zeros_like(probs).scatter_(-1, sorted_local, in_sorted_order)
+    return torch.zeros_like(probs).scatter_(-1, _sorted_local(level), in_sorted_order)
 
 
 def _heads(x: Tensor, n_heads: int) -> Tensor:
