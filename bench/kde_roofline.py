@@ -8,7 +8,8 @@ Measured here, on CPU (the plan is the same torch code on every device):
 - with --memory, the plan's peak memory: the high-water RSS of a fresh process above its inputs, at reduced heads,
   scaled linearly to H.
 Counted from shapes: FLOPs and bytes of the kernels (each query tile of 128 reads its b + m keys and values once per
-pass; the backward writes the sampled keys' dk, dv per slot in fp32 and index-adds them) and their buffers.
+pass; the backward adds the sampled keys' dk, dv into the fp32 accumulators with atomics, a read and a write of a
+row per slot) and their buffers.
 
 The estimate: time = max(FLOPs / peak, bytes / bandwidth) for each kernel, on H100 SXM datasheet peaks (989 TFLOP/s
 bf16 dense, 3.35 TB/s), plus LAUNCH_US per eager plan operation; FlashAttention at the same peaks with its exact
@@ -108,9 +109,9 @@ def kernel_cost(n: int, causal: bool, backward: bool) -> tuple[float, float, flo
     if not backward:
         return flops, kv_bytes + io_bytes, buffers
     tiles = n / TILE + n / b  # per level, plus the partly filled tile of every block
-    slot_bytes = B * H * levels * tiles * m * (2 * D * 4 + 4)  # dk_s, dv_s, dlogw_s per slot, fp32
-    buffers += 3 * B * H * n * D * 4 + B * H * n * 4 + slot_bytes  # dq, dk, dv accumulators, delta, the slots
-    return 3.5 * flops, 3 * kv_bytes + 3 * io_bytes + 3 * slot_bytes, buffers
+    slot_bytes = B * H * levels * tiles * m * 2 * D * 4 * 2  # the atomic adds: read and write a dk, dv row per slot
+    buffers += 3 * B * H * n * D * 4 + B * H * n * 4  # dq, dk, dv accumulators, delta
+    return 3.5 * flops, 3 * kv_bytes + 3 * io_bytes + slot_bytes, buffers
 
 
 def flash_cost(n: int, causal: bool, backward: bool) -> tuple[float, float]:

@@ -12,9 +12,10 @@ kernels evaluate the estimator of that module's docstring without materialising 
 - backward (FlashAttention-2 style, recomputing P with the joint lse, so it is the exact gradient of the
   estimator): dq per query tile over the same keys; dk, dv per key tile of each block over the queries assigned
   to that block (and every query head of the kv head: GQA needs no atomics); the dq program of a query tile also
-  writes the dk, dv contributions of its own sampled keys (each sample slot belongs to one tile), which are then
-  index_add_-ed into dk, dv (a key may be drawn by many tiles, or twice by one), and each slot's d loss / d log w
-  (the column sum of dS), through which value-norm sampling weights pass gradient to v.
+  adds the dk, dv contributions of its own sampled keys into dk, dv with atomics (a key may be drawn by many
+  tiles, or twice by one; a per-slot buffer would cost B H T m (D + Dv) words, 5 GB per level at 128K causal,
+  B 1, H 32), and writes each slot's d loss / d log w (the column sum of dS), through which value-norm sampling
+  weights pass gradient to v.
 
 Conventions: fp32 accumulation (fp64 for fp64 inputs), 16-bit operands straight into tl.dot on GPU and upcast
 under the interpreter, int64 offsets, every load and store masked. Scores are kept in log2 units (exp2).
@@ -257,14 +258,16 @@ def _dq_step(q, do, lse2, delta, dq, k_ptr, v_ptr, kj, key_ok, bias, stride_kn, 
 
 
 @triton.jit
-def _store_slots(ptr, slots, ok, cols, n_cols, x):
-    """Store x [BLOCK_N, BLOCK] at rows ``slots`` of a [*, n_cols] buffer."""
-    tl.store(ptr + slots.to(tl.int64)[:, None] * n_cols + cols[None, :], x, mask=ok[:, None] & (cols[None, :] < n_cols))
+def _add_rows(ptr, rows, ok, cols, n_cols, x):
+    """Atomically add x [BLOCK_N, BLOCK] to rows ``rows`` of a [*, n_cols] buffer (rows may repeat across programs
+    and within x)."""
+    tl.atomic_add(ptr + rows.to(tl.int64)[:, None] * n_cols + cols[None, :], x,
+                  mask=ok[:, None] & (cols[None, :] < n_cols))
 
 
 @triton.jit
 def _kde_attention_bwd_dq_kernel(
-        q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr, dk_s_ptr, dv_s_ptr, dlogw_s_ptr,
+        q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr, dk_ptr, dv_ptr, dlogw_s_ptr,
         perm_q_ptr, perm_k_ptr, tile_start_ptr, tile_count_ptr, tile_block_ptr, s_idx_ptr, s_block_ptr, s_logw_ptr,
         n, H, G, D, DV, table_bh_stride, blocks_per_piece, keys_per_piece, bucket, n_samples,
         consts_ptr, stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh,
@@ -272,9 +275,9 @@ def _kde_attention_bwd_dq_kernel(
         IDENTITY: tl.constexpr, CAUSAL: tl.constexpr, VALUE_WEIGHTS: tl.constexpr, BLOCK_M: tl.constexpr,
         BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, COMPUTE: tl.constexpr,
         DOT: tl.constexpr):
-    """dq of one query tile, and the dk, dv contributions of its sampled keys: dk_s, dv_s [tile rows, m, D / DV],
-    and with VALUE_WEIGHTS (weights that depend on v) d loss / d log w of each slot, dlogw_s [tile rows, m] (the
-    slots of a tile with no queries get zeros, so the index_add_ that follows needs no mask)."""
+    """dq of one query tile; the dk, dv contributions of its sampled keys added into dk, dv ([B, Hk, N, D / DV] fp32
+    accumulators, scale applied); with VALUE_WEIGHTS (weights that depend on v) d loss / d log w of each slot,
+    dlogw_s [tile rows, m] (zeros for the slots of a tile with no queries)."""
     qk_scale, scale, log2e, ln2 = _constants(consts_ptr, COMPUTE)
     qi, q_ok, block, count, b, h, bhk, entry = _query_tile(tile_start_ptr, tile_count_ptr, tile_block_ptr, perm_q_ptr,
                                                            n, H, G, table_bh_stride, IDENTITY, BLOCK_M)
@@ -302,24 +305,19 @@ def _kde_attention_bwd_dq_kernel(
             # The sampled keys' gradients from this tile's queries: dk = dS^T Q, dv = P^T dO (sample slots as rows).
             slots = start + tl.arange(0, BLOCK_N)
             slot_ok = slots < n_samples
-            dk_slots = _product(tl.trans(ds), q, DOT) * scale
-            _store_slots(dk_s_ptr, entry * n_samples + slots, slot_ok, cols_d, D, dk_slots)
-            _store_slots(dv_s_ptr, entry * n_samples + slots, slot_ok, cols_dv, DV, _product(tl.trans(p), do, DOT))
+            kv_rows = bhk * n + kj
+            _add_rows(dk_ptr, kv_rows, slot_ok & (kj >= 0), cols_d, D, _product(tl.trans(ds), q, DOT) * scale)
+            _add_rows(dv_ptr, kv_rows, slot_ok & (kj >= 0), cols_dv, DV, _product(tl.trans(p), do, DOT))
             if VALUE_WEIGHTS:
                 tl.store(dlogw_s_ptr + entry * n_samples + slots, tl.sum(ds, axis=0), mask=slot_ok)
         dq_ptrs = dq_ptr + row[:, None] * D + cols_d[None, :]
         dq_mask = q_ok[:, None] & (cols_d[None, :] < D)
         tl.store(dq_ptrs, tl.load(dq_ptrs, mask=dq_mask, other=0.0) + dq * scale, mask=dq_mask)
-    else:
+    elif VALUE_WEIGHTS:
         for start in range(0, n_samples, BLOCK_N):
             slots = start + tl.arange(0, BLOCK_N)
-            slot_ok = slots < n_samples
-            _store_slots(dk_s_ptr, entry * n_samples + slots, slot_ok, cols_d, D,
-                         tl.zeros([BLOCK_N, BLOCK_D], dtype=COMPUTE))
-            _store_slots(dv_s_ptr, entry * n_samples + slots, slot_ok, cols_dv, DV,
-                         tl.zeros([BLOCK_N, BLOCK_DV], dtype=COMPUTE))
-            if VALUE_WEIGHTS:
-                tl.store(dlogw_s_ptr + entry * n_samples + slots, tl.zeros([BLOCK_N], dtype=COMPUTE), mask=slot_ok)
+            tl.store(dlogw_s_ptr + entry * n_samples + slots, tl.zeros([BLOCK_N], dtype=COMPUTE),
+                     mask=slots < n_samples)
 
 
 # ---- backward: dk, dv -----------------------------------------------------------------------------------------
@@ -524,19 +522,14 @@ def kde_attention_bwd(grad_out: Tensor, grad_lse: Tensor, q: Tensor, k: Tensor, 
     dv = torch.zeros((B, Hk, n, DV), dtype=acc_dtype, device=q.device)
     consts = _consts(scale, q.dtype, q.device)
     strides = _strides(q, k, v)
-    # The kv row (batch x kv head) of every query head, for the sampled keys' index_add_.
-    kv_row = torch.arange(B, device=q.device)[:, None] * Hk + torch.arange(H, device=q.device) // (H // Hk)  # [B, H]
     slot_grads = []  # d loss / d log w of every level's sample slots (value-norm sampling only)
     for launch in _launches(plan, n, block_m, q.device, acc_dtype):
         s = launch.schedule
         flags = dict(IDENTITY=launch.identity, CAUSAL=launch.causal)
-        # Per sample slot of every query tile: its dk, dv from that tile's queries (written by the dq kernel).
-        dk_s = torch.empty((B * H * s.n_tiles * launch.n_samples, D), dtype=acc_dtype, device=q.device)
-        dv_s = torch.empty((B * H * s.n_tiles * launch.n_samples, DV), dtype=acc_dtype, device=q.device)
         dlogw_s = torch.empty((B, H, s.n_tiles, launch.n_samples if value_weights else 0), dtype=acc_dtype,
                               device=q.device)
         _kde_attention_bwd_dq_kernel[(s.n_tiles, B * H)](
-            q, k, v, grad_out, lse, delta, dq, dk_s, dv_s, dlogw_s, launch.perm_q, launch.perm_k, s.tile_start,
+            q, k, v, grad_out, lse, delta, dq, dk, dv, dlogw_s, launch.perm_q, launch.perm_k, s.tile_start,
             s.tile_count, s.tile_block, launch.s_idx, launch.s_block, launch.s_logw, n, H, H // Hk, D, DV,
             s.tile_stride, s.blocks_per_piece, s.keys_per_piece, launch.bucket, launch.n_samples, consts, *strides,
             VALUE_WEIGHTS=value_weights, **flags, **dq_meta)
@@ -545,11 +538,6 @@ def kde_attention_bwd(grad_out: Tensor, grad_lse: Tensor, q: Tensor, k: Tensor, 
             q, k, v, grad_out, lse, delta, dk, dv, launch.perm_q, launch.perm_k, s.block_q_start, s.block_q_count,
             n, H, H // Hk, D, DV, s.block_stride, s.blocks_per_piece, s.keys_per_piece, launch.bucket,
             tiles_per_block, consts, *strides, **flags, **dkdv_meta)
-        if launch.n_samples:
-            # A key drawn by several tiles (or twice by one) gets every contribution: index_add_, not a scatter.
-            rows = (kv_row[:, :, None, None] * n + launch.level.sample_idx).flatten()  # [B H T m]
-            dk.view(-1, D).index_add_(0, rows, dk_s)
-            dv.view(-1, DV).index_add_(0, rows, dv_s)
         if launch.level is not None:
             slot_grads.append(dlogw_s)
     if value_weights:
