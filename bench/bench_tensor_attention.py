@@ -27,7 +27,7 @@ import torch.nn.functional as F
 
 from bench import sizes
 from bench._harness import Case, NotApplicable, cases_of, pytest_params, run_benchmark
-from torchext.ops.tensor_attention import tensor_attention
+from torchext.ops import tensor_attention
 from torchext.reference import tensor_attention as ref
 
 TensorCase = partial(Case, "tensor_attention")

@@ -10,7 +10,7 @@ import torch
 from harness import check_against_reference, check_compile, check_gradcheck, check_opcheck, check_raises
 
 from torchext.nn.tensor_attention import TensorAttention
-from torchext.ops.tensor_attention import tensor_attention
+from torchext.ops import tensor_attention
 from torchext.reference import tensor_attention as ref
 
 # The bar for 16-bit inputs against the fp32 reference (FBGEMM's simplicial-attention tests use it too).

@@ -17,7 +17,7 @@ from torch.nn.utils import parametrize
 
 from torchext import ops
 from torchext.ops._checks import check_float
-from torchext.ops.gram_iteration import check_n_iter
+from torchext.ops._gram_iteration import check_n_iter
 
 BOUNDED = (nn.Linear, nn.Conv1d, nn.Conv2d)
 

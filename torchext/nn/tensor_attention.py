@@ -11,7 +11,7 @@ use it is the model's choice.
 from torch import Tensor, nn
 
 from torchext.ops._checks import check_float, check_int, check_ints, check_tensor
-from torchext.ops.tensor_attention import tensor_attention
+from torchext.ops._tensor_attention import tensor_attention
 
 
 class TensorAttention(nn.Module):
