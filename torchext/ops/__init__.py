@@ -9,6 +9,7 @@ read at each call).
 
 import torch
 
+from torchext import _deprecation
 from torchext.ops import (_gram_iteration, _int8_matmul, _kde_attention, _kronecker_attention, _kv_quant, _ngpt,
                           _tensor_attention)
 from torchext.ops._gram_iteration import conv_spectral_norm, gram_spectral_norm
@@ -22,6 +23,17 @@ from torchext.ops._tensor_attention import tensor_attention
 FAMILIES = {"ngpt": _ngpt, "int8_matmul": _int8_matmul, "gram_iteration": _gram_iteration, "kv_quant": _kv_quant,
             "kde_attention": _kde_attention, "kronecker_attention": _kronecker_attention,
             "tensor_attention": _tensor_attention}
+
+# The old public module paths that no function shadowed, now deprecated: `import torchext.ops.ngpt` (a module file
+# that replaces itself) and `torchext.ops.ngpt` (__getattr__) warn and give the family's module.
+_MOVED_MODULES = {family: (FAMILIES[family], f"the functions torchext.ops.<name>, or the family's module "
+                                             f"torchext.ops.FAMILIES[{family!r}]")
+                  for family in ("ngpt", "int8_matmul", "gram_iteration", "kv_quant")}
+
+
+def __getattr__(name: str):
+    return _deprecation.renamed_attribute(__name__, name, _MOVED_MODULES)
+
 
 # The public functions (FAMILIES is public too, but not a function).
 __all__ = ["allocate_storage", "conv_spectral_norm", "gram_spectral_norm", "hypersphere_update", "int8_linear",

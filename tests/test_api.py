@@ -1,0 +1,76 @@
+"""The public API is one consistent shape (issue 15): no function shadows a module, old public names warn and still
+work, an op and a module helper never share a name with other arguments, attention ops share one return convention,
+and every public function of torchext.ops is a registered op or a documented Python helper."""
+
+import importlib
+import importlib.util
+import pkgutil
+import sys
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+from harness import assert_close
+
+from torchext import ops
+from torchext.ops import FAMILIES
+
+PACKAGES = ("torchext", "torchext.ops", "torchext.nn", "torchext.reference", "torchext.triton_kernels")
+MOVED_OPS_MODULES = ("ngpt", "int8_matmul", "gram_iteration", "kv_quant")  # torchext.ops.<these>: deprecated
+
+
+# ---- no function shadows a module ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("package", PACKAGES)
+def test_no_attribute_shadows_a_submodule(package):
+    """`import torchext.x.y as m` and `torchext.x.y` give the same module (a function of the module's name bound in
+    the package gave the function to the first and left the module unreachable)."""
+    parent = importlib.import_module(package)
+    for info in pkgutil.iter_modules(parent.__path__):
+        if info.name.startswith("__"):
+            continue
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)  # the old ops module paths: tested below
+            module = importlib.import_module(f"{package}.{info.name}")
+            assert getattr(parent, info.name) is module, f"{package}.{info.name}"
+
+
+def test_no_public_function_has_a_module_of_its_name():
+    for name in ops.__all__:
+        assert importlib.util.find_spec(f"torchext.ops.{name}") is None, name
+
+
+def test_families_are_the_private_modules():
+    assert set(FAMILIES) == {"ngpt", "int8_matmul", "gram_iteration", "kv_quant", "kde_attention",
+                             "kronecker_attention", "tensor_attention"}
+    for family, module in FAMILIES.items():
+        assert module.__name__ == f"torchext.ops._{family}"
+    public_modules = {info.name for info in pkgutil.iter_modules(ops.__path__) if not info.name.startswith("_")}
+    assert public_modules == set(MOVED_OPS_MODULES)
+
+
+@pytest.mark.parametrize("family", MOVED_OPS_MODULES)
+def test_old_ops_module_paths_warn_at_the_users_line_and_give_the_family_module(family, monkeypatch):
+    name = f"torchext.ops.{family}"
+    monkeypatch.delitem(sys.modules, name, raising=False)  # as if never imported, so that its import warns
+    monkeypatch.delitem(vars(ops), family, raising=False)
+    with pytest.warns(DeprecationWarning, match=rf"{name} is deprecated") as caught:
+        module = getattr(ops, family)
+    assert module is FAMILIES[family] and caught[0].filename == __file__
+    with pytest.warns(DeprecationWarning, match=rf"{name} is deprecated") as caught:
+        exec(compile(f"import {name} as imported", "<user code>", "exec"), namespace := {})
+    assert namespace["imported"] is FAMILIES[family] and caught[0].filename == "<user code>"
+
+
+def test_kde_min_seq_len_default_is_set_on_the_family_module(monkeypatch):
+    """The documented way to change kde_attention's exact-attention threshold takes effect."""
+    q, k, v = (torch.randn(1, 1, 20, 16) for _ in range(3))
+    run = lambda **kw: ops.kde_attention(q, k, v, seed=1, bucket_size=16, num_samples=4, **kw)  # noqa: E731
+    assert_close(run(), F.scaled_dot_product_attention(q, k, v), "exact below the default threshold")
+    monkeypatch.setattr(FAMILIES["kde_attention"], "MIN_SEQ_LEN", 0)
+    estimate = run()
+    torch.testing.assert_close(estimate, run(min_seq_len=0), atol=0, rtol=0)
+    assert not torch.allclose(estimate, F.scaled_dot_product_attention(q, k, v), atol=1e-3)
+

@@ -1,0 +1,5 @@
+"""Deprecated: the module of the gram_iteration ops is private now; call them as torchext.ops.<name>."""
+
+from torchext import _deprecation, ops
+
+_deprecation.alias_module(__name__, *ops._MOVED_MODULES["gram_iteration"])
