@@ -3,6 +3,7 @@ work, an op and a module helper never share a name with other arguments, attenti
 and every public function of torchext.ops is a registered op or a documented Python helper."""
 
 import importlib
+import inspect
 import importlib.util
 import pkgutil
 import sys
@@ -13,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from harness import assert_close
 
+from torchext import nn as tnn
 from torchext import ops
 from torchext.ops import FAMILIES
 
@@ -73,4 +75,35 @@ def test_kde_min_seq_len_default_is_set_on_the_family_module(monkeypatch):
     estimate = run()
     torch.testing.assert_close(estimate, run(min_seq_len=0), atol=0, rtol=0)
     assert not torch.allclose(estimate, F.scaled_dot_product_attention(q, k, v), atol=1e-3)
+
+
+# ---- an op and a module helper with one name take the same arguments -----------------------------------------------
+
+
+def _public_nn_callables() -> dict[str, object]:
+    """Every public function and class defined in torchext.nn's modules, by name."""
+    found = {}
+    for info in pkgutil.iter_modules(tnn.__path__):
+        module = importlib.import_module(f"torchext.nn.{info.name}")
+        found.update({name: value for name, value in vars(module).items()
+                      if callable(value) and not name.startswith("_") and value.__module__ == module.__name__})
+    return found
+
+
+def test_no_module_helper_takes_other_arguments_than_the_op_of_its_name():
+    for name, helper in _public_nn_callables().items():
+        if name in ops.__all__:
+            assert inspect.signature(helper) == inspect.signature(getattr(ops, name)), name
+
+
+@pytest.mark.parametrize("module, old, new", [("torchext.nn", "renormalize_", "renormalize_model_"),
+                                              ("torchext.nn.ngpt", "renormalize_", "renormalize_model_"),
+                                              ("torchext.nn", "gram_spectral_norm", "register_gram_spectral_norm"),
+                                              ("torchext.nn.gram_iteration", "gram_spectral_norm",
+                                               "register_gram_spectral_norm")])
+def test_renamed_module_helpers_warn_and_still_work(module, old, new):
+    with pytest.warns(DeprecationWarning, match=rf"{module}\.{old} is deprecated.*torchext\.nn\.{new}") as caught:
+        helper = getattr(importlib.import_module(module), old)
+    assert helper is getattr(tnn, new) and caught[0].filename == __file__
+    assert old not in tnn.__all__
 
