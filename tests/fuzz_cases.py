@@ -2144,7 +2144,7 @@ def _tensor_attention_reference(a: dict):
 
 
 TA = Op("tensor_attention", lambda d: {name: randn(1, 2, 5, 8, device=d) for name in TA_TENSORS},
-        lambda a: ops.tensor_attention(**a), _tensor_attention_reference)
+        lambda a: ops.tensor_attention(**a, return_lse=True), _tensor_attention_reference)
 KV_PAIRS = ("k1", "k2", "v1", "v2")
 TA_CASES = [
     TA.matches("valid", "causal", True),

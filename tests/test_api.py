@@ -107,3 +107,44 @@ def test_renamed_module_helpers_warn_and_still_work(module, old, new):
     assert helper is getattr(tnn, new) and caught[0].filename == __file__
     assert old not in tnn.__all__
 
+
+# ---- attention ops share one return convention ---------------------------------------------------------------------
+
+ATTENTION_OPS = [name for name in ops.__all__ if "attention" in name]
+
+
+def test_attention_ops_return_out_unless_asked_for_lse():
+    """Each attention op either takes return_lse (default: out alone; tensor_attention's None is its deprecation
+    period) or has no lse and returns out alone."""
+    assert set(ATTENTION_OPS) == {"kde_attention", "kronecker_attention", "kv_quant_decode_attention",
+                                  "tensor_attention"}
+    for name in ATTENTION_OPS:
+        signature = inspect.signature(getattr(ops, name))
+        if "return_lse" in signature.parameters:
+            expected = None if name == "tensor_attention" else False
+            assert signature.parameters["return_lse"].default is expected, name
+        else:
+            assert signature.return_annotation is torch.Tensor, name
+
+
+@pytest.mark.parametrize("name", ["kde_attention", "tensor_attention"])
+def test_return_lse(name):
+    q, k, v = (torch.randn(2, 1, 8, 16) for _ in range(3))  # batch 2: an `out, lse = out` would unpack silently
+    call = {"kde_attention": lambda **kw: ops.kde_attention(q, k, v, seed=0, **kw),
+            "tensor_attention": lambda **kw: ops.tensor_attention(q, k, v, k, v, **kw)}[name]
+    out, lse = call(return_lse=True)
+    assert out.shape == (2, 1, 8, 16) and lse.shape == (2, 1, 8)
+    alone = call(return_lse=False)
+    assert isinstance(alone, torch.Tensor)
+    torch.testing.assert_close(alone, out)
+    with pytest.raises(TypeError, match=f"{name}: return_lse must be a bool"):
+        call(return_lse="yes")
+
+
+def test_tensor_attention_without_return_lse_warns_and_returns_both():
+    q = torch.randn(2, 1, 4, 8)
+    with pytest.warns(FutureWarning, match="pass return_lse=True to keep both") as caught:
+        out, lse = ops.tensor_attention(q, q, q, q, q)
+    assert caught[0].filename == __file__
+    assert out.shape == (2, 1, 4, 8) and lse.shape == (2, 1, 4)
+

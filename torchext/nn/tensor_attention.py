@@ -69,8 +69,8 @@ class TensorAttention(nn.Module):
         if d_model != self.out.out_features:
             raise ValueError(f"TensorAttention: x must be [batch, seq, {self.out.out_features}], got {tuple(x.shape)}")
         kv = [self._heads(p, x, self.n_kv_heads) for p in (self.k1, self.k2, self.v1, self.v2)]
-        y, _ = tensor_attention(self._heads(self.q, x, self.n_heads), *kv, window=self.window, causal=self.causal,
-                                scale=self.scale)
+        y = tensor_attention(self._heads(self.q, x, self.n_heads), *kv, window=self.window, causal=self.causal,
+                             scale=self.scale, return_lse=False)
         return self.out(y.transpose(1, 2).reshape(B, T, d_model))
 
     def extra_repr(self) -> str:

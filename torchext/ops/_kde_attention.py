@@ -15,7 +15,8 @@ from torch import Tensor
 
 from torchext._backend import HAS_TRITON, use_triton
 from torchext._dtypes import accumulator_dtype
-from torchext.ops._checks import check_float, check_int, check_same_device, check_tensor, check_unit_last_stride
+from torchext.ops._checks import (check_bool, check_float, check_int, check_same_device, check_tensor,
+                                  check_unit_last_stride)
 from torchext.reference import kde_attention as ref
 from torchext.reference._attention import nonfinite_heads_as_nan
 
@@ -217,6 +218,7 @@ def kde_attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False, scal
         check_float("kde_attention", "scale", scale)
     if min_seq_len is not None:
         check_int("kde_attention", "min_seq_len", min_seq_len, minimum=0)
+    check_bool("kde_attention", "return_lse", return_lse)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     n = q.shape[2]
     if num_hash_bits is None:

@@ -327,7 +327,8 @@ def kv_quant_decode_attention(q: Tensor, storage: Storage, codebook: Codebook, i
             split-K grid to the work; default the capacity (correct, but wasteful when the cache is mostly empty).
 
     Returns:
-        [batch, heads, 1, head_dim] in q.dtype. Not differentiable (inference).
+        out [batch, heads, 1, head_dim] in q.dtype (alone, as every torchext attention op's default; there is no
+        log-sum-exp to ask for with return_lse). Not differentiable (inference).
     """
     op = "kv_quant_decode_attention"
     check_tensor(op, "q", q, ndim=4)
