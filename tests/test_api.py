@@ -6,6 +6,7 @@ import importlib
 import inspect
 import importlib.util
 import pkgutil
+import re
 import sys
 import warnings
 
@@ -147,4 +148,19 @@ def test_tensor_attention_without_return_lse_warns_and_returns_both():
         out, lse = ops.tensor_attention(q, q, q, q, q)
     assert caught[0].filename == __file__
     assert out.shape == (2, 1, 4, 8) and lse.shape == (2, 1, 4)
+
+
+# ---- every public function is a registered op or a documented Python helper ---------------------------------------
+
+
+@pytest.mark.parametrize("name", ops.__all__)
+def test_public_function_is_a_registered_op_or_a_listed_helper_and_documents_shapes_and_dtypes(name):
+    registered = hasattr(torch.ops.torchext, name)
+    assert registered != (name in ops.PYTHON_HELPERS), f"{name}: registered {registered}, helper listed " \
+        f"{name in ops.PYTHON_HELPERS}"
+    doc = " ".join((inspect.getdoc(getattr(ops, name)) or "").split())
+    if not registered:
+        assert "Python helper, not a registered op" in doc, name
+    assert re.search(r"\[[^\]]+\]", doc), f"{name}: no shape ([...]) in its docstring"
+    assert re.search(r"float|bf16|fp16|fp32|fp64|int8|int32|int64|dtype|complex", doc), f"{name}: no dtype"
 

@@ -155,8 +155,11 @@ def test_conv_gradient_flows_through_the_winning_block_only():
     torch.testing.assert_close(got, expected)
 
 
-def test_conv_compiles_fullgraph():
+def test_conv_opcheck_and_compiles_fullgraph():
     weight = torch.randn(8, 4, 3, 3)
+    # A composite op: fake tensors and autograd come from its parts (AOT dispatch: the compile below, for CI time).
+    torch.library.opcheck(torch.ops.torchext.conv_spectral_norm.default, (weight.requires_grad_(), [6, 6], "zeros", 2,
+                          1, 6), test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
     compiled = torch.compile(lambda w: ops.conv_spectral_norm(w, 8), fullgraph=True)
     torch.testing.assert_close(compiled(weight), ops.conv_spectral_norm(weight, 8))
 

@@ -35,7 +35,12 @@ def __getattr__(name: str):
     return _deprecation.renamed_attribute(__name__, name, _MOVED_MODULES)
 
 
-# The public functions (FAMILIES is public too, but not a function).
+# The public functions of torchext.ops that are not registered ops: host-side setup that builds the NamedTuples the
+# kv_quant ops take (checks read values on the host; allocation). Every other public function is a wrapper of the
+# registered torch.ops.torchext op of its name.
+PYTHON_HELPERS = ("allocate_storage", "make_codebook")
+
+# The public functions (FAMILIES and PYTHON_HELPERS are public too, but not functions).
 __all__ = ["allocate_storage", "conv_spectral_norm", "gram_spectral_norm", "hypersphere_update", "int8_linear",
            "int8_mm", "int8_vectorwise_quant", "kde_attention", "kronecker_attention", "kv_quant_append_",
            "kv_quant_decode_attention", "l2_normalize", "make_codebook", "qk_norm_rope", "renormalize_",

@@ -128,6 +128,43 @@ def _conv_input_size(op: str, input_size, d: int) -> tuple[int, ...]:
     return tuple(input_size)
 
 
+def _check_conv(weight: Tensor, input_size, padding: str, stride: int, groups: int, n_iter: int) -> tuple[int, ...]:
+    """Everything conv_spectral_norm can check without its weight's values; returns input_size as a d-tuple. The
+    rest (a circular input smaller than the kernel, a stride not dividing it) is checked where the blocks are built
+    (reference.gram_iteration.conv_frequency_blocks)."""
+    op = "conv_spectral_norm"
+    check_tensor(op, "weight", weight, (torch.float32, torch.float64))
+    if weight.dim() not in (3, 4):
+        raise ValueError(f"{op}: weight must be 3-D (Conv1d) or 4-D (Conv2d), got shape {tuple(weight.shape)}")
+    size = _conv_input_size(op, input_size, weight.dim() - 2)
+    if padding not in ("circular", "zeros"):
+        raise ValueError(f"{op}: padding must be 'circular' or 'zeros', got {padding!r}")
+    check_int(op, "stride", stride, minimum=1)
+    check_int(op, "groups", groups, minimum=1)
+    check_n_iter(op, n_iter)
+    if weight.shape[0] % groups:
+        raise ValueError(f"{op}: groups={groups} must divide the {weight.shape[0]} output channels of weight "
+                         f"{tuple(weight.shape)}")
+    return size
+
+
+# A composite of differentiable ops (the FFT, an index_select and gram_spectral_norm, whose backward is its own op):
+# registered CompositeImplicitAutograd, so it needs no fake or autograd rule of its own and torch.compile traces
+# into it.
+torch.library.define("torchext::conv_spectral_norm",
+                     "(Tensor weight, int[] input_size, str padding, int stride, int groups, int n_iter) -> Tensor")
+
+
+@torch.library.impl("torchext::conv_spectral_norm", "CompositeImplicitAutograd")
+def _conv_spectral_norm(weight: Tensor, input_size: list[int], padding: str, stride: int, groups: int,
+                        n_iter: int) -> Tensor:
+    size = _check_conv(weight, input_size, padding, stride, groups, n_iter)
+    blocks = ref.conv_frequency_blocks(weight, size, padding, stride, groups)  # [freq, c_out/g, c_in/g], complex
+    with torch.no_grad():
+        winner = torch.ops.torchext.gram_spectral_norm(blocks.detach(), n_iter)[0].argmax()
+    return torch.ops.torchext.gram_spectral_norm(blocks.index_select(0, winner.reshape(1)), n_iter)[0][0]
+
+
 def conv_spectral_norm(weight: Tensor, input_size: tuple[int, ...] | int, padding: str = "circular",
                        stride: int = 1, groups: int = 1, n_iter: int = 6) -> Tensor:
     """Upper bound on the operator norm of a Conv1d/Conv2d at an input size, through its frequency blocks.
@@ -145,25 +182,12 @@ def conv_spectral_norm(weight: Tensor, input_size: tuple[int, ...] | int, paddin
         n_iter: Gram iterations.
 
     Returns:
-        A 0-d real tensor; 0 for a weight with no output (or input) channels.
+        A 0-d real tensor of weight's dtype; 0 for a weight with no output (or input) channels. Differentiable.
 
     Raises:
         TypeError: a wrong dtype, or input_size / stride / groups / n_iter not ints. ValueError: a weight that is
         not 3-D or 4-D, input_size entries < 1 or (circular padding) smaller than the kernel, a stride that does not
         divide the circular input size, groups not dividing the output channels, n_iter outside [1, 30].
     """
-    op = "conv_spectral_norm"
-    check_tensor(op, "weight", weight, (torch.float32, torch.float64))
-    if weight.dim() not in (3, 4):
-        raise ValueError(f"{op}: weight must be 3-D (Conv1d) or 4-D (Conv2d), got shape {tuple(weight.shape)}")
-    size = _conv_input_size(op, input_size, weight.dim() - 2)
-    check_int(op, "stride", stride, minimum=1)
-    check_int(op, "groups", groups, minimum=1)
-    check_n_iter(op, n_iter)
-    if weight.shape[0] % groups:
-        raise ValueError(f"{op}: groups={groups} must divide the {weight.shape[0]} output channels of weight "
-                         f"{tuple(weight.shape)}")
-    blocks = ref.conv_frequency_blocks(weight, size, padding, stride, groups)  # [freq, c_out/g, c_in/g], complex
-    with torch.no_grad():
-        winner = gram_spectral_norm(blocks.detach(), n_iter).argmax()
-    return gram_spectral_norm(blocks.index_select(0, winner.reshape(1)), n_iter)[0]
+    size = _check_conv(weight, input_size, padding, stride, groups, n_iter)
+    return torch.ops.torchext.conv_spectral_norm(weight, list(size), padding, stride, groups, n_iter)

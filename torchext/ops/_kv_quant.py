@@ -37,17 +37,26 @@ def make_codebook(key_bits: int, value_bits: int, key_offset: Tensor, key_scale:
                   key_levels: Tensor | None = None, value_levels: Tensor | None = None,
                   key_boundaries: Tensor | None = None, value_boundaries: Tensor | None = None,
                   key_group: int = 0) -> Codebook:
-    """A layer's Codebook. Levels default to uniform (intX); boundaries to the levels' midpoints.
+    """A layer's Codebook: the quantization tables fixed per layer. A Python helper, not a registered op (setup,
+    once per layer: it checks values on the host and builds a NamedTuple the ops take).
 
-    key_offset, key_scale: [kv_heads, head_dim] (centre and half-width of each channel's range, scale > 0).
-    key_levels/value_levels: [2^bits] ascending (nuqX from torchext.nn.calibrate); boundaries [2^bits - 1]
-    ascending. All moved to fp32 on key_offset's device.
-    key_group: 0 for KVQuant's per-layer key ranges; G >= 2 for KIVI's per-channel ranges of every G positions,
-    kept in the Storage (key_offset and key_scale then only give the shape: ones and zeros will do).
+    Args:
+        key_bits, value_bits: bits per code, each one of reference.kv_quant.SUPPORTED_BITS.
+        key_offset, key_scale: [kv_heads, head_dim], floating or integer (centre and half-width of each
+            channel's range, scale > 0).
+        key_levels, value_levels: [2^bits] ascending (nuqX from torchext.nn.calibrate); default uniform (intX).
+        key_boundaries, value_boundaries: [2^bits - 1] ascending; default the levels' midpoints.
+        key_group: 0 for KVQuant's per-layer key ranges; G >= 2 for KIVI's per-channel ranges of every G
+            positions, kept in the Storage (key_offset and key_scale then only give the shape: ones and zeros do).
 
-    Raises TypeError for a non-int bits or a non-tensor table, ValueError for unsupported bits, mismatched shapes,
-    key_offset and key_scale on two devices, or non-finite, non-positive or unordered values (read to the host:
-    a codebook is built once per layer, not per step).
+    Returns:
+        A reference.kv_quant.Codebook whose tensors are fp32 and contiguous on key_offset's device: levels
+        [2^bits], boundaries [2^bits - 1], key_offset and key_scale [kv_heads, head_dim].
+
+    Raises:
+        TypeError for a non-int bits or a non-tensor table, ValueError for unsupported bits, mismatched shapes,
+        key_offset and key_scale on two devices, or non-finite, non-positive or unordered values (read to the
+        host: a codebook is built once per layer, not per step).
     """
     op = "make_codebook"
     check_bits(op, "key_bits", key_bits)
@@ -84,11 +93,30 @@ def make_codebook(key_bits: int, value_bits: int, key_offset: Tensor, key_scale:
 
 def allocate_storage(batch: int, kv_heads: int, head_dim: int, capacity: int, codebook: Codebook, slots: int = 1,
                      sink: int = 0, window: int = 0, dtype: torch.dtype = torch.float16, device=None) -> Storage:
-    """Empty buffers for `capacity` positions per sequence (lengths 0). See reference.kv_quant.Storage.
+    """Empty cache buffers of one layer for ``capacity`` positions per sequence (lengths 0). A Python helper, not a
+    registered op (allocation: it builds the NamedTuple that kv_quant_append_ fills and kv_quant_decode_attention
+    reads).
 
-    slots: outlier slots per [head_dim] vector (reference.kv_quant.outlier_slots(head_dim, fraction)), 0 for none.
-    sink: leading positions kept in `dtype`; window: most recent positions kept in `dtype` (a ring buffer); with
-    the codebook's key_group G > 0 (KIVI mode) window >= G, as it holds each group until the group is complete.
+    Args:
+        batch, kv_heads, capacity: sequences, kv heads and positions per sequence, each >= 1.
+        head_dim: one of 32, 64, 128, 256; [kv_heads, head_dim] must be the codebook's key_offset shape.
+        codebook: the layer's Codebook (make_codebook or torchext.nn.calibrate): its bits size the packed codes.
+        slots: outlier slots per [head_dim] vector (reference.kv_quant.outlier_slots(head_dim, fraction)), 0 for
+            none, < head_dim.
+        sink: leading positions kept in ``dtype``; window: most recent positions kept in ``dtype`` (a ring
+            buffer); with the codebook's key_group G > 0 (KIVI mode) window >= G, as it holds each group until
+            the group is complete.
+        dtype: the cache dtype, float16 (default), bfloat16 or float32; device: where the buffers live.
+
+    Returns:
+        A reference.kv_quant.Storage, every buffer zero (outlier indices -1: empty) with the shape and dtype
+        reference.kv_quant.layout gives: e.g. key_codes [batch, kv_heads, capacity, words] int32, sink_keys
+        [batch, kv_heads, sink, head_dim] and window_keys [batch, kv_heads, window, head_dim] in ``dtype``,
+        lengths [batch] int32.
+
+    Raises:
+        TypeError for a non-int size or an unsupported dtype, ValueError for sizes out of range or a codebook of
+        another [kv_heads, head_dim].
     """
     for name, value in (("batch", batch), ("kv_heads", kv_heads), ("head_dim", head_dim), ("capacity", capacity),
                         ("slots", slots), ("sink", sink), ("window", window)):
