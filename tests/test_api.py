@@ -3,8 +3,8 @@ work, an op and a module helper never share a name with other arguments, attenti
 and every public function of torchext.ops is a registered op or a documented Python helper."""
 
 import importlib
-import inspect
 import importlib.util
+import inspect
 import pkgutil
 import re
 import sys
