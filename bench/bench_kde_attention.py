@@ -31,7 +31,8 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from bench import kde_roofline, sizes
 from bench._harness import (Case, NotApplicable, bench_device, cases_of, peak_extra_mib, pytest_params,
                             run_benchmark, time_ms)
-from torchext.ops.kde_attention import DEFAULT_EXACT_WINDOW, kde_attention
+from torchext.ops import kde_attention
+from torchext.ops._kde_attention import DEFAULT_EXACT_WINDOW
 from torchext.reference import kde_attention as ref
 
 try:

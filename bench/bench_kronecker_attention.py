@@ -33,7 +33,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from bench import sizes
 from bench._harness import (Case, NotApplicable, bench_device, cases_of, device_info, peak_extra_mib,
                             pytest_params, run_benchmark)
-from torchext.ops.kronecker_attention import kronecker_attention
+from torchext.ops import kronecker_attention
 from torchext.reference import kronecker_attention as ref
 
 BF16 = torch.bfloat16

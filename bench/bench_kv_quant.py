@@ -22,6 +22,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from bench import sizes
 from bench._harness import Case, NotApplicable, cases_of, pytest_params, run_benchmark
 from torchext import ops
+from torchext.ops._kv_quant import bytes_per_position
 from torchext.reference import kv_quant as ref
 
 HEADS, KV_HEADS, HEAD_DIM = 32, 4, 128
@@ -90,7 +91,7 @@ def packed_bytes_per_token(key_bits, value_bits, kv_heads=KV_HEADS, head_dim=HEA
     off an allocated one-position cache."""
     codebook = ops.make_codebook(key_bits, value_bits, torch.zeros(kv_heads, head_dim), torch.ones(kv_heads, head_dim))
     storage = ops.allocate_storage(1, kv_heads, head_dim, 1, codebook, SLOTS, dtype=torch.float16)
-    return sum(ops.kv_quant.bytes_per_position(storage, codebook).values())
+    return sum(bytes_per_position(storage, codebook).values())
 
 
 def _summary(batch, context, key_bits, value_bits, kv_heads, head_dim):

@@ -117,7 +117,8 @@ def _scaled_swiglu(n, d_mlp, d_model, gpu, dtype=BF16):
 
 
 def _model_weights(config, device, dtype):
-    """Every matrix torchext.nn.renormalize_ keeps on the sphere in an NGPT, nudged off it like an Adam step does."""
+    """Every matrix torchext.nn.renormalize_model_ keeps on the sphere in an NGPT, nudged off it like an Adam step
+    does."""
     model = NGPT(NGPTConfig(**config), device=device)
     layers = [m for m in model.modules() if isinstance(m, (NormalizedLinear, NormalizedEmbedding))]
     weights = [m.weight.detach().to(dtype) for m in layers]
@@ -173,7 +174,7 @@ class _TrainSteps:
     def ngpt(self):
         model = NGPT(NGPTConfig(**TRAIN_MODEL), device=self.device)
         optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)  # nGPT: Adam, no weight decay
-        renormalize_after_step(optimizer, model)  # torchext.nn.renormalize_; no host sync per step
+        renormalize_after_step(optimizer, model)  # torchext.nn.renormalize_model_; no host sync per step
         return _step(model, optimizer)
 
     def _gpt(self, compile_model):

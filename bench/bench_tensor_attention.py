@@ -27,7 +27,7 @@ import torch.nn.functional as F
 
 from bench import sizes
 from bench._harness import Case, NotApplicable, cases_of, pytest_params, run_benchmark
-from torchext.ops.tensor_attention import tensor_attention
+from torchext.ops import tensor_attention
 from torchext.reference import tensor_attention as ref
 
 TensorCase = partial(Case, "tensor_attention")
@@ -93,7 +93,7 @@ def _case(B, H, Hkv, n, d, window, gpu, dtype=BF16):
     label = f"B{B}-H{H}/{Hkv}-n{n}-d{d}-" + (f"w{window[0]}x{window[1]}" if window else "full")
     return TensorCase(
         "tensor_attention", label, dtype, partial(_inputs, B, H, Hkv, n, d),
-        torchext=partial(tensor_attention, window=window), eager=eager,
+        torchext=partial(tensor_attention, window=window, return_lse=True), eager=eager,
         count_bytes=False, flops={"fwd": fwd, "fwd+bwd": fwd * 14 // 4}, gpu=gpu, rep_ms=500 if gpu else 100,
         extra_providers={"sdpa (equal FLOPs)": _sdpa_equal_flops(max(1, round(t / n)))})
 

@@ -55,7 +55,7 @@ def _inputs(n: int, heads: int, d: int):
 
 
 def _params(n: int, causal: bool) -> dict:
-    from torchext.ops.kde_attention import DEFAULT_EXACT_WINDOW
+    from torchext.ops._kde_attention import DEFAULT_EXACT_WINDOW
     return dict(causal=causal, bucket_size=256, num_samples=256, num_hash_bits=ref.default_hash_bits(n, 256),
                 exact_window=DEFAULT_EXACT_WINDOW)
 

@@ -38,7 +38,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from torchext.ops.kde_attention import kde_attention
+from torchext.ops import kde_attention
 from torchext.reference import kde_attention as ref
 
 sys.path.insert(0, str(Path(__file__).parent))

@@ -1,7 +1,7 @@
 """A certified 1-Lipschitz CNN on scikit-learn's digits, with torchext's Gram-iteration spectral norm.
 
 What it shows:
-  * Every Conv2d / Linear is wrapped in torchext.nn.gram_spectral_norm(..., target=1.0): its weight is
+  * Every Conv2d / Linear is wrapped in torchext.nn.register_gram_spectral_norm(..., target=1.0): its weight is
     divided by a certified upper bound on the layer's operator norm (Gram iteration on the frequency blocks
     of the conv at its live input size, Delattre et al., arXiv 2305.16173), so each layer is <= 1-Lipschitz
     in l2 (the convs pad circularly, for which the bound of a strided conv is exact). The activations are
@@ -42,7 +42,7 @@ from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
 from torch import nn
 
-from torchext.nn import format_lipschitz_table, gram_spectral_norm, lipschitz_bound
+from torchext.nn import format_lipschitz_table, lipschitz_bound, register_gram_spectral_norm
 
 EPSILONS = (0.1, 0.25)
 # The logits of a 1-Lipschitz net span a small range (the images have l2 norm 3-5 at pixel scale [0, 1]), so
@@ -96,14 +96,14 @@ def build_model() -> nn.Sequential:
     """
     def bounded_conv(c_in: int, c_out: int, stride: int) -> nn.Conv2d:
         conv = nn.Conv2d(c_in, c_out, 3, stride=stride, padding=1, padding_mode="circular")
-        return gram_spectral_norm(conv, target=1.0)
+        return register_gram_spectral_norm(conv, target=1.0)
 
     return nn.Sequential(OrderedDict([
         ("conv1", bounded_conv(1, 32, stride=1)), ("act1", MaxMin()),
         ("conv2", bounded_conv(32, 64, stride=2)), ("act2", MaxMin()),
         ("conv3", bounded_conv(64, 128, stride=2)), ("act3", MaxMin()),
         ("flatten", nn.Flatten()),  # a reshape: an isometry
-        ("fc", gram_spectral_norm(nn.Linear(128 * 2 * 2, 10), target=1.0)),
+        ("fc", register_gram_spectral_norm(nn.Linear(128 * 2 * 2, 10), target=1.0)),
     ]))
 
 

@@ -810,7 +810,7 @@ def _scaled_linear(device: str) -> torch.nn.Module:
 
 
 def _renormalized_model(a: dict) -> Tensor:
-    tnn.renormalize_(**a)
+    tnn.renormalize_model_(**a)
     return a["model"].weight.detach()
 
 
@@ -830,7 +830,7 @@ def _stepped_reference(a: dict) -> Tensor:
     return unit_rows(w.detach() - 0.5 * w.grad)
 
 
-RENORM_MODEL = Op("nn.renormalize_", lambda d: {"model": _scaled_linear(d)}, _renormalized_model,
+RENORM_MODEL = Op("nn.renormalize_model_", lambda d: {"model": _scaled_linear(d)}, _renormalized_model,
                   lambda a: unit_rows(a["model"].weight.detach()), names=("renormalize_",))
 def _checked_after_step(a: dict) -> None:
     """renormalize_after_step's hook, checked after one SGD step."""
@@ -847,7 +847,7 @@ RENORM_STEP = Op("nn.renormalize_after_step",
                  _stepped, _stepped_reference, names=("renormalize_", "renormalize_after_step"))
 RENORM_CHECK = Op("nn.RenormalizeAfterStep", RENORM_STEP.valid, _checked_after_step, lambda a: None,
                   names=("renormalize_after_step", "RenormalizeAfterStep"))
-RENORM_COUNTS_MODEL = replace(RENORM_MODEL, call=lambda a: tnn.renormalize_(**a),
+RENORM_COUNTS_MODEL = replace(RENORM_MODEL, call=lambda a: tnn.renormalize_model_(**a),
                               reference=lambda a: torch.tensor([1], dtype=torch.int32, device=a["model"].weight.device))
 
 
@@ -1382,7 +1382,7 @@ CONV_CASES = [
 def _normalized_weight(a: dict) -> Tensor:
     module, inputs = a["module"], a.get("inputs")
     settings = {k: v for k, v in a.items() if k not in ("module", "inputs")}
-    tnn.gram_spectral_norm(module, **settings)
+    tnn.register_gram_spectral_norm(module, **settings)
     if inputs is not None:
         module(inputs)
     return module.weight.detach()
@@ -1407,10 +1407,10 @@ def _parametrized_by_hand(a: dict) -> Tensor:
     return module.weight.detach()
 
 
-GRAM_MODULES = ("gram_spectral_norm", "GramSpectralNorm", "Linear", "Conv1d", "Conv2d", "ParametrizedLinear",
-                "ParametrizedConv1d", "ParametrizedConv2d")
-GRAM_NORM = Op("nn.gram_spectral_norm", lambda d: {"module": torch.nn.Linear(5, 4, device=d)}, _normalized_weight,
-               _normalized_weight_reference, names=GRAM_MODULES)
+GRAM_MODULES = ("register_gram_spectral_norm", "gram_spectral_norm", "GramSpectralNorm", "Linear", "Conv1d", "Conv2d",
+                "ParametrizedLinear", "ParametrizedConv1d", "ParametrizedConv2d")
+GRAM_NORM = Op("nn.register_gram_spectral_norm", lambda d: {"module": torch.nn.Linear(5, 4, device=d)},
+               _normalized_weight, _normalized_weight_reference, names=GRAM_MODULES)
 GRAM_NORM_CLASS = Op("nn.GramSpectralNorm", GRAM_NORM.valid, _parametrized_by_hand, _normalized_weight_reference)
 
 
@@ -2144,7 +2144,7 @@ def _tensor_attention_reference(a: dict):
 
 
 TA = Op("tensor_attention", lambda d: {name: randn(1, 2, 5, 8, device=d) for name in TA_TENSORS},
-        lambda a: ops.tensor_attention(**a), _tensor_attention_reference)
+        lambda a: ops.tensor_attention(**a, return_lse=True), _tensor_attention_reference)
 KV_PAIRS = ("k1", "k2", "v1", "v2")
 TA_CASES = [
     TA.matches("valid", "causal", True),

@@ -20,7 +20,7 @@ from test_tensor_attention import check_sqnr_against_fp32
 from test_tensor_attention import inputs as tensor_inputs
 
 from torchext import ops
-from torchext.ops.kronecker_attention import kronecker_attention
+from torchext.ops import kronecker_attention
 from torchext.reference import int8_matmul as int8_ref
 from torchext.reference import kronecker_attention as kronecker_ref
 from torchext.reference import kv_quant as kv_ref

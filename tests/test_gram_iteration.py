@@ -7,7 +7,8 @@ import torch.nn.functional as F
 from harness import check_opcheck, check_raises
 
 from torchext import ops
-from torchext.nn import GramSpectralNorm, gram_spectral_norm, lipschitz_bound, lipschitz_penalty, record_input_sizes
+from torchext.nn import (GramSpectralNorm, lipschitz_bound, lipschitz_penalty, record_input_sizes,
+                         register_gram_spectral_norm)
 from torchext.reference import gram_iteration as ref
 
 
@@ -154,8 +155,11 @@ def test_conv_gradient_flows_through_the_winning_block_only():
     torch.testing.assert_close(got, expected)
 
 
-def test_conv_compiles_fullgraph():
+def test_conv_opcheck_and_compiles_fullgraph():
     weight = torch.randn(8, 4, 3, 3)
+    # A composite op: fake tensors and autograd come from its parts (AOT dispatch: the compile below, for CI time).
+    torch.library.opcheck(torch.ops.torchext.conv_spectral_norm.default, (weight.requires_grad_(), [6, 6], "zeros", 2,
+                          1, 6), test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
     compiled = torch.compile(lambda w: ops.conv_spectral_norm(w, 8), fullgraph=True)
     torch.testing.assert_close(compiled(weight), ops.conv_spectral_norm(weight, 8))
 
@@ -208,9 +212,9 @@ def test_bad_inputs_raise_clear_errors(case):
 
 def lipschitz_net(target=1.0):
     return torch.nn.Sequential(
-        gram_spectral_norm(torch.nn.Conv2d(1, 8, 3, padding=1), target=target), torch.nn.ReLU(),
-        gram_spectral_norm(torch.nn.Conv2d(8, 8, 3, padding=1, stride=2), target=target), torch.nn.ReLU(),
-        torch.nn.Flatten(), gram_spectral_norm(torch.nn.Linear(8 * 4 * 4, 10), target=target))
+        register_gram_spectral_norm(torch.nn.Conv2d(1, 8, 3, padding=1), target=target), torch.nn.ReLU(),
+        register_gram_spectral_norm(torch.nn.Conv2d(8, 8, 3, padding=1, stride=2), target=target), torch.nn.ReLU(),
+        torch.nn.Flatten(), register_gram_spectral_norm(torch.nn.Linear(8 * 4 * 4, 10), target=target))
 
 
 @pytest.mark.parametrize("target", [1.0, 0.5])
@@ -229,7 +233,7 @@ def test_parametrized_network_is_certifiably_lipschitz(target):
 
 
 def test_eval_mode_caches_the_bound_until_the_weight_changes():
-    conv = gram_spectral_norm(torch.nn.Conv2d(2, 3, 3, padding=1))
+    conv = register_gram_spectral_norm(torch.nn.Conv2d(2, 3, 3, padding=1))
     x = torch.randn(1, 2, 6, 6)
     conv.eval()
     first = conv(x)
@@ -257,7 +261,7 @@ def test_registering_the_parametrization_by_hand_normalises_the_weight():
     torch.testing.assert_close(ops.gram_spectral_norm(linear.weight.detach()), torch.tensor(2.0), rtol=1e-5, atol=0)
     conv = torch.nn.Conv1d(2, 3, 3, padding=1)
     check_raises(lambda: torch.nn.utils.parametrize.register_parametrization(conv, "weight", GramSpectralNorm(conv)),
-                 RuntimeError, "pass input_size to gram_spectral_norm / GramSpectralNorm")
+                 RuntimeError, "pass input_size to register_gram_spectral_norm / GramSpectralNorm")
     conv = torch.nn.Conv1d(2, 3, 3, padding=1)
     torch.nn.utils.parametrize.register_parametrization(conv, "weight", GramSpectralNorm(conv, input_size=(8,)))
     conv(torch.randn(1, 2, 6))  # the size hook follows the input
@@ -274,10 +278,12 @@ def test_parametrization_checks_its_arguments():
 
 
 def test_unsupported_layers_say_why():
-    check_raises(lambda: gram_spectral_norm(torch.nn.Conv2d(2, 2, 3, padding=1, padding_mode="reflect")),
+    check_raises(lambda: register_gram_spectral_norm(torch.nn.Conv2d(2, 2, 3, padding=1, padding_mode="reflect")),
                  NotImplementedError, "only 'zeros' and 'circular' are bounded")
-    check_raises(lambda: gram_spectral_norm(torch.nn.Conv2d(2, 2, 3, dilation=2)), NotImplementedError, "dilation")
-    check_raises(lambda: gram_spectral_norm(torch.nn.Conv3d(2, 2, 3)), TypeError, "expected Linear, Conv1d or Conv2d")
+    check_raises(lambda: register_gram_spectral_norm(torch.nn.Conv2d(2, 2, 3, dilation=2)), NotImplementedError,
+                 "dilation")
+    check_raises(lambda: register_gram_spectral_norm(torch.nn.Conv3d(2, 2, 3)), TypeError,
+                 "expected Linear, Conv1d or Conv2d")
     check_raises(lambda: lipschitz_bound(torch.nn.Conv2d(2, 2, 3)), RuntimeError, "its input size is unknown")
 
 

@@ -14,7 +14,7 @@ from harness import (assert_close, check_against_reference, check_compile, check
 from torch import nn
 
 from torchext.nn.kde_attention import KDEAttention, use_kde_attention
-from torchext.ops.kde_attention import kde_attention
+from torchext.ops import kde_attention
 from torchext.reference import kde_attention as ref
 
 # (B, H, Hk, N, D, Dv, causal, bucket, m, window): GQA; N = 1; N just past two blocks with m not a multiple of

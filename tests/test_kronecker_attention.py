@@ -11,7 +11,7 @@ from harness import (DEVICE, check_against_reference, check_compile, check_gradc
                      given, settings, st)
 
 from torchext.nn.kronecker_attention import KroneckerAttention2d, KroneckerAttention3d
-from torchext.ops.kronecker_attention import kronecker_attention
+from torchext.ops import kronecker_attention
 from torchext.reference import kronecker_attention as ref
 
 MODES = ref.MODES

@@ -14,7 +14,7 @@ from torch import nn
 
 from torchext.nn import (HypersphereResidual, Int8Linear, KDEAttention, KroneckerAttention2d, KroneckerAttention3d,
                          NGPTBlock, NGPTConfig, NormalizedAttention, NormalizedEmbedding, NormalizedLinear,
-                         NormalizedSwiGLU, ScaledVector, TensorAttention, gram_spectral_norm)
+                         NormalizedSwiGLU, ScaledVector, TensorAttention, register_gram_spectral_norm)
 from torchext.reference import ngpt as ngpt_ref
 
 
@@ -49,8 +49,9 @@ MODULES = {
     "NormalizedSwiGLU": lambda: (NormalizedSwiGLU(16), (unit(2, 5, 16),)),
     "NGPTBlock": lambda: (NGPTBlock(TINY_NGPT), (unit(1, 5, 16),)),
     "ScaledVector": lambda: (ScaledVector(8, 1.0, 0.5), ()),
-    "GramSpectralNorm(Linear, wide)": lambda: (gram_spectral_norm(nn.Linear(8, 3)), (randn(4, 8),)),
-    "GramSpectralNorm(Conv2d)": lambda: (gram_spectral_norm(nn.Conv2d(2, 3, 3, padding=1, padding_mode="circular")),
+    "GramSpectralNorm(Linear, wide)": lambda: (register_gram_spectral_norm(nn.Linear(8, 3)), (randn(4, 8),)),
+    "GramSpectralNorm(Conv2d)": lambda: (register_gram_spectral_norm(nn.Conv2d(2, 3, 3, padding=1,
+                                                                               padding_mode="circular")),
                                          (randn(1, 2, 6, 6),)),
     "Int8Linear": lambda: (Int8Linear.from_float(nn.Linear(16, 8)), (randn(4, 16),)),
     "KDEAttention": lambda: (Attention(), (randn(3, 1, 2, 40, 16),)),

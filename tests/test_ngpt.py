@@ -486,7 +486,7 @@ def test_zero_rows_give_a_clear_error():
     model = NGPT(tiny_config())
     with torch.no_grad():
         model.blocks[1].mlp.up.weight[3] = 0
-    check_raises(lambda: torchext.nn.renormalize_(model, check=True), ValueError, "zero vectors (norm 0)")
+    check_raises(lambda: torchext.nn.renormalize_model_(model, check=True), ValueError, "zero vectors (norm 0)")
 
 
 def test_renormalize_after_step_counts_zero_rows_on_the_device_until_checked():

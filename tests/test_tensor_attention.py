@@ -10,7 +10,7 @@ import torch
 from harness import check_against_reference, check_compile, check_gradcheck, check_opcheck, check_raises
 
 from torchext.nn.tensor_attention import TensorAttention
-from torchext.ops.tensor_attention import tensor_attention
+from torchext.ops import tensor_attention
 from torchext.reference import tensor_attention as ref
 
 # The issue's bar for 16-bit inputs against the fp32 reference (FBGEMM's simplicial-attention tests use it too).
@@ -24,7 +24,7 @@ def inputs(B, H, Hkv, n, d, dtype=torch.float32, device="cpu", grad=True):
 
 
 def op(window=None, causal=True, scale=None):
-    return functools.partial(tensor_attention, window=window, causal=causal, scale=scale)
+    return functools.partial(tensor_attention, window=window, causal=causal, scale=scale, return_lse=True)
 
 
 def sqnr_db(actual, expected):
@@ -37,7 +37,7 @@ def check_sqnr_against_fp32(xs, window, grad_lse=True):
     """16-bit inputs xs against the fp32 reference on the same rounded values: out, lse and the five gradients (of
     <out, random> plus, with grad_lse, sum(lse)) all >= MIN_SQNR_DB."""
     leaves = [x.clone().requires_grad_() for x in xs]
-    out, lse = tensor_attention(*leaves, window=window)
+    out, lse = tensor_attention(*leaves, window=window, return_lse=True)
     fp32 = [x.float().requires_grad_() for x in xs]
     out_ref, lse_ref = ref.tensor_attention(*fp32, window=window)
     grad_out = torch.randn_like(out_ref)
@@ -100,7 +100,7 @@ def test_gradcheck(window, device):
 
 def test_window_at_least_n_is_the_full_causal_operator(device):
     xs = inputs(1, 2, 1, 19, 8, device=device, grad=False)
-    full, wide = tensor_attention(*xs), tensor_attention(*xs, window=(19, 50))
+    full, wide = op()(*xs), op((19, 50))(*xs)
     for a, b in zip(full, wide):
         torch.testing.assert_close(a, b)
 
@@ -108,7 +108,7 @@ def test_window_at_least_n_is_the_full_causal_operator(device):
 def test_window_one_attends_only_to_the_triple_i_i_i(device):
     """w1 = w2 = 1 leaves one pair (i, i): o_i = v1_i * v2_i and lse_i = scale <q_i, k1_i * k2_i>."""
     q, k1, k2, v1, v2 = inputs(2, 2, 2, 9, 8, device=device, grad=False)
-    out, lse = tensor_attention(q, k1, k2, v1, v2, window=(1, 1), scale=0.3)
+    out, lse = tensor_attention(q, k1, k2, v1, v2, window=(1, 1), scale=0.3, return_lse=True)
     torch.testing.assert_close(out, v1 * v2)
     torch.testing.assert_close(lse, 0.3 * (q * k1 * k2).sum(-1))
 
@@ -116,7 +116,7 @@ def test_window_one_attends_only_to_the_triple_i_i_i(device):
 def test_window_one_on_one_side(device):
     """w2 = 1: k = i, so o_i = v2_i * (ordinary causal windowed attention of q_i * k2_i over (k1, v1))."""
     q, k1, k2, v1, v2 = inputs(1, 1, 1, 12, 8, device=device, grad=False)
-    out, _ = tensor_attention(q, k1, k2, v1, v2, window=(5, 1))
+    out = tensor_attention(q, k1, k2, v1, v2, window=(5, 1), return_lse=False)
     mask = ref.pair_masks(12, (5, 1), True)[0]
     scores = ((q * k2) @ k1.transpose(-1, -2) / math.sqrt(8)).masked_fill(~mask, float("-inf"))
     torch.testing.assert_close(out, (torch.softmax(scores, -1) @ v1) * v2)
@@ -127,11 +127,11 @@ def test_causal_no_leakage(window, device):
     """Changing tokens after t changes nothing at or before t, and gives them no gradient from there."""
     n, t = 14, 8
     xs = inputs(1, 2, 1, n, 8, device=device)
-    out, lse = tensor_attention(*xs, window=window)
+    out, lse = op(window)(*xs)
     changed = [x.detach().clone() for x in xs]
     for x in changed:
         x[:, :, t + 1:] = torch.randn_like(x[:, :, t + 1:]) * 3
-    out2, lse2 = tensor_attention(*changed, window=window)
+    out2, lse2 = op(window)(*changed)
     torch.testing.assert_close(out[:, :, :t + 1], out2[:, :, :t + 1], atol=0, rtol=0)
     torch.testing.assert_close(lse[:, :, :t + 1], lse2[:, :, :t + 1], atol=0, rtol=0)
     grads = torch.autograd.grad(out[:, :, :t + 1].sum() + lse[:, :, :t + 1].sum(), xs)
@@ -142,7 +142,7 @@ def test_causal_no_leakage(window, device):
 def test_gqa_equals_repeated_heads(device):
     q, *kv = inputs(1, 4, 2, 10, 8, device=device, grad=False)
     repeated = [x.repeat_interleave(2, dim=1) for x in kv]
-    for a, b in zip(tensor_attention(q, *kv, window=(4, 3)), tensor_attention(q, *repeated, window=(4, 3))):
+    for a, b in zip(op((4, 3))(q, *kv), op((4, 3))(q, *repeated)):
         torch.testing.assert_close(a, b)
 
 
@@ -154,7 +154,7 @@ def test_reads_transposed_views(device):
 
 def test_empty_sequence(device):
     xs = inputs(2, 2, 1, 0, 8, device=device, grad=False)
-    out, lse = tensor_attention(*xs)
+    out, lse = op()(*xs)
     assert out.shape == (2, 2, 0, 8) and lse.shape == (2, 2, 0)
 
 
@@ -163,7 +163,7 @@ def test_opcheck_and_compile(device):
     args = [x.detach() for x in xs]
     scale = 1 / math.sqrt(8)
     check_opcheck(torch.ops.torchext.tensor_attention.default, (*args, 2, 3, True, scale))
-    out, lse = tensor_attention(*args, window=(2, 3))
+    out, lse = op((2, 3))(*args)
     check_opcheck(torch.ops.torchext.tensor_attention_backward.default,
                   (torch.randn_like(out), torch.randn_like(lse), *args, out, lse, 2, 3, True, scale))
     check_compile(op((2, 3)), xs)
@@ -171,7 +171,7 @@ def test_opcheck_and_compile(device):
 
 def test_bad_inputs(device):
     q, k1, k2, v1, v2 = inputs(1, 2, 1, 6, 8, device=device, grad=False)
-    call = lambda *xs, **kw: (lambda: tensor_attention(*xs, **kw))  # noqa: E731
+    call = lambda *xs, **kw: (lambda: tensor_attention(*xs, return_lse=False, **kw))  # noqa: E731
     check_raises(call(q, k1, k2, v1, v2.double()), TypeError, "v2 must have q's dtype")
     empty = torch.zeros(1, 1, 4, 0, device=device)
     check_raises(call(empty, empty, empty, empty, empty), ValueError, "tensor_attention: head dim must be >= 1")

@@ -38,7 +38,7 @@ from ._launch import GPU_TILES, accumulator_dtype, compute_dtype, dot, dot_dtype
 # is bench/results/offline/). Past 256 tokens (16-bit) or 128 (32-bit) even the smallest backward tiles spill a
 # little (bench/offline.py's ALLOWED_SPILLS says why that is kept); past 512 the forward spills too, so 512 is the
 # limit. 64-bit operands (gradcheck) take the 32-bit tiles and a 256-token limit. The op refuses longer maps on
-# every path (torchext/ops/kronecker_attention.py's MAX_TOKENS). Not yet timed on a GPU.
+# every path (torchext/ops/_kronecker_attention.py's MAX_TOKENS). Not yet timed on a GPU.
 _TILES = {
     2: {"fwd": {64: (32, 64), 128: (32, 64), 256: (16, 64), 512: (16, 32)},
         "bwd_tokens": {64: (32, 64), 128: (32, 32), 256: (16, 32), 512: (16, 16)},

@@ -227,7 +227,7 @@ def _splits(batch_kv_heads: int, max_length: int, device: torch.device) -> tuple
 
 def kv_quant_decode_fwd(q, storage, codebook, inv_freq, attention_scaling: float, scale: float,
                         max_length: int) -> torch.Tensor:
-    """q [batch, heads, 1, D] -> out [batch, heads, 1, D] in q.dtype (see torchext.ops.kv_quant)."""
+    """q [batch, heads, 1, D] -> out [batch, heads, 1, D] in q.dtype (see torchext.ops.kv_quant_decode_attention)."""
     batch, heads, _, d = q.shape
     kv_heads, capacity = storage.key_codes.shape[1:3]
     slots = storage.key_outlier_index.shape[3]

@@ -1,6 +1,6 @@
 """Certified Lipschitz control with Gram iteration (Delattre et al., arXiv 2305.16173, 2402.00240).
 
-    conv = gram_spectral_norm(nn.Conv2d(16, 32, 3, padding=1))   # W * target / bound(true operator norm)
+    conv = register_gram_spectral_norm(nn.Conv2d(16, 32, 3, padding=1))  # W * target / bound(true operator norm)
     total, table = lipschitz_bound(model, example_input)         # product of per-layer certified bounds
     print(format_lipschitz_table(table))
     loss = loss + 0.1 * lipschitz_penalty(model, tau=1.0)        # the paper's regulariser
@@ -15,9 +15,9 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
-from torchext import ops
+from torchext import _deprecation, ops
 from torchext.ops._checks import check_float
-from torchext.ops.gram_iteration import check_n_iter
+from torchext.ops._gram_iteration import check_n_iter
 
 BOUNDED = (nn.Linear, nn.Conv1d, nn.Conv2d)
 
@@ -51,7 +51,7 @@ def layer_bound(module: nn.Module, weight: Tensor, n_iter: int = 6) -> Tensor:
     if size is None:
         raise RuntimeError(f"{type(module).__name__}: its input size is unknown; run a forward first "
                            f"(record_input_sizes(model) or lipschitz_bound(model, example_input)), or pass "
-                           f"input_size to gram_spectral_norm / GramSpectralNorm")
+                           f"input_size to register_gram_spectral_norm / GramSpectralNorm")
     padding, stride = _conv_geometry(module)
     return ops.conv_spectral_norm(weight, size, padding, stride, module.groups, n_iter)
 
@@ -70,7 +70,7 @@ class GramSpectralNorm(nn.Module):
     """Parametrization W -> W * target / b(W), b a certified bound on the layer's operator norm.
 
     Stateless and deterministic (no power-iteration buffers); in eval mode the bound is cached until the
-    weight changes. ``gram_spectral_norm(module)`` registers it; registering it by hand with
+    weight changes. ``register_gram_spectral_norm(module)`` registers it; registering it by hand with
     ``torch.nn.utils.parametrize.register_parametrization(module, "weight", GramSpectralNorm(module))`` works
     too, but torch then evaluates it at once, so a conv needs ``input_size`` (RuntimeError otherwise).
     A conv remembers the spatial size of its input at each forward (the bound depends on it).
@@ -102,7 +102,7 @@ class GramSpectralNorm(nn.Module):
         return weight * (self.target / bound)
 
 
-def gram_spectral_norm(module: nn.Module, n_iter: int = 6, target: float = 1.0,
+def register_gram_spectral_norm(module: nn.Module, n_iter: int = 6, target: float = 1.0,
                        input_size: tuple[int, ...] | None = None) -> nn.Module:
     """Constrain a Linear / Conv1d / Conv2d to operator norm <= target (like torch's spectral_norm, but certified).
 
@@ -110,7 +110,7 @@ def gram_spectral_norm(module: nn.Module, n_iter: int = 6, target: float = 1.0,
     Returns the module, parametrized in place.
     """
     if not isinstance(module, BOUNDED):
-        raise TypeError(f"gram_spectral_norm: expected Linear, Conv1d or Conv2d, got {type(module).__name__}")
+        raise TypeError(f"register_gram_spectral_norm: expected Linear, Conv1d or Conv2d, got {type(module).__name__}")
     # unsafe: the parametrization keeps shape and dtype, so torch need not evaluate it now (a conv's input size
     # may only be known at its first forward)
     parametrize.register_parametrization(module, "weight", GramSpectralNorm(module, n_iter, target, input_size),
@@ -160,3 +160,12 @@ def format_lipschitz_table(table: list[dict]) -> str:
     lines = [f"{row['layer']:<24}{row['type']:<10}{row['bound'].item():>12.5f}" for row in table]
     total = math.prod(row["bound"].item() for row in table)
     return "\n".join(lines + [f"{'product':<34}{total:>12.5f}"])
+
+
+
+# register_gram_spectral_norm was gram_spectral_norm, the name of the op torchext.ops.gram_spectral_norm (a matrix).
+_RENAMED = {"gram_spectral_norm": (register_gram_spectral_norm, "torchext.nn.register_gram_spectral_norm")}
+
+
+def __getattr__(name: str):
+    return _deprecation.renamed_attribute(__name__, name, _RENAMED)

@@ -11,7 +11,7 @@ import torch
 from torch import Tensor, nn
 
 from torchext import ops
-from torchext.ops.int8_matmul import DEFAULT_CAPACITY
+from torchext.ops._int8_matmul import DEFAULT_CAPACITY
 from torchext.reference.int8_matmul import int8_dequantize, quantize_weight
 
 ROW_FORMAT = 0  # bitsandbytes' weight_format code for row-major int8 codes (the only layout it still has)

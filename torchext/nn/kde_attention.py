@@ -19,8 +19,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from torchext.ops._checks import check_int
-from torchext.ops.kde_attention import DEFAULT_EXACT_WINDOW, check_params, kde_attention
-from torchext.ops.kde_attention import _sdpa as _ORIGINAL_SDPA  # the real SDPA, bound before any swap
+from torchext.ops._kde_attention import DEFAULT_EXACT_WINDOW, check_params, kde_attention
+from torchext.ops._kde_attention import _sdpa as _ORIGINAL_SDPA  # the real SDPA, bound before any swap
 
 
 class KDEAttention(nn.Module):

@@ -9,7 +9,7 @@ from torch import Tensor, nn
 
 from torchext.ops._checks import check_float, check_int
 # The module path, not torchext.ops's attribute: there the name kronecker_attention is the function.
-from torchext.ops.kronecker_attention import MODES, kronecker_attention
+from torchext.ops._kronecker_attention import MODES, kronecker_attention
 
 
 class _KroneckerAttention(nn.Module):

@@ -31,7 +31,7 @@ from torch import Tensor, nn
 
 from torchext import ops
 from torchext.ops._checks import check_float, check_int
-from torchext.ops.kv_quant import allocate_storage, bytes_per_position, check_bits, make_codebook
+from torchext.ops._kv_quant import allocate_storage, bytes_per_position, check_bits, make_codebook
 from torchext.reference import kv_quant as ref
 
 try:

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from torchext import ops
+from torchext import _deprecation, ops
 from torchext.ops._checks import check_float, check_int, check_tensor
 from torchext.reference.ngpt import DEFAULT_EPS, rope_cos_sin
 
@@ -63,7 +63,7 @@ class NormalizedLinear(nn.Linear):
 
     ``norm_dim=1`` normalises rows (the input is the embedding: q/k/v, MLP up-projections, LM head);
     ``norm_dim=0`` normalises columns (the output is the embedding: attention and MLP out-projections).
-    The weight stays unit-norm through ``renormalize_(model)`` after each optimizer step.
+    The weight stays unit-norm through ``renormalize_model_(model)`` after each optimizer step.
     """
 
     def __init__(self, in_features: int, out_features: int, norm_dim: int = 1, device=None, dtype=None):
@@ -217,7 +217,7 @@ def _normalized_weights(model: nn.Module) -> tuple[list[Tensor], list[int]]:
 
 
 @torch.no_grad()
-def renormalize_(model: nn.Module, eps: float = DEFAULT_EPS, check: bool = False) -> Tensor:
+def renormalize_model_(model: nn.Module, eps: float = DEFAULT_EPS, check: bool = False) -> Tensor:
     """Put every NormalizedLinear / NormalizedEmbedding weight of ``model`` back on the unit sphere, in one launch.
 
     Returns the int32 zero-vector count of each weight (see torchext.ops.renormalize_), with no host read;
@@ -230,7 +230,7 @@ def renormalize_(model: nn.Module, eps: float = DEFAULT_EPS, check: bool = False
 
 
 class RenormalizeAfterStep:
-    """The optimizer hook of renormalize_after_step: ``renormalize_(model)`` after every ``optimizer.step()``.
+    """The optimizer hook of renormalize_after_step: ``renormalize_model_(model)`` after every ``optimizer.step()``.
 
     Sync-free (CUDA-graph capturable): each step adds its zero-vector counts to ``zero_vectors``, an int64
     scalar on the weights' device, and ``check()`` reads it (one host sync) whenever the caller already syncs,
@@ -244,7 +244,7 @@ class RenormalizeAfterStep:
         self._handle = optimizer.register_step_post_hook(self._after_step)
 
     def _after_step(self, *_) -> None:
-        counts = renormalize_(self.model, eps=self.eps, check=self.check_every_step)
+        counts = renormalize_model_(self.model, eps=self.eps, check=self.check_every_step)
         if self.zero_vectors is None or self.zero_vectors.device != counts.device:
             self.zero_vectors = torch.zeros((), dtype=torch.int64, device=counts.device)
         self.zero_vectors += counts.sum()
@@ -262,6 +262,15 @@ class RenormalizeAfterStep:
 
 def renormalize_after_step(optimizer: torch.optim.Optimizer, model: nn.Module, eps: float = DEFAULT_EPS,
                            check_every_step: bool = False) -> RenormalizeAfterStep:
-    """Run ``renormalize_(model)`` after every ``optimizer.step()``, with no host sync; returns the hook
+    """Run ``renormalize_model_(model)`` after every ``optimizer.step()``, with no host sync; returns the hook
     (``.check()`` raises if a zero row/column was met, ``.remove()`` detaches it)."""
     return RenormalizeAfterStep(optimizer, model, eps, check_every_step)
+
+
+
+# renormalize_model_ was renormalize_, the name of the op torchext.ops.renormalize_ (which takes tensors and dims).
+_RENAMED = {"renormalize_": (renormalize_model_, "torchext.nn.renormalize_model_")}
+
+
+def __getattr__(name: str):
+    return _deprecation.renamed_attribute(__name__, name, _RENAMED)

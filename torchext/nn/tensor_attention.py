@@ -11,7 +11,7 @@ use it is the model's choice.
 from torch import Tensor, nn
 
 from torchext.ops._checks import check_float, check_int, check_ints, check_tensor
-from torchext.ops.tensor_attention import tensor_attention
+from torchext.ops._tensor_attention import tensor_attention
 
 
 class TensorAttention(nn.Module):
@@ -69,8 +69,8 @@ class TensorAttention(nn.Module):
         if d_model != self.out.out_features:
             raise ValueError(f"TensorAttention: x must be [batch, seq, {self.out.out_features}], got {tuple(x.shape)}")
         kv = [self._heads(p, x, self.n_kv_heads) for p in (self.k1, self.k2, self.v1, self.v2)]
-        y, _ = tensor_attention(self._heads(self.q, x, self.n_heads), *kv, window=self.window, causal=self.causal,
-                                scale=self.scale)
+        y = tensor_attention(self._heads(self.q, x, self.n_heads), *kv, window=self.window, causal=self.causal,
+                             scale=self.scale, return_lse=False)
         return self.out(y.transpose(1, 2).reshape(B, T, d_model))
 
     def extra_repr(self) -> str:

@@ -1,26 +1,46 @@
-"""Functional API: every torchext op as a plain function (also reachable as torch.ops.torchext.<name>)."""
+"""Functional API: every torchext op as a plain function, ``torchext.ops.<function>`` (the registered ones also as
+torch.ops.torchext.<name>).
+
+Each family's ops live in a private module, ``torchext.ops._<family>``, reached as ``FAMILIES[family]``: its
+KERNELS (op -> "triton" | "cuda"), its DISPATCH (op -> where it leaves its kernel for another path on the same
+device, printed by `python -m torchext info`) and its tunable defaults (e.g. FAMILIES["kde_attention"].MIN_SEQ_LEN,
+read at each call).
+"""
 
 import torch
 
-from torchext.ops import gram_iteration, int8_matmul, kv_quant, ngpt
-# The modules whose name is also their op's name are bound first: the function import below shadows the name.
-from torchext.ops import kde_attention as _kde_attention_module
-from torchext.ops import kronecker_attention as _kronecker_attention_module
-from torchext.ops import tensor_attention as _tensor_attention_module
-from torchext.ops.gram_iteration import conv_spectral_norm, gram_spectral_norm
-from torchext.ops.int8_matmul import int8_linear, int8_mm, int8_vectorwise_quant
-from torchext.ops.kde_attention import kde_attention
-from torchext.ops.kronecker_attention import kronecker_attention
-from torchext.ops.kv_quant import allocate_storage, kv_quant_append_, kv_quant_decode_attention, make_codebook
-from torchext.ops.ngpt import hypersphere_update, l2_normalize, qk_norm_rope, renormalize_, scaled_swiglu
-from torchext.ops.tensor_attention import tensor_attention
+from torchext import _deprecation
+from torchext.ops import (_gram_iteration, _int8_matmul, _kde_attention, _kronecker_attention, _kv_quant, _ngpt,
+                          _tensor_attention)
+from torchext.ops._gram_iteration import conv_spectral_norm, gram_spectral_norm
+from torchext.ops._int8_matmul import int8_linear, int8_mm, int8_vectorwise_quant
+from torchext.ops._kde_attention import kde_attention
+from torchext.ops._kronecker_attention import kronecker_attention
+from torchext.ops._kv_quant import allocate_storage, kv_quant_append_, kv_quant_decode_attention, make_codebook
+from torchext.ops._ngpt import hypersphere_update, l2_normalize, qk_norm_rope, renormalize_, scaled_swiglu
+from torchext.ops._tensor_attention import tensor_attention
 
-# family name -> ops module (each has KERNELS: op -> "triton" | "cuda"; and DISPATCH: op -> where it leaves its
-# kernel for another path on the same device, for the ops that do, printed by `python -m torchext info`)
-FAMILIES = {"ngpt": ngpt, "int8_matmul": int8_matmul, "gram_iteration": gram_iteration,
-            "kv_quant": kv_quant, "kde_attention": _kde_attention_module,
-            "kronecker_attention": _kronecker_attention_module, "tensor_attention": _tensor_attention_module}
+FAMILIES = {"ngpt": _ngpt, "int8_matmul": _int8_matmul, "gram_iteration": _gram_iteration, "kv_quant": _kv_quant,
+            "kde_attention": _kde_attention, "kronecker_attention": _kronecker_attention,
+            "tensor_attention": _tensor_attention}
 
+# The old public module paths that no function shadowed, now deprecated: `import torchext.ops.ngpt` (a module file
+# that replaces itself) and `torchext.ops.ngpt` (__getattr__) warn and give the family's module.
+_MOVED_MODULES = {family: (FAMILIES[family], f"the functions torchext.ops.<name>, or the family's module "
+                                             f"torchext.ops.FAMILIES[{family!r}]")
+                  for family in ("ngpt", "int8_matmul", "gram_iteration", "kv_quant")}
+
+
+def __getattr__(name: str):
+    return _deprecation.renamed_attribute(__name__, name, _MOVED_MODULES)
+
+
+# The public functions of torchext.ops that are not registered ops: host-side setup that builds the NamedTuples the
+# kv_quant ops take (checks read values on the host; allocation). Every other public function is a wrapper of the
+# registered torch.ops.torchext op of its name.
+PYTHON_HELPERS = ("allocate_storage", "make_codebook")
+
+# The public functions (FAMILIES and PYTHON_HELPERS are public too, but not functions).
 __all__ = ["allocate_storage", "conv_spectral_norm", "gram_spectral_norm", "hypersphere_update", "int8_linear",
            "int8_mm", "int8_vectorwise_quant", "kde_attention", "kronecker_attention", "kv_quant_append_",
            "kv_quant_decode_attention", "l2_normalize", "make_codebook", "qk_norm_rope", "renormalize_",

@@ -32,6 +32,12 @@ def check_tensors(op: str, **tensors: Tensor) -> None:
         check_tensor(op, name, x)
 
 
+def check_bool(op: str, name: str, value) -> None:
+    """value is a Python bool (not an int or tensor: a tensor's truth would read it to the host)."""
+    if not isinstance(value, bool):
+        raise TypeError(f"{op}: {name} must be a bool, got {type(value).__name__} {value!r}")
+
+
 def check_int(op: str, name: str, value, minimum: int | None = None) -> None:
     """value is a Python int (not a bool, float or tensor), at least `minimum`."""
     if not isinstance(value, int) or isinstance(value, bool):

@@ -6,14 +6,15 @@ reference otherwise, has a fake for torch.compile, and an autograd rule whose ba
 """
 
 import math
+import warnings
 
 import torch
 from torch import Tensor
 
 from torchext._backend import HAS_TRITON, use_triton
 from torchext._dtypes import accumulator_dtype
-from torchext.ops._checks import (check_float, check_ints, check_same_device, check_shape, check_tensor,
-                                  check_tensors)
+from torchext.ops._checks import (check_bool, check_float, check_ints, check_same_device, check_shape,
+                                  check_tensor, check_tensors)
 from torchext.reference import tensor_attention as ref
 from torchext.reference._attention import nonfinite_heads_as_nan
 
@@ -135,8 +136,8 @@ _tensor_attention.register_autograd(_tensor_attention_grad, setup_context=_tenso
 
 
 def tensor_attention(q: Tensor, k1: Tensor, k2: Tensor, v1: Tensor, v2: Tensor, *,
-                     window: tuple[int, int] | None = None, causal: bool = True,
-                     scale: float | None = None) -> tuple[Tensor, Tensor]:
+                     window: tuple[int, int] | None = None, causal: bool = True, scale: float | None = None,
+                     return_lse: bool | None = None) -> Tensor | tuple[Tensor, Tensor]:
     """Tensor attention: o_i = sum_(j,k) softmax_(j,k)(scale <q_i, k1_j * k2_k>) (v1_j * v2_k), fused.
 
     Alman & Song's triple-wise attention; with a window, the 2-simplicial attention of Roy et al. The [n, n, n]
@@ -149,10 +150,13 @@ def tensor_attention(q: Tensor, k1: Tensor, k2: Tensor, v1: Tensor, v2: Tensor, 
             j in (i - w1, i] and k in (i - w2, i] (O(seq w1 w2); needs causal=True).
         causal: j <= i and k <= i.
         scale: logit scale, default 1 / sqrt(dim) (Alman & Song's definition uses 1 / dim).
+        return_lse: also return the log-sum-exp, as every torchext attention op (False: out alone). Not passing it
+            returns (out, lse) as this op always did, with a FutureWarning (not under torch.compile, which cannot
+            trace one): that default becomes False.
 
     Returns:
-        (out [batch, heads, seq, dim] in q's dtype, lse [batch, heads, seq] float32 (float64 for float64 inputs),
-        the natural-log normaliser log sum_(j,k) exp(s_ijk)). Both are differentiable.
+        out [batch, heads, seq, dim] in q's dtype; with return_lse, (out, lse [batch, heads, seq] float32 (float64
+        for float64 inputs), the natural-log normaliser log sum_(j,k) exp(s_ijk)). Both are differentiable.
     """
     op = "tensor_attention"
     check_tensors(op, q=q, k1=k1, k2=k2, v1=v1, v2=v2)
@@ -163,6 +167,14 @@ def tensor_attention(q: Tensor, k1: Tensor, k2: Tensor, v1: Tensor, v2: Tensor, 
         check_ints(op, "window", window, length=2, minimum=1)
     if scale is not None:
         check_float(op, "scale", scale)
+    if return_lse is None:
+        if not torch.compiler.is_compiling():  # torch.compile cannot trace warnings.warn (fullgraph would fail)
+            warnings.warn("tensor_attention returns (out, lse) when return_lse is not given, and will return out alone "
+                          "(as kde_attention does): pass return_lse=True to keep both, return_lse=False for out",
+                          FutureWarning, stacklevel=2)
+        return_lse = True
+    check_bool(op, "return_lse", return_lse)
     window1, window2 = (0, 0) if window is None else window
     scale = ref.default_scale(q.shape[-1]) if scale is None else float(scale)
-    return torch.ops.torchext.tensor_attention(q, k1, k2, v1, v2, window1, window2, causal, scale)
+    out, lse = torch.ops.torchext.tensor_attention(q, k1, k2, v1, v2, window1, window2, causal, scale)
+    return (out, lse) if return_lse else out

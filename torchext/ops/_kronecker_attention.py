@@ -150,7 +150,8 @@ def kronecker_attention(x: Tensor, mode: str = "kv", heads: int = 1, scale: floa
         scale: softmax scale; None means 1 / sqrt(C / heads).
 
     Returns:
-        A tensor of x's shape and dtype.
+        out, a tensor of x's shape and dtype (alone, as every torchext attention op's default; there is no
+        log-sum-exp to ask for with return_lse).
     """
     if scale is None:
         _check_kronecker_attention(x, mode, heads, 1.0)

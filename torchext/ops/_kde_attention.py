@@ -15,7 +15,8 @@ from torch import Tensor
 
 from torchext._backend import HAS_TRITON, use_triton
 from torchext._dtypes import accumulator_dtype
-from torchext.ops._checks import check_float, check_int, check_same_device, check_tensor, check_unit_last_stride
+from torchext.ops._checks import (check_bool, check_float, check_int, check_same_device, check_tensor,
+                                  check_unit_last_stride)
 from torchext.reference import kde_attention as ref
 from torchext.reference._attention import nonfinite_heads_as_nan
 
@@ -29,7 +30,8 @@ KERNELS = {"kde_attention": "triton"}
 # roofline estimate of bench/kde_roofline.py (H100 SXM peaks, the plan's ~800 eager operations non-causal and
 # ~2,200-3,100 causal at 4 us each, B 1, H 32, d 64) first puts the forward ahead of FlashAttention: 1.5x at 32K
 # non-causal (below 1x at 16K) and 1.5x at 128K causal (below 1x at 64K). An ESTIMATE: no GPU has timed it; the
-# plan's eager operations dominate below these lengths, so fusing it moves both down.
+# plan's eager operations dominate below these lengths, so fusing it moves both down. Read at each call: assigning
+# torchext.ops.FAMILIES["kde_attention"].MIN_SEQ_LEN changes the default (the min_seq_len argument, one call's).
 MIN_SEQ_LEN = 32768
 MIN_SEQ_LEN_CAUSAL = 131072
 DISPATCH = {"kde_attention": f"exact SDPA below {MIN_SEQ_LEN} tokens ({MIN_SEQ_LEN_CAUSAL} causal) unless "
@@ -196,7 +198,9 @@ def kde_attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False, scal
             uniform: outputs no more accurate in examples/kde_quality.py, a less noisy lse in the tests; its
             backward carries the weights' gradient to v, one more reduction in the dq kernel).
         exact_window: causal only, a multiple of bucket_size.
-        min_seq_len: run exact attention below this length; None: MIN_SEQ_LEN (MIN_SEQ_LEN_CAUSAL when causal).
+        min_seq_len: run exact attention below this length; None: the family default,
+            ``torchext.ops.FAMILIES["kde_attention"].MIN_SEQ_LEN`` (``MIN_SEQ_LEN_CAUSAL`` when causal), read at
+            each call (assign there to change the default of every call that passes None).
         return_lse: also return the log-sum-exp of the (estimated) softmax denominator.
 
     Returns:
@@ -214,6 +218,7 @@ def kde_attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False, scal
         check_float("kde_attention", "scale", scale)
     if min_seq_len is not None:
         check_int("kde_attention", "min_seq_len", min_seq_len, minimum=0)
+    check_bool("kde_attention", "return_lse", return_lse)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     n = q.shape[2]
     if num_hash_bits is None:
