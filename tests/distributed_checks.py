@@ -298,6 +298,164 @@ def ngpt_ddp_matches_one_process(device):
     return _ngpt_parallel(device, lambda model: DistributedDataParallel(model))
 
 
+# ---- Int8Linear under tensor parallelism ----------------------------------------------------------------------------
+
+
+def _int8_input(device):
+    """[5, 16] activations with two outlier columns (|x| up to ~30, over the 6.0 threshold)."""
+    import torch
+
+    x = torch.randn(5, 16, generator=torch.Generator().manual_seed(4))
+    x[:, 3] *= 15
+    x[:, 11] *= 10
+    return x.to(device)
+
+
+def _parallel_int8(linear, mesh, style, outlier_cols=None, outliers="dynamic"):
+    """linear (in a Sequential) parallelized with ``style``, then replace_linear: the order the docs give."""
+    from torch import nn
+    from torch.distributed.tensor.parallel import parallelize_module
+
+    from torchext.nn import replace_linear
+
+    model = parallelize_module(nn.Sequential(linear), mesh, {"0": style})
+    replace_linear(model, outliers=outliers, outlier_cols=None if outlier_cols is None else {"0": outlier_cols})
+    return model
+
+
+@check
+def int8_linear_tensor_parallel(device):
+    """Int8Linear after ColwiseParallel / RowwiseParallel + replace_linear, dynamic and static outliers, uneven splits
+    (23 features over 2 ranks): colwise equals the one-process layer; rowwise equals the sum over ranks of
+    int8_linear on each rank's K-slice (each slice quantized with its own row absmax) and is as close to the float
+    layer as one process is."""
+    import copy
+
+    import torch
+    import torch.distributed as dist
+    from torch import nn
+    from torch.distributed.tensor import Replicate
+    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel
+
+    from torchext import ops
+    from torchext.nn import Int8Linear
+
+    mesh = _mesh(device)
+    torch.manual_seed(5)
+    x = _int8_input(device)
+    measured = {}
+    for outliers in ("dynamic", "static"):
+        cols = torch.tensor([3, 11], device=device) if outliers == "static" else None
+        # colwise: all of K on every rank, this rank's rows of the output; gathered here to compare
+        linear = nn.Linear(16, 23, device=device)
+        one = Int8Linear.from_float(linear, outliers=outliers, outlier_cols=cols)
+        tp = _parallel_int8(copy.deepcopy(linear), mesh, ColwiseParallel(output_layouts=Replicate()), cols, outliers)
+        diff = _max_diff(tp(x), one(x))
+        assert diff <= 1e-5, f"colwise {outliers}: differs from one process by {diff:.3g}"
+        measured[f"colwise_{outliers}_max_diff"] = diff
+
+        # rowwise: this rank's K-slice of x and of the codes; partial outputs summed
+        h = torch.relu(linear(x)).detach() * 3  # some columns over the threshold
+        linear2 = nn.Linear(23, 16, device=device)
+        cols2 = torch.tensor([0, 12, 20], device=device) if outliers == "static" else None
+        one = Int8Linear.from_float(linear2, outliers=outliers, outlier_cols=cols2)
+        tp = _parallel_int8(copy.deepcopy(linear2), mesh, RowwiseParallel(input_layouts=Replicate()), cols2, outliers)
+        y_tp = tp(h)
+        slices = torch.arange(23).chunk(dist.get_world_size())
+        by_slices = linear2.bias.detach().clone()
+        for k in slices:
+            k = k.to(device)
+            static = None
+            if outliers == "static":
+                static = torch.nonzero(one.weight16_slot[k] >= 0).flatten().to(torch.int32)
+            by_slices = by_slices + ops.int8_linear(
+                h[:, k].contiguous(), one.weight[:, k].contiguous(), one.SCB, None, one.threshold, None, static,
+                one.weight16, one.weight16_slot[k].contiguous() if one.weight16_slot is not None else None)
+        diff = _max_diff(y_tp, by_slices)
+        assert diff <= 1e-5, f"rowwise {outliers}: differs from the sum over K-slices by {diff:.3g}"
+        exact = linear2(h).detach()
+        err_tp, err_one = _max_diff(y_tp, exact), _max_diff(one(h), exact)
+        assert err_tp <= 1.5 * err_one, f"rowwise {outliers}: error {err_tp:.3g} vs one process {err_one:.3g}"
+        measured.update({f"rowwise_{outliers}_vs_slices": diff, f"rowwise_{outliers}_error": err_tp,
+                         f"one_process_{outliers}_error": err_one})
+    return measured
+
+
+@check
+def int8_mlp_tensor_parallel_forward_backward(device):
+    """A colwise -> rowwise MLP (the Megatron plan, local hidden between the layers) converted by replace_linear
+    after parallelize_module: outputs, input gradients and bias gradients as one process (to int8 rounding), and
+    calibrate_outliers on the parallel float model finds the one-process columns."""
+    import copy
+
+    import torch
+    from torch import nn
+    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
+
+    from torchext.nn import calibrate_outliers, replace_linear
+
+    mesh = _mesh(device)
+    torch.manual_seed(6)
+    mlp = nn.Sequential(nn.Linear(16, 24), nn.ReLU(), nn.Linear(24, 16)).to(device)  # local hidden: even split
+    x = _int8_input(device)
+    tp = parallelize_module(copy.deepcopy(mlp), mesh, {"0": ColwiseParallel(), "2": RowwiseParallel()})
+    cols_one, cols_tp = calibrate_outliers(mlp, [x]), calibrate_outliers(tp, [x])
+    assert {k: v.tolist() for k, v in cols_one.items()} == {k: v.tolist() for k, v in cols_tp.items()}, \
+        f"calibration: one process {cols_one}, tensor parallel {cols_tp}"
+    one = copy.deepcopy(mlp)
+    replace_linear(one, outliers="static", outlier_cols=cols_one)
+    replace_linear(tp, outliers="static", outlier_cols=cols_tp)
+    grads = []
+    for model in (one, tp):
+        xg = x.clone().requires_grad_()
+        y = model(xg)
+        y.square().sum().backward()
+        grads.append((y.detach(), xg.grad, model[0].bias.grad.full_tensor() if hasattr(model[0].bias.grad,
+                      "full_tensor") else model[0].bias.grad))
+    (y1, gx1, gb1), (y2, gx2, gb2) = grads
+    scale = float(y1.abs().max())
+    out_diff, gx_diff, gb_diff = _max_diff(y1, y2) / scale, _max_diff(gx1, gx2), _max_diff(gb1, gb2)
+    assert out_diff < 2e-2, f"output differs from one process by {out_diff:.3g} of its peak"
+    assert gx_diff < 5e-2 * float(gx1.abs().max()) and gb_diff < 5e-2 * float(gb1.abs().max()), \
+        f"gradients differ: input {gx_diff:.3g}, bias {gb_diff:.3g}"
+    return {"output_rel_diff": out_diff, "input_grad_diff": gx_diff, "bias_grad_diff": gb_diff}
+
+
+@check
+def int8_wrong_orders_say_what_to_do(device):
+    """replace_linear before parallelize_module: torch's styles refuse a non-nn.Linear (and the docs give the order);
+    replace_linear on a fully_shard model: refused with the order that works."""
+    import torch
+    from torch import nn
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor.parallel import ColwiseParallel, parallelize_module
+
+    from torchext.nn import replace_linear
+
+    mesh = _mesh(device)
+    model = nn.Sequential(nn.Linear(8, 8)).to(device)
+    replace_linear(model)
+    try:
+        parallelize_module(model, mesh, {"0": ColwiseParallel()})
+        raise AssertionError("parallelize_module accepted an Int8Linear")
+    except NotImplementedError as e:
+        assert "nn.Linear" in str(e), e
+    sharded = fully_shard(nn.Sequential(nn.Linear(8, 8)).to(device), mesh=mesh)
+    try:
+        replace_linear(sharded)
+        raise AssertionError("replace_linear accepted a fully_shard model")
+    except NotImplementedError as e:
+        assert "before fully_shard" in str(e), e
+    # ... and that order works: quantize, then fully_shard (the bias is sharded, the int8 buffers replicated)
+    torch.manual_seed(7)
+    float_model = nn.Sequential(nn.Linear(8, 8)).to(device)
+    x = torch.randn(3, 8, device=device)
+    replace_linear(float_model)
+    expected = float_model(x)
+    got = fully_shard(float_model, mesh=mesh)(x)
+    assert _max_diff(got, expected) <= 1e-6, "replace_linear then fully_shard changed the outputs"
+
+
 # ---- running by hand ----------------------------------------------------------------------------------------------
 
 

@@ -7,13 +7,14 @@ DTensor)`` is False for every x and the single-device paths run unchanged (nothi
 """
 
 import torch
+from torch import Tensor
 
 if torch.distributed.is_available():
-    from torch.distributed.tensor import DTensor, Shard
+    from torch.distributed.tensor import DTensor, Partial, Replicate, Shard
     from torch.distributed.tensor.placement_types import _StridedShard  # FSDP2 over TP shards a dim twice with it
 else:
     DTensor = ()
-    Shard = _StridedShard = None
+    Partial = Replicate = Shard = _StridedShard = None
 
 
 def mesh_dims_splitting(t: "DTensor", dim: int) -> tuple[int, ...]:
@@ -30,3 +31,15 @@ def check_not_partial(op: str, name: str, t: "DTensor") -> None:
         raise ValueError(f"{op}: {name} is a DTensor with a Partial placement {t.placements}: its local tensors are "
                          f"summands, not values; redistribute it to Shard or Replicate first")
 
+
+def local(t: Tensor | None) -> Tensor | None:
+    """The local tensor of a DTensor (differentiable; under no_grad the storage itself, so in-place updates reach the
+    DTensor), else t as it is."""
+    return t.to_local() if isinstance(t, DTensor) else t
+
+
+def from_local(t: Tensor, mesh, placement, shape: tuple[int, ...]) -> "DTensor":
+    """A 1-D-mesh DTensor of global ``shape`` (contiguous) from this rank's ``t``: the shape is given, not inferred,
+    so that uneven shards (torch.chunk's split of a size the mesh does not divide) get the right global size."""
+    stride = torch.empty(shape, device="meta").stride()
+    return DTensor.from_local(t, mesh, [placement], run_check=False, shape=torch.Size(shape), stride=stride)
