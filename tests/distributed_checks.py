@@ -456,6 +456,127 @@ def int8_wrong_orders_say_what_to_do(device):
     assert _max_diff(got, expected) <= 1e-6, "replace_linear then fully_shard changed the outputs"
 
 
+# ---- attention modules under head-sharded tensor parallelism --------------------------------------------------------
+
+
+def _heads_plan(colwise, rowwise):
+    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel
+
+    return {**{name: ColwiseParallel() for name in colwise}, **{name: RowwiseParallel() for name in rowwise}}
+
+
+def _expect_error(fn, error, text):
+    try:
+        fn()
+    except error as e:
+        assert text in str(e), f"{error.__name__} without {text!r}: {e}"
+        return
+    raise AssertionError(f"no {error.__name__} ({text!r})")
+
+
+@check
+def tensor_attention_head_sharded(device):
+    """TensorAttention with q, k1, k2, v1, v2 colwise and out rowwise (GQA: 4 query heads, 2 kv heads over 2 ranks)
+    gives the one-process output; a split that cuts a head is refused with the reason."""
+    import copy
+
+    import torch
+    import torch.distributed as dist
+    from torch.distributed.tensor.parallel import parallelize_module
+
+    from torchext.nn import TensorAttention
+
+    mesh = _mesh(device)
+    torch.manual_seed(8)
+    plan = _heads_plan(("q", "k1", "k2", "v1", "v2"), ("out",))
+    attn = TensorAttention(d_model=16, n_heads=4, n_kv_heads=2, device=device)
+    x = torch.randn(2, 6, 16, device=device)
+    diff = _max_diff(parallelize_module(copy.deepcopy(attn), mesh, plan)(x), attn(x))
+    assert diff <= 1e-5, f"head-sharded TensorAttention differs from one process by {diff:.3g}"
+    if dist.get_world_size() == 2:
+        cut = parallelize_module(TensorAttention(d_model=12, n_heads=3, device=device), mesh, plan)
+        _expect_error(lambda: cut(torch.randn(1, 4, 12, device=device)), ValueError, "must divide n_heads")
+    return {"max_diff": diff}
+
+
+def _attention_layer(d_model, head_dim, device):
+    """An attention layer as users write it: q, k, v, out projections around F.scaled_dot_product_attention, the
+    heads counted from the projections' widths."""
+    import torch.nn.functional as F
+    from torch import nn
+
+    class Attention(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.head_dim = head_dim
+            self.q, self.k, self.v, self.out = (nn.Linear(d_model, d_model, bias=False, device=device)
+                                                for _ in range(4))
+
+        def forward(self, x):
+            B, T, _ = x.shape
+            q, k, v = (p(x).view(B, T, -1, self.head_dim).transpose(1, 2) for p in (self.q, self.k, self.v))
+            return self.out(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(B, T, -1))
+
+    return Attention()
+
+
+@check
+def kde_attention_head_sharded(device):
+    """KDEAttention inside a head-sharded attention layer (q, k, v colwise, out rowwise): each rank estimates its own
+    heads, so the output is the one-process layer's with each rank's heads run through kde_attention (the draws of a
+    head are keyed by its index in the call, i.e. its local index; the default seed=None draws fresh ones anyway)."""
+    import copy
+
+    import torch
+    import torch.distributed as dist
+    from torch.distributed.tensor.parallel import parallelize_module
+
+    from torchext.nn import KDEAttention, use_kde_attention
+    from torchext.ops import kde_attention
+
+    mesh = _mesh(device)
+    torch.manual_seed(9)
+    layer = _attention_layer(d_model=32, head_dim=8, device=device)
+    kde = KDEAttention(bucket_size=16, num_samples=16, min_seq_len=0, seed=0)
+    x = torch.randn(2, 64, 32, device=device)
+    tp = parallelize_module(copy.deepcopy(layer), mesh, _heads_plan("qkv", ("out",)))
+    with use_kde_attention(tp, kde):
+        y_tp = tp(x)
+    B, T, _ = x.shape
+    q, k, v = (p(x).view(B, T, -1, 8).transpose(1, 2) for p in (layer.q, layer.k, layer.v))
+    per_rank = [kde_attention(*(t[:, heads] for t in (q, k, v)), bucket_size=16, num_samples=16, min_seq_len=0, seed=0)
+                for heads in torch.arange(4).chunk(dist.get_world_size())]
+    expected = layer.out(torch.cat(per_rank, dim=1).transpose(1, 2).reshape(B, T, -1))
+    diff = _max_diff(y_tp, expected)
+    assert diff <= 1e-5, f"head-sharded KDE attention differs from its heads run per rank by {diff:.3g}"
+    exact = layer(x)
+    with use_kde_attention(layer, kde):
+        y_one = layer(x)
+    err_tp, err_one = _max_diff(y_tp, exact), _max_diff(y_one, exact)
+    return {"max_diff": diff, "error_vs_exact_tensor_parallel": err_tp, "error_vs_exact_one_process": err_one}
+
+
+@check
+def ngpt_and_kronecker_refuse_tensor_parallelism(device):
+    """Where a head split cannot be expressed, the error says why and what to use: nGPT's fused q|k|v (and W_u|W_v)
+    weights, whose contiguous ColwiseParallel split is not whole heads; Kronecker attention's 1x1 convolutions, which
+    torch's parallel styles do not shard (DTensor splits convolutions only along the batch)."""
+    import torch
+    from torch.distributed.tensor.parallel import ColwiseParallel, parallelize_module
+
+    from torchext.nn import KroneckerAttention2d, NormalizedAttention, NormalizedSwiGLU
+
+    mesh = _mesh(device)
+    attn = parallelize_module(NormalizedAttention(16, 2, max_seq_len=8, device=device), mesh,
+                              _heads_plan(("qkv",), ("out",)))
+    _expect_error(lambda: attn(torch.randn(1, 4, 16, device=device)), NotImplementedError, "fully_shard")
+    mlp = parallelize_module(NormalizedSwiGLU(16, device=device), mesh, _heads_plan(("up",), ("down",)))
+    _expect_error(lambda: mlp(torch.randn(1, 4, 16, device=device)), NotImplementedError, "fully_shard")
+    block = KroneckerAttention2d(8, heads=2).to(device)
+    _expect_error(lambda: parallelize_module(block, mesh, {"in_proj": ColwiseParallel()}), NotImplementedError,
+                  "nn.Linear")
+
+
 # ---- running by hand ----------------------------------------------------------------------------------------------
 
 
