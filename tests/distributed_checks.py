@@ -577,6 +577,28 @@ def ngpt_and_kronecker_refuse_tensor_parallelism(device):
                   "nn.Linear")
 
 
+# ---- the README's examples ------------------------------------------------------------------------------------------
+
+
+def _example(name):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, ROOT / "examples" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@check
+def examples_run(device):
+    """examples/ngpt_fsdp.py and examples/int8_tensor_parallel.py (the README's distributed section), small."""
+    losses = _example("ngpt_fsdp").main(steps=12, d_model=32, n_layers=1, seq_len=32, batch_per_rank=4, log_every=100)
+    assert all(math.isfinite(loss) for loss in losses) and losses[-1] < losses[0], f"nGPT FSDP2 losses {losses}"
+    error = _example("int8_tensor_parallel").main(d_model=32, n_blocks=2)
+    assert error < 0.05, f"int8 tensor-parallel error {error:.3g} of the output peak"
+    return {"ngpt_fsdp_first_last_loss": [losses[0], losses[-1]], "int8_tp_relative_error": error}
+
+
 # ---- running by hand ----------------------------------------------------------------------------------------------
 
 

@@ -1,9 +1,9 @@
 """torchext under torch.distributed (issue 16): 2 ranks on gloo, as one job for the whole module.
 
 Every check of tests/distributed_checks.py (nGPT's renormalize_ on DTensors and training under FSDP2 and DDP,
-Int8Linear and the attention modules under tensor parallelism) runs on every rank of one job started once for this
-module (about 25 s of the 2 CPU cores); each test here reports one check. The ``gpu`` variant runs the same checks
-on NCCL, one rank per GPU, where there are at least 2.
+Int8Linear and the attention modules under tensor parallelism, the README's distributed examples) runs on every rank
+of one job started once for this module (about 25 s of the 2 CPU cores); each test here reports one check. The
+``gpu`` variant runs the same checks on NCCL, one rank per GPU, where there are at least 2.
 """
 
 import pytest
