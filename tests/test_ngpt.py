@@ -299,10 +299,17 @@ def renorm_tensors(device):
     return [torch.randn(*shape, device=device).to(dtype) for shape, _, dtype in specs], [d for _, d, _ in specs]
 
 
-def test_renormalize_matches_reference(device):
+# The op, and the path of vectors split across ranks (DTensor shards) with one part, the whole vector: the reduction
+# that sums the parts' squared norms (an all_reduce, tests/distributed_checks.py) is then the identity.
+RENORMALIZE_PATHS = {"op": ops.renormalize_,
+                     "parts": lambda tensors, dims: ref.renormalize_parts_(tensors, dims, lambda squares: squares)}
+
+
+@pytest.mark.parametrize("path", RENORMALIZE_PATHS)
+def test_renormalize_matches_reference(device, path):
     tensors, dims = renorm_tensors(device)
     expected = [t.clone() for t in tensors]
-    ops.renormalize_(tensors, dims)
+    RENORMALIZE_PATHS[path](tensors, dims)
     ref.renormalize_(expected, dims)
     for i, (t, e, dim) in enumerate(zip(tensors, expected, dims)):
         torch.testing.assert_close(t, e, msg=lambda m, i=i: f"tensor {i}: {m}")
@@ -321,15 +328,17 @@ def test_renormalize_counts_zero_rows_and_raises_only_when_asked(device):
                  "zero vectors (norm 0) in tensors {1: 1}")
 
 
+@pytest.mark.parametrize("path", RENORMALIZE_PATHS)
 @pytest.mark.parametrize("dim", [0, 1])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_renormalize_nan_huge_and_tiny_vectors(device, dim, dtype):
+def test_renormalize_nan_huge_and_tiny_vectors(device, dim, dtype, path):
     """A NaN vector becomes NaN (not 1/eps times the rest), a vector of 1e30 a unit vector (its sum of squares
-    overflows), and one of 1e-30 x / eps (its norm, computed without flushing to zero, is below eps)."""
+    overflows fp32; the parts path sums fp64 squares), and one of 1e-30 x / eps (its norm, computed without flushing
+    to zero, is below eps)."""
     vectors = torch.randn(5, 6, device=device)  # [vector, element]
     vectors[0], vectors[1], vectors[2, 1] = 1e30, 1e-30, float("nan")
     w = (vectors if dim == 1 else vectors.t()).to(dtype).contiguous()
-    counts = ops.renormalize_([w], [dim])
+    counts = RENORMALIZE_PATHS[path]([w], [dim])
     norms = w.double().norm(dim=dim)
     assert counts.tolist() == [0] and (w if dim == 1 else w.t())[2].isnan().all()
     unit = torch.cat((norms[:1], norms[3:]))

@@ -1,6 +1,7 @@
 """Every Python snippet of README.md runs as written on this machine, each in a fresh interpreter the way a user
 pastes it (no TRITON_INTERPRET: on a CPU the ops take their reference path, as they do for a user), and none makes
-a library warn about how it is called: the README cannot drift from the code."""
+a library warn about how it is called: the README cannot drift from the code. Code that needs several processes
+(```py excerpts) is a verbatim excerpt of an examples/ script that tests/test_distributed.py runs."""
 
 import importlib.util
 import os
@@ -13,6 +14,7 @@ import pytest
 
 README = Path(__file__).resolve().parent.parent / "README.md"
 SNIPPETS = re.findall(r"```python\n(.*?)```", README.read_text(), re.S)
+EXCERPTS = re.findall(r"```py\n(.*?)```", README.read_text(), re.S)
 
 
 def test_readme_has_snippets():
@@ -34,3 +36,18 @@ def test_readme_snippet_runs(index, tmp_path):
     # A warning raised at a line of the snippet itself: the README calls something in a deprecated way.
     own_warnings = [line for line in done.stderr.splitlines() if f"{script.name}:" in line and "Warning" in line]
     assert not own_warnings, "\n".join(own_warnings)
+
+
+def _code_lines(text: str) -> list[str]:
+    return [line.strip() for line in text.splitlines() if line.strip()]
+
+
+@pytest.mark.parametrize("index", range(len(EXCERPTS)))
+def test_readme_excerpt_is_in_an_example(index):
+    """A ```py block (multi-process code, not run here) appears line for line, in one run, in an examples/ script."""
+    excerpt = _code_lines(EXCERPTS[index])
+    for script in sorted((README.parent / "examples").glob("*.py")):
+        lines = _code_lines(script.read_text())
+        if any(lines[i:i + len(excerpt)] == excerpt for i in range(len(lines))):
+            return
+    pytest.fail(f"README excerpt {index} is in no examples/ script:\n{EXCERPTS[index]}")

@@ -3,6 +3,10 @@
     outliers = calibrate_outliers(model, batches)                      # optional: static outlier columns
     report = replace_linear(model, skip=("head",), outliers="static", outlier_cols=outliers)
     print(report)                                                      # memory before/after, outliers per layer
+
+Tensor parallelism: parallelize the float model first (torch's ColwiseParallel / RowwiseParallel shard nn.Linear
+only), then ``replace_linear``: each sharded layer becomes an Int8Linear holding DTensor codes, scales and outlier
+columns laid out as ``_tp_placements`` says, and keeps the plan's input/output hooks.
 """
 
 from collections.abc import Iterable
@@ -11,10 +15,39 @@ import torch
 from torch import Tensor, nn
 
 from torchext import ops
+from torchext._dtensor import DTensor, Partial, Replicate, Shard, from_local, local
 from torchext.ops._int8_matmul import DEFAULT_CAPACITY
 from torchext.reference.int8_matmul import int8_dequantize, quantize_weight
 
 ROW_FORMAT = 0  # bitsandbytes' weight_format code for row-major int8 codes (the only layout it still has)
+
+
+def _tp_placements() -> dict[str, dict[str, object]]:
+    """Where each tensor of a tensor-parallel Int8Linear lives, for a colwise split (of the N output features: the
+    float weight Shard(0)) and a rowwise one (of the K input features: Shard(1)).
+
+    The codes follow the float weight. A per-row scale travels with its row: colwise, SCB is sharded like the rows;
+    rowwise, every rank keeps all N scales, each the absmax of the whole row (quantized before the split), which its
+    K-slice of the codes shares. Outlier columns are input columns: colwise, every rank sees all of K (the column
+    list and the slot of each column replicated, the 16-bit weight columns sharded by rows); rowwise, each rank owns
+    its K-slice (the slots sharded with it, the few 16-bit weight columns replicated), so the int8 dot and its
+    outlier correction split with K and the ranks' partial outputs are summed.
+    """
+    return {"colwise": dict(weight=Shard(0), SCB=Shard(0), bias=Shard(0), weight16=Shard(0),
+                            weight16_slot=Replicate(), outlier_cols=Replicate()),
+            "rowwise": dict(weight=Shard(1), SCB=Replicate(), bias=Replicate(), weight16=Replicate(),
+                            weight16_slot=Shard(0), outlier_cols=Replicate())}
+
+
+def _tp_style(weight: Tensor) -> str:
+    """"colwise" or "rowwise" for a float weight sharded by parallelize_module's ColwiseParallel / RowwiseParallel."""
+    placements = tuple(weight.placements)
+    for style, placement in (("colwise", Shard(0)), ("rowwise", Shard(1))):
+        if placements == (placement,):
+            return style
+    raise NotImplementedError(f"Int8Linear: a float weight with placements {placements} on a "
+                              f"{weight.device_mesh.ndim}-D mesh; tensor parallelism is supported on a 1-D mesh with "
+                              f"ColwiseParallel (Shard(0)) or RowwiseParallel (Shard(1))")
 
 
 class Int8Linear(nn.Module):
@@ -62,6 +95,8 @@ class Int8Linear(nn.Module):
                    outlier_cols: Tensor | None = None, **kwargs) -> "Int8Linear":
         """Quantize an nn.Linear. ``outlier_cols`` (e.g. from ``calibrate_outliers``) are the input columns whose
         weight columns stay in the linear's 16-bit dtype; in static mode they are also the fixed outlier set."""
+        if isinstance(linear.weight, DTensor):
+            return cls._from_tensor_parallel(linear, threshold, outliers, outlier_cols, **kwargs)
         layer = cls(linear.in_features, linear.out_features, linear.bias is not None, threshold, outliers,
                     device=linear.weight.device, dtype=linear.weight.dtype, **kwargs)
         with torch.no_grad():
@@ -72,11 +107,42 @@ class Int8Linear(nn.Module):
                 layer.set_outlier_cols(outlier_cols, linear.weight)
         return layer
 
+    @classmethod
+    @torch.no_grad()
+    def _from_tensor_parallel(cls, linear: nn.Linear, threshold: float, outliers: str, outlier_cols: Tensor | None,
+                              **kwargs) -> "Int8Linear":
+        """Quantize a layer that parallelize_module sharded: the whole weight (gathered once, one layer at a time)
+        gives the same codes and scales as one process; each rank then keeps its part (see _tp_placements)."""
+        style, mesh = _tp_style(linear.weight), linear.weight.device_mesh
+        whole = nn.Linear(linear.in_features, linear.out_features, bias=linear.bias is not None, device="meta")
+        whole.weight = nn.Parameter(linear.weight.full_tensor())
+        if linear.bias is not None:
+            whole.bias = nn.Parameter(linear.bias.full_tensor())
+        layer = cls.from_float(whole, threshold, outliers, outlier_cols, **kwargs)
+        for name, placement in _tp_placements()[style].items():
+            value = getattr(layer, name)
+            if value is None:
+                continue
+            # Every rank holds the same whole tensor: Replicate -> Shard slices it locally, with no communication.
+            value = DTensor.from_local(value.detach(), mesh, [Replicate()], run_check=False)
+            value = value.redistribute(mesh, [placement])
+            setattr(layer, name, nn.Parameter(value, requires_grad=linear.bias.requires_grad) if name == "bias"
+                    else value)
+        if style == "rowwise" and layer.outlier_cols is not None:
+            # Static mode's outlier set on this rank: its own K-slice's columns, in local indices (those with a slot).
+            local_cols = (local(layer.weight16_slot) >= 0).nonzero().flatten().to(torch.int32)
+            layer.register_buffer("local_outlier_cols", local_cols, persistent=False)
+        return layer
+
     def set_outlier_cols(self, cols: Tensor, weight: Tensor | None = None) -> None:
         """Record known outlier columns; their 16-bit weight columns come from ``weight``, else from the codes.
 
         Raises TypeError for cols not an integer tensor, ValueError for a column outside [0, in_features) (a
-        setup-time check on the host)."""
+        setup-time check on the host), NotImplementedError on a tensor-parallel layer."""
+        if isinstance(self.weight, DTensor):
+            raise NotImplementedError("Int8Linear.set_outlier_cols: this layer is tensor-parallel; calibrate the float "
+                                      "model (calibrate_outliers works before or after parallelize_module) and pass "
+                                      "the columns to replace_linear(..., outlier_cols=...)")
         self._check_cols(cols)
         cols = torch.unique(cols.to(device=self.weight.device, dtype=torch.int64))[: self.capacity]
         source = weight.detach() if weight is not None else int8_dequantize(self.weight, self.SCB)
@@ -100,11 +166,41 @@ class Int8Linear(nn.Module):
         if self.outliers == "static" and self.outlier_cols is None:
             raise RuntimeError("Int8Linear(outliers='static') has no outlier columns yet: run "
                                "calibrate_outliers(model, batches) or pass outlier_cols to from_float")
+        if isinstance(self.weight, DTensor):
+            return self._forward_tensor_parallel(x)
         static_cols = self.outlier_cols if self.outliers == "static" else None
         w16 = self.weight16.to(x.dtype) if self.weight16 is not None else None
         bias = self.bias.to(x.dtype) if self.bias is not None else None
         return ops.int8_linear(x, self.weight, self.SCB, bias, self.threshold, self.capacity, static_cols, w16,
                                self.weight16_slot, self.int8_backward)
+
+    def _forward_tensor_parallel(self, x: Tensor) -> Tensor:
+        """The same op on this rank's parts (see _tp_placements): colwise, the whole x gives this rank's output
+        features (Shard(-1)); rowwise, x's K-slice gives a partial sum of every output (Partial), the bias added once.
+        Rowwise, each rank quantizes its K-slice of x with that slice's own row absmax, as a per-rank activation
+        quantization does (no extra collective): outputs equal the sum over ranks of int8_linear on the slices, which
+        differs from one process by int8 rounding (each slice's scale fits it at least as tightly)."""
+        mesh = self.weight.device_mesh
+        colwise = self.weight.placements[0] == Shard(0)
+        if not isinstance(x, DTensor):
+            raise TypeError("Int8Linear: this layer is tensor-parallel (DTensor weights) and needs a DTensor input; "
+                            "parallelize_module's ColwiseParallel / RowwiseParallel hooks make one from the module "
+                            f"input (apply replace_linear after parallelize_module), got a {type(x).__name__}")
+        x = x.redistribute(mesh, [Replicate() if colwise else Shard(x.dim() - 1)])
+        static_cols = None
+        if self.outliers == "static":
+            static_cols = local(self.outlier_cols) if colwise else self.local_outlier_cols
+        w16 = local(self.weight16).to(x.dtype) if self.weight16 is not None else None
+        bias = local(self.bias).to(x.dtype) if self.bias is not None and colwise else None
+        # Colwise, each rank's gradient of the replicated x covers only its output features: a partial sum.
+        x_local = x.to_local(grad_placements=[Partial()] if colwise else None)
+        y = ops.int8_linear(x_local, local(self.weight), local(self.SCB), bias, self.threshold, self.capacity,
+                            static_cols, w16, local(self.weight16_slot), self.int8_backward)
+        shape = (*x.shape[:-1], self.out_features)
+        if colwise:
+            return from_local(y, mesh, Shard(y.dim() - 1), shape)
+        y = from_local(y, mesh, Partial(), shape)
+        return y if self.bias is None else y + self.bias.to(x.dtype)
 
     def _apply(self, fn, recurse=True):
         # Module casts (.to(dtype), .half(), .bfloat16()) convert every floating buffer; the per-row scales must
@@ -156,7 +252,9 @@ def calibrate_outliers(model: nn.Module, batches: Iterable, threshold: float = 6
 
     def observe(name):
         def hook(module, inputs, output):
-            peak = inputs[0].detach().reshape(-1, inputs[0].shape[-1]).abs().amax(0).float()
+            x = inputs[0].detach()
+            x = x.full_tensor() if isinstance(x, DTensor) else x  # a tensor-parallel layer's input: all of K
+            peak = x.reshape(-1, x.shape[-1]).abs().amax(0).float()
             peaks[name] = torch.maximum(peaks[name], peak) if name in peaks else peak
         return hook
 
@@ -182,10 +280,35 @@ def _bytes(*tensors: Tensor | None) -> int:
     return sum(t.numel() * t.element_size() for t in tensors if t is not None)
 
 
+def _check_not_fully_sharded(model: nn.Module) -> None:
+    if torch.distributed.is_available():
+        from torch.distributed.fsdp import FSDPModule
+        if any(isinstance(m, FSDPModule) for m in model.modules()):
+            raise NotImplementedError("replace_linear: the model is sharded by fully_shard (FSDP2), whose DTensor "
+                                      "weights are gathered for each forward; Int8Linear keeps frozen int8 codes in "
+                                      "buffers, which fully_shard does not shard. Call replace_linear before "
+                                      "fully_shard, or use tensor parallelism (parallelize_module, then "
+                                      "replace_linear)")
+
+
+def _take_forward_hooks(source: nn.Module, target: nn.Module) -> None:
+    """parallelize_module's styles act through forward hooks on the layer they shard (the input to Replicate or
+    Shard(-1), the output to the plan's layout): the layer that replaces it takes them over."""
+    for hooks in ("_forward_pre_hooks", "_forward_pre_hooks_with_kwargs", "_forward_hooks",
+                  "_forward_hooks_with_kwargs", "_forward_hooks_always_called"):
+        getattr(target, hooks).update(getattr(source, hooks))
+
+
 def replace_linear(model: nn.Module, threshold: float = 6.0, skip: Iterable[str] = (), outliers: str = "dynamic",
                    outlier_cols: dict[str, Tensor] | None = None, **kwargs) -> dict:
     """Replace every nn.Linear of ``model`` (in place) by an Int8Linear, except those named in ``skip`` (e.g. the
     LM head). Extra keyword arguments go to Int8Linear.
+
+    On a model that parallelize_module has sharded (ColwiseParallel / RowwiseParallel on a 1-D mesh), each sharded
+    layer is quantized whole (the codes and scales one process would make) and split as ``_tp_placements`` says;
+    the new layer keeps the plan's forward hooks. The other order cannot work: torch's parallel styles shard only
+    nn.Linear and nn.Embedding. A model under FSDP2's fully_shard is refused (int8 codes are frozen buffers, which
+    fully_shard does not shard: quantize first).
 
     Returns:
         {"bytes_before", "bytes_after": weight (+ bias, scales, 16-bit outlier columns) memory of the replaced
@@ -193,9 +316,12 @@ def replace_linear(model: nn.Module, threshold: float = 6.0, skip: Iterable[str]
     """
     skip, outlier_cols = set(skip), outlier_cols or {}
     report = {"bytes_before": 0, "bytes_after": 0, "layers": {}}
+    _check_not_fully_sharded(model)
     targets = [(name, m) for name, m in model.named_modules() if isinstance(m, nn.Linear) and name not in skip]
     for name, linear in targets:
         layer = Int8Linear.from_float(linear, threshold, outliers, outlier_cols.get(name), **kwargs)
+        if isinstance(linear.weight, DTensor):
+            _take_forward_hooks(linear, layer)
         model.set_submodule(name, layer)
         report["bytes_before"] += _bytes(linear.weight, linear.bias)
         report["bytes_after"] += _bytes(layer.weight, layer.SCB, layer.bias, layer.weight16, layer.weight16_slot)

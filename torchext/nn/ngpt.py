@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from torchext import _deprecation, ops
+from torchext._dtensor import DTensor
 from torchext.ops._checks import check_float, check_int, check_tensor
 from torchext.reference.ngpt import DEFAULT_EPS, rope_cos_sin
 
@@ -56,6 +57,17 @@ def _check_hidden(module: str, h: Tensor, d_model: int, batch_and_seq: bool = Fa
     layout = "[batch, seq, d_model]" if batch_and_seq else "[..., d_model]"
     if (batch_and_seq and h.dim() != 3) or h.shape[-1] != d_model:
         raise ValueError(f"{module}: h must be {layout} with d_model = {d_model}, got shape {tuple(h.shape)}")
+
+
+def _refuse_tensor_parallel(module: str, fused: nn.Linear, out: nn.Linear, layout: str, scales: str) -> None:
+    """nGPT's fused projections cannot be split by torch's ColwiseParallel, and their scale vectors would not follow:
+    refuse a tensor-parallel plan on either projection instead of computing with mismatched pieces. Under FSDP2 the
+    forward sees plain gathered weights, so this costs two isinstance per call and never fires there."""
+    if isinstance(fused.weight, DTensor) or isinstance(out.weight, DTensor):
+        raise NotImplementedError(
+            f"{module}: tensor parallelism is not supported: its fused weight holds {layout} as contiguous row blocks, "
+            f"which ColwiseParallel would cut into blocks that are not whole heads / units, and {scales} (outside any "
+            f"nn.Linear) would not be sharded to match. Shard nGPT with fully_shard (FSDP2) or DDP instead")
 
 
 class NormalizedLinear(nn.Linear):
@@ -123,6 +135,7 @@ class NormalizedAttention(nn.Module):
     def forward(self, h: Tensor) -> Tensor:
         """h: [B, T, d_model] -> [B, T, d_model], T <= max_seq_len."""
         _check_hidden("NormalizedAttention", h, self.n_heads * self.head_dim, batch_and_seq=True)
+        _refuse_tensor_parallel("NormalizedAttention", self.qkv, self.out, "q | k | v", "the per-head s_qk")
         B, T, d_model = h.shape
         if T > self.rope_cos.shape[0]:
             raise ValueError(f"NormalizedAttention: sequence length {T} exceeds max_seq_len {self.rope_cos.shape[0]}")
@@ -148,6 +161,7 @@ class NormalizedSwiGLU(nn.Module):
     def forward(self, h: Tensor) -> Tensor:
         """h: [..., d_model] -> [..., d_model]."""
         _check_hidden("NormalizedSwiGLU", h, self.d_model)
+        _refuse_tensor_parallel("NormalizedSwiGLU", self.up, self.down, "W_u | W_v", "s_u and s_v")
         u, v = self.up(h).chunk(2, dim=-1)
         return self.down(ops.scaled_swiglu(u, v, self.s_u(), self.s_v(), self.d_model))
 

@@ -58,20 +58,28 @@ class TensorAttention(nn.Module):
         self.v2 = nn.Linear(d_model, kv_width, **factory)
         self.out = nn.Linear(d_model, d_model, **factory)
 
-    def _heads(self, proj: nn.Linear, x: Tensor, heads: int) -> Tensor:
+    def _heads(self, proj: nn.Linear, x: Tensor) -> Tensor:
+        """proj(x) as [B, heads, T, head_dim], the heads counted from the projection's width: under tensor
+        parallelism (ColwiseParallel on the projections) a rank gets the width of its own heads."""
         B, T, _ = x.shape
-        return proj(x).view(B, T, heads, self.head_dim).transpose(1, 2)  # [B, heads, T, head_dim]
+        y = proj(x)
+        if y.shape[-1] % self.head_dim:
+            raise ValueError(f"TensorAttention: a projection gave {y.shape[-1]} features, not whole heads of "
+                             f"{self.head_dim}: under tensor parallelism the number of ranks must divide n_heads "
+                             f"({self.n_heads}) and n_kv_heads ({self.n_kv_heads})")
+        return y.view(B, T, -1, self.head_dim).transpose(1, 2)
 
     def forward(self, x: Tensor) -> Tensor:
-        """x: [batch, seq, d_model] -> [batch, seq, d_model]."""
+        """x: [batch, seq, d_model] -> [batch, seq, d_model]. Heads are independent, so a head-sharded plan works:
+        ColwiseParallel on q, k1, k2, v1, v2 and RowwiseParallel on out (each rank attends its own heads)."""
         check_tensor("TensorAttention", "x", x, ndim=3)
         B, T, d_model = x.shape
         if d_model != self.out.out_features:
             raise ValueError(f"TensorAttention: x must be [batch, seq, {self.out.out_features}], got {tuple(x.shape)}")
-        kv = [self._heads(p, x, self.n_kv_heads) for p in (self.k1, self.k2, self.v1, self.v2)]
-        y = tensor_attention(self._heads(self.q, x, self.n_heads), *kv, window=self.window, causal=self.causal,
-                             scale=self.scale, return_lse=False)
-        return self.out(y.transpose(1, 2).reshape(B, T, d_model))
+        kv = [self._heads(p, x) for p in (self.k1, self.k2, self.v1, self.v2)]
+        y = tensor_attention(self._heads(self.q, x), *kv, window=self.window, causal=self.causal, scale=self.scale,
+                             return_lse=False)
+        return self.out(y.transpose(1, 2).reshape(B, T, -1))
 
     def extra_repr(self) -> str:
         return (f"n_heads={self.n_heads}, n_kv_heads={self.n_kv_heads}, head_dim={self.head_dim}, "

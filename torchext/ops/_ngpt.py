@@ -10,6 +10,7 @@ import torch
 from torch import Tensor
 
 from torchext._backend import CUDA_EXT, HAS_TRITON, cuda_dtype_code, use_cuda_ext, use_triton
+from torchext._dtensor import DTensor, check_not_partial, mesh_dims_splitting
 from torchext._dtypes import accumulator_dtype
 from torchext.ops._checks import (as_rows, check_dim, check_float, check_int, check_ints, check_same_device,
                                   check_shape, check_tensor, check_tensor_list, check_tensors, check_unit_last_stride)
@@ -440,6 +441,47 @@ def _(tensors, dims, eps):
     return torch.empty(len(tensors), dtype=torch.int32, device=tensors[0].device if tensors else "cpu")
 
 
+def _all_reduce_over(mesh, mesh_dims: tuple[int, ...]):
+    """buffer -> its sum over the ranks that differ only in ``mesh_dims`` of ``mesh`` (one all_reduce per mesh dim:
+    one for FSDP2's 1-D mesh), in place."""
+    def reduce(buffer: Tensor) -> Tensor:
+        for mesh_dim in mesh_dims:
+            torch.distributed.all_reduce(buffer, group=mesh.get_group(mesh_dim))
+        return buffer
+    return reduce
+
+
+@torch.no_grad()
+def _renormalize_dtensors(tensors: list[Tensor], dims: list[int], eps: float) -> Tensor:
+    """renormalize_ for DTensors: vectors whole on each rank (rows under FSDP2's dim-0 sharding) in one launch of the
+    op on the local tensors; vectors split across ranks (columns under FSDP2) by ``renormalize_parts_``, with one
+    collective for all the tensors split over the same mesh dims. Returns the local counts (see renormalize_)."""
+    if len(tensors) != len(dims):
+        raise ValueError(f"renormalize_: got {len(tensors)} tensors but {len(dims)} dims")
+    whole, split = [], {}
+    for i, (t, dim) in enumerate(zip(tensors, dims)):
+        if not isinstance(t, DTensor):
+            raise TypeError(f"renormalize_: tensors[{i}] is a {type(t).__name__} but tensors[0] is a DTensor: pass "
+                            f"all DTensors (the parameters of one fully_shard / parallelize_module model) or none")
+        if not -t.dim() <= dim < t.dim():
+            raise ValueError(f"renormalize_: dims[{i}] = {dim} is out of range for a {t.dim()}-D tensor")
+        check_not_partial("renormalize_", f"tensors[{i}]", t)
+        mesh_dims = mesh_dims_splitting(t, dim)
+        if mesh_dims:
+            split.setdefault((t.device_mesh, mesh_dims), []).append(i)
+        else:
+            whole.append(i)
+    zero_counts = torch.zeros(len(tensors), dtype=torch.int32, device=tensors[0].to_local().device)
+    if whole:
+        zero_counts[whole] = torch.ops.torchext.renormalize_([tensors[i].to_local() for i in whole],
+                                                             [dims[i] for i in whole], eps)
+    for (mesh, mesh_dims), members in split.items():
+        parts = [tensors[i].to_local() for i in members]
+        zero_counts[members] = ref.renormalize_parts_(parts, [dims[i] for i in members],
+                                                      _all_reduce_over(mesh, mesh_dims), eps)
+    return zero_counts
+
+
 def renormalize_(tensors: list[Tensor], dims: list[int], eps: float = DEFAULT_EPS, check: bool = False) -> Tensor:
     """In place, in one launch: tensors[i] <- tensors[i] / ||tensors[i]|| along dims[i] (fp32 math).
 
@@ -447,9 +489,15 @@ def renormalize_(tensors: list[Tensor], dims: list[int], eps: float = DEFAULT_EP
     launch covers every matrix; elsewhere it runs the reference. Nothing is read back to the host by default,
     so an optimizer step that calls it can be captured in a CUDA graph.
 
+    DTensors (the parameters of a model under FSDP2's ``fully_shard`` or tensor parallelism) are normalised as the
+    whole tensors they stand for: vectors that lie whole on each rank (rows of a weight sharded on dim 0) in one
+    launch on the local shards, vectors split across ranks (columns of a weight sharded on dim 0) from squared norms
+    summed by one all_reduce for all such tensors together. Pass all DTensors or no DTensor. Plain tensors (DDP,
+    one device) take the one-launch path unchanged.
+
     Args:
         tensors: a list of contiguous float32/bfloat16/float16/float64 tensors on one device (TypeError for a
-            single tensor).
+            single tensor), or a list of DTensors.
         dims: a list of ints, the axis to normalise in each tensor (e.g. 1 for rows of an [out, in] weight, 0 for
             columns).
         eps: lower bound on the norms (finite, >= torch.finfo(torch.float32).tiny).
@@ -458,12 +506,16 @@ def renormalize_(tensors: list[Tensor], dims: list[int], eps: float = DEFAULT_EP
     Returns:
         int32 [len(tensors)] on the tensors' device: the zero vectors of each tensor. A zero vector has no
         direction and stays zero; a vector holding a NaN becomes NaN; norms cannot overflow or underflow.
-        torchext.nn.renormalize_after_step sums these counts on the device for a later ``check()``.
+        torchext.nn.renormalize_after_step sums these counts on the device for a later ``check()``. For DTensors,
+        the counts of this rank's vectors (a split vector is counted by every rank holding part of it).
     """
     check_tensor_list("renormalize_", "tensors", tensors)
     check_ints("renormalize_", "dims", dims)
     _check_eps("renormalize_", eps)
-    zero_counts = torch.ops.torchext.renormalize_(list(tensors), list(dims), eps)
+    if tensors and isinstance(tensors[0], DTensor):
+        zero_counts = _renormalize_dtensors(list(tensors), list(dims), eps)
+    else:
+        zero_counts = torch.ops.torchext.renormalize_(list(tensors), list(dims), eps)
     if check and bool(zero_counts.any()):
         bad = {i: int(c) for i, c in enumerate(zero_counts.tolist()) if c}
         raise ValueError(f"renormalize_: zero vectors (norm 0) in tensors {bad} (index: count); nGPT needs every "

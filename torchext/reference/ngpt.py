@@ -151,6 +151,12 @@ def scaled_swiglu_backward(grad_out: Tensor, u: Tensor, v: Tensor, s_u: Tensor, 
             (rows(dz * vf) * math.sqrt(d_model)).to(s_v.dtype))
 
 
+def _as_counts(zero_counts: list[Tensor], tensors: list[Tensor]) -> Tensor:
+    """The per-tensor zero-vector counts as one int32 tensor on the tensors' device."""
+    device = tensors[0].device if tensors else "cpu"
+    return torch.stack(zero_counts).to(torch.int32) if zero_counts else torch.zeros(0, dtype=torch.int32, device=device)
+
+
 def renormalize_(tensors: list[Tensor], dims: list[int], eps: float = DEFAULT_EPS) -> Tensor:
     """In place: tensors[i] <- tensors[i] / max(||tensors[i]||, eps) along dims[i], in fp32 math.
 
@@ -162,5 +168,29 @@ def renormalize_(tensors: list[Tensor], dims: list[int], eps: float = DEFAULT_EP
         for t, dim in zip(tensors, dims):
             zero_counts.append((t == 0).all(dim).sum())
             t.copy_(_unit(upcast(t), eps, dim)[0])
-    device = tensors[0].device if tensors else "cpu"
-    return torch.stack(zero_counts).to(torch.int32) if zero_counts else torch.zeros(0, dtype=torch.int32, device=device)
+    return _as_counts(zero_counts, tensors)
+
+
+def renormalize_parts_(tensors: list[Tensor], dims: list[int], reduce, eps: float = DEFAULT_EPS) -> Tensor:
+    """``renormalize_`` where each tensor holds only a part of every vector along dims[i] (the local shard of a DTensor
+    split along the normalised dim, e.g. a column-normalised weight under FSDP2's dim-0 sharding).
+
+    The squared norms of the parts of all the tensors go, as one flat fp64 buffer, through one call of ``reduce``
+    (buffer -> the sum of that buffer over the parts, e.g. one all_reduce); then every part is divided by its whole
+    vector's norm. fp64 squares of 16/32-bit values neither overflow nor lose a norm above eps, so no rescaling (and
+    no second collective for a max) is needed; an fp64 vector with entries beyond ~1e154 would overflow and is set
+    to NaN rather than to a wrong direction. A NaN or Inf anywhere in a vector makes the whole vector NaN.
+
+    Returns int32 [len(tensors)]: the zero vectors among the vectors this part belongs to (every holder of a part
+    of a zero vector counts it).
+    """
+    with torch.no_grad():
+        squares = [t.double().square().sum(dim, keepdim=True) for t, dim in zip(tensors, dims)]
+        total = reduce(torch.cat([s.flatten() for s in squares]))
+        zero_counts = []
+        for t, square, whole in zip(tensors, squares, total.split([s.numel() for s in squares])):
+            whole = whole.view(square.shape)
+            norm = torch.where(whole.isfinite(), whole.sqrt(), float("nan")).clamp(min=eps)  # clamp keeps NaN
+            zero_counts.append((whole == 0).sum())
+            t.copy_(t.double() / norm)
+    return _as_counts(zero_counts, tensors)
