@@ -728,6 +728,7 @@ def greedy(model, ids, cache, new_tokens=32):
                               attention_mask=torch.ones_like(ids), pad_token_id=0)[:, ids.shape[1]:]
 
 
+@pytest.mark.xdist_group("small_llama")  # one worker trains the model once
 def test_llama_greedy_generation_identical_at_4_bits_with_outliers(small_llama):
     """The fused decode kernel (interpreter on CPU) through model.generate, against a 16-bit DynamicCache."""
     from transformers import DynamicCache
@@ -747,6 +748,7 @@ def test_llama_greedy_generation_identical_at_4_bits_with_outliers(small_llama):
     assert report["total_bytes"] < report["fp16_bytes"] / 2
 
 
+@pytest.mark.xdist_group("small_llama")  # one worker trains the model once
 def test_llama_logit_error_falls_as_bits_grow(small_llama):
     from transformers import DynamicCache
 
@@ -765,6 +767,7 @@ def test_llama_logit_error_falls_as_bits_grow(small_llama):
     assert errors[0] > errors[1] > errors[2], errors
 
 
+@pytest.mark.xdist_group("small_llama")  # one worker trains the model once
 def test_llama_fisher_calibration_weights_the_levels(small_llama):
     """fisher=True weights k-means by squared loss gradients (sec. 3.3): the levels move, the ranges do not."""
     from torchext.nn import calibrate
@@ -787,6 +790,7 @@ def generate_with_logits(model, ids, mask, cache, new_tokens=6, **kwargs):
     return out.sequences[:, ids.shape[1]:], torch.stack(out.logits, 1)
 
 
+@pytest.mark.xdist_group("small_llama")  # one worker trains the model once
 @pytest.mark.parametrize("fused", [False, True])
 def test_left_padded_batch_generates_as_each_prompt_alone(small_llama, fused):
     """Rows of a left-padded batch (pads stored nowhere: each row's position 0 is its first real token) give the
@@ -813,6 +817,7 @@ def test_left_padded_batch_generates_as_each_prompt_alone(small_llama, fused):
         model.set_attn_implementation("sdpa")
 
 
+@pytest.mark.xdist_group("small_llama")  # one worker trains the model once
 @pytest.mark.parametrize("fused", [False, True])
 def test_generation_strategies_run_as_with_a_dynamic_cache(small_llama, fused):
     """Beam search (reorder_cache), reuse across generate calls and prompt-lookup decoding (crop) give a
@@ -924,6 +929,7 @@ def test_choose_quantizer_follows_the_data(data):
     assert errors[loser] > 1.2 * errors[winner], (errors[loser], errors[winner])
 
 
+@pytest.mark.xdist_group("small_llama")  # one worker trains the model once
 def test_budget_calibration_stays_within_budget_and_the_cache_holds_its_choice(small_llama):
     """calibrate(budget=...) gives each layer a quantizer within the budget; the cache built from the config
     quantizes each layer as chosen, and its memory report's bits per quantized element are the budget's."""
@@ -946,6 +952,7 @@ def test_budget_calibration_stays_within_budget_and_the_cache_holds_its_choice(s
             q.bits_per_element(32, torch.float32), rel=1e-3)
 
 
+@pytest.mark.xdist_group("small_llama")  # one worker trains the model once
 def test_kivi_mode_generates_through_the_fused_kernel(small_llama):
     """KVQuantConfig(key_group=...) in model.generate: the fused kernel (interpreter on CPU) gives the greedy
     tokens of the dequantized cache, and of a 16-bit DynamicCache at 4 bits."""
