@@ -8,13 +8,13 @@ the family's cases name (Case.extra_providers), torchext's speed-up over the bet
 and, with anchors, over the best anchor, and torchext's achieved GB/s (or TFLOP/s) and its share of the datasheet
 peak (HBM, or the case's bf16 or int8 compute peak); the cases' summary lines under each table.
 
-Without a GPU: what a CPU user gets. On CPU tensors torchext's ops run their PyTorch reference (never the Triton
-interpreter here: TRITON_INTERPRET is ignored), so each family's CPU_CASES time that path against the plain
-PyTorch way and the anchors that run on a CPU, at sizes where the time means something, with the peak extra
-memory of torchext and eager; its SHOWCASE tables then measure what the method buys whatever the device (weight
-and cache memory, accuracy against exact attention, bound against the exact norm). No GPU target appears, and
-torch.compile is left out (its C++ compiles would take minutes); the header says where the latest committed GPU
-results are.
+Without a GPU: what a CPU user gets. On CPU tensors torchext's ops run their CPU path, the PyTorch reference (int8:
+torch._int_mm), never the Triton interpreter here (TRITON_INTERPRET is ignored); each family's CPU_CASES time it
+against the plain PyTorch way and the anchors that run on a CPU, at sizes where the time means something, with
+the peak extra memory of torchext and eager; its SHOWCASE tables then measure what the method buys whatever the
+device (weight and cache memory, accuracy against exact attention, bound against the exact norm). No GPU target
+appears, and torch.compile is left out (its C++ compiles would take minutes); the header says where the latest
+committed GPU results are.
 
 A progress bar counts the measurements, with an ETA; each family's table is printed as soon as the family is done.
 Every row is written to bench/results/<device>/<date>-<sha>.json as soon as it is measured (a run cut short keeps
@@ -46,7 +46,8 @@ from bench._harness import (BENCH_DIR, PROVIDERS, Case, DeviceInfo, NotApplicabl
 CPU_PROVIDERS = ("torchext", "eager")  # the CPU showcase leaves torch.compile out
 SMOKE = ("No CUDA device: small shapes on CPU (reference path / Triton interpreter); times are not performance "
          "numbers, GPU numbers need a GPU.")
-CPU_PATH = ("No CUDA device: torchext's ops run their PyTorch reference on CPU tensors, the path you get here. "
+CPU_PATH = ("No CUDA device: torchext's ops run their CPU path on CPU tensors (the PyTorch reference; int8: "
+            "torch._int_mm), what you get here. "
             "ms: the fastest of several calls; \"speed-up\": torchext's over eager PyTorch; \"err\": the max "
             "|difference| from the fp32 reference (0 where the CPU path is that reference); MiB: the peak memory a "
             "call adds.")
