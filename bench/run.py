@@ -158,20 +158,24 @@ def run_until(cases: list[Case], device, providers: Callable[[Case], tuple[str, 
 
 
 def run_showcases(showcases: list[Showcase], results: ResultsFile, deadline: float,
-                  done: Callable[[], None]) -> None:
-    """Measure each showcase table into `results` until the deadline (a failure is recorded as its table)."""
+                  done: Callable[[], None]) -> int:
+    """Measure each showcase table into `results` until the deadline (a failure is recorded as its table); returns
+    the number that failed."""
+    failed = 0
     for showcase in showcases:
         if time.time() > deadline:
-            return
+            break
         try:
             with deadline_alarm(deadline):
                 header, rows = showcase.measure()
         except BudgetSpent:
-            return
+            break
         except Exception as e:
             header, rows = ["FAILED"], [[describe(e).splitlines()[0][:300]]]
+            failed += 1
         results.add_showcase(showcase, header, rows)
         done()
+    return failed
 
 
 def family_block(family: str, results: ResultsFile, info: DeviceInfo) -> str:
@@ -348,6 +352,7 @@ def main(argv: list[str] | None = None) -> int:
     from tqdm import tqdm  # imported here: bench/gpu.py, which imports this module, logs rows instead
 
     results = ResultsFile(device)
+    failed_showcases = 0
     # smoothing 0: the ETA from the mean time per step so far (steps differ by 100x; a moving average jumps).
     with tqdm(total=steps, unit="step", dynamic_ncols=True, file=sys.stderr, smoothing=0) as bar:
         def on_row(row: Row) -> None:
@@ -362,13 +367,13 @@ def main(argv: list[str] | None = None) -> int:
             run_until(cases, device, lambda case: providers, results, deadline, say=bar.write, on_row=on_row,
                       memory=() if gpu else CPU_PROVIDERS)
             bar.update(len(results.summaries) - summaries)
-            run_showcases(showcases, results, deadline, done=bar.update)
+            failed_showcases += run_showcases(showcases, results, deadline, done=bar.update)
             bar.write(family_block(family, results, info))
     for line in import_errors:
         print(line)
     print(f"\nresults: {results.path}")
     write_plots(results)
-    return 1 if import_errors or any(row.error for row in results.rows) else 0
+    return 1 if import_errors or failed_showcases or any(row.error for row in results.rows) else 0
 
 
 def write_plots(results: ResultsFile) -> None:
