@@ -232,13 +232,15 @@ def _module_mib(module: nn.Module) -> float:
 
 
 def _memory_table(shapes=((4096, 4096), (4096, 14336))):
-    """The state_dict bytes of an Int8Linear made from a bias-free bf16 nn.Linear of each (in, out) shape."""
+    """The state_dict bytes of a bias-free nn.Linear of each (in, out) shape in fp32 and bf16, and of the Int8Linear
+    made from the bf16 one."""
     rows = []
     for k, n in shapes:
-        linear = nn.Linear(k, n, bias=False, dtype=torch.bfloat16)
-        int8 = Int8Linear.from_float(linear)
-        dense, quantized = _module_mib(linear), _module_mib(int8)
-        rows.append([f"{k}x{n}", f"{2 * dense:.4g}", f"{dense:.4g}", f"{quantized:.4g}", f"{quantized / dense:.3f}x"])
+        linear = nn.Linear(k, n, bias=False)
+        fp32 = _module_mib(linear)
+        bf16 = _module_mib(linear.bfloat16())
+        int8 = _module_mib(Int8Linear.from_float(linear))
+        rows.append([f"{k}x{n}", f"{fp32:.4g}", f"{bf16:.4g}", f"{int8:.4g}", f"{int8 / bf16:.3f}x"])
     return ["layer (in x out)", "fp32 MiB", "bf16 MiB", "Int8Linear MiB", "Int8Linear / bf16"], rows
 
 
@@ -262,7 +264,7 @@ def _error_table(m=256, k=1024, n=1024):
             cells = [_relative(fn(x, weight, w_codes, w_scale, bnb), exact) for fn in methods.values()]
             cells.append(_relative(F.linear(x.bfloat16(), weight.bfloat16()), exact))
         rows.append([f"x {m}x{k}: {label}", *cells])
-    return ["activations (W 1024x1024)", *methods, "bf16 linear"], rows
+    return [f"activations (W {n}x{k})", *methods, "bf16 linear"], rows
 
 
 SHOWCASE = [

@@ -37,7 +37,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from bench import kde_roofline, sizes
 from bench._harness import (Case, NotApplicable, Showcase, bench_device, cases_of, memory_line, pytest_params,
                             run_benchmark, smoke_run, time_ms)
-from torchext.ops.kde_attention import DEFAULT_EXACT_WINDOW, kde_attention
+from torchext.ops.kde_attention import DEFAULT_EXACT_WINDOW, MIN_SEQ_LEN, MIN_SEQ_LEN_CAUSAL, kde_attention
 from torchext.reference import kde_attention as ref
 
 try:
@@ -102,6 +102,9 @@ def _summary(case: Case, causal: bool, params: dict, ms: dict[str, float]) -> st
         plan_ms = time_ms(lambda: ref.make_plan(q, k, v, SEED, causal, **plan_params), device)
         parts.append(f"hash+sort+sample {plan_ms:.3g} ms = {100 * plan_ms / ms[estimator]:.0f}% of the "
                      f"{estimator}'s forward")
+    if device.type == "cpu" and not smoke_run(device):
+        parts.append(f"torchext runs exact SDPA below {MIN_SEQ_LEN_CAUSAL if causal else MIN_SEQ_LEN} tokens, the "
+                     f"kde estimator is its CPU reference")
     if not smoke_run(device):
         parts.append(memory_line(case, mode, ("torchext", "eager", *case.extra_providers)))
     if device.type == "cuda" or smoke_run(device):  # an H100 estimate: not for the CPU showcase

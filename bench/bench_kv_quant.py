@@ -18,8 +18,7 @@ per-channel key quantization is for), each quantizer's bits per element, bytes p
 error at 4, 3 and 2 bits, against KIVI as its paper describes it (examples/kv_quality.py's anchor).
 """
 
-import functools
-from functools import partial
+from functools import cache, partial
 
 import pytest
 import torch
@@ -129,7 +128,7 @@ def _decode(batch, context, key_bits, value_bits, gpu, check=False, heads=None, 
     shape += f"-kivi{key_group}" if key_group else ""
     make_inputs = partial(_inputs, batch, context, key_bits, value_bits, heads, kv_heads, head_dim, key_group)
     return Case("kv_quant", "kv_quant_decode_attention", shape, dtype,
-                functools.cache(make_inputs) if showcase else make_inputs,
+                cache(make_inputs) if showcase else make_inputs,
                 _torchext, _dequantize_then_attend, _reference if check else None, compiled=_not_compileable,
                 modes=("fwd",), count_bytes=False, gpu=gpu,
                 summary=None if showcase else _summary(batch, context, key_bits, value_bits, kv_heads, head_dim),
