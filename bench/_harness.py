@@ -1,11 +1,13 @@
 """Shared benchmark machinery for the bench/bench_<family>.py modules, their pytest tests and bench/run.py.
 
-A family module lists its `Case`s in `CASES`; a case may add anchors (`Case.extra_providers`: other
-libraries' versions of the op), which raise `NotApplicable` for shapes they cannot run. For one case, mode
-and provider, `measure` builds the inputs, runs the provider once (that call compiles it and is the one
-compared with the fp32 reference), then times it: `triton.testing.do_bench` medians on CUDA, a few
-`time.perf_counter` calls on CPU, where the numbers only show that the code runs. The module also knows
-the device's datasheet peaks, writes the results JSON and draws one PNG per family.
+A family module lists its `Case`s in `CASES` (CPU smoke sizes and GPU sizes) and, for the CPU showcase of
+bench/run.py, `CPU_CASES` (the path a CPU user gets, at sizes where its time means something) and `SHOWCASE`
+(`Showcase` tables of what the method buys whatever the device: memory, accuracy). A case may add anchors
+(`Case.extra_providers`: other libraries' versions of the op), which raise `NotApplicable` for shapes they
+cannot run. For one case, mode and provider, `measure` builds the inputs, runs the provider once (that call
+compiles it and is the one compared with the fp32 reference), then times it: `triton.testing.do_bench` medians
+on CUDA, the fastest of several `time.perf_counter` calls on CPU; `peak_extra_mib` measures a provider's memory.
+The module also knows the device's datasheet peaks, writes the results JSON and draws one PNG per family.
 
 Minimum-traffic convention (the bytes of a row, for cases that count bytes):
     fwd: every tensor input read once + every output written once.
@@ -16,6 +18,7 @@ Intermediates and re-reads are not counted: it is the floor a perfect kernel pay
 against the HBM peak says how close a provider runs to the bandwidth roofline.
 """
 
+import contextlib
 import dataclasses
 import datetime
 import functools
@@ -25,7 +28,6 @@ import json
 import os
 import platform
 import re
-import statistics
 import subprocess
 import time
 from collections.abc import Callable
@@ -42,7 +44,8 @@ RESULTS_DIR = BENCH_DIR / "results"
 PROVIDERS = ("torchext", "eager", "torch.compile")  # every case has these; Case.extra_providers adds anchors
 # "step": the callable is itself the whole unit of work (e.g. forward, backward and optimizer step).
 MODES = ("fwd", "fwd+bwd", "step")
-CPU_TIMED_CALLS = 3
+CPU_TIMED_CALLS = 3  # at least; more while the case's rep_ms lasts, up to CPU_MAX_CALLS
+CPU_MAX_CALLS = 20
 
 # (substrings of torch.cuda.get_device_name, HBM bytes/s, dense bf16 FLOP/s, dense int8 OP/s), from the vendors'
 # datasheets. Order matters: the first entry whose substrings all occur in the name wins.
@@ -71,6 +74,12 @@ class NotApplicable(Exception):
 
 def bench_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def smoke_run(device: torch.device) -> bool:
+    """True on the CPU under the Triton interpreter (the smoke runs of CI and ./dev gpu --rehearse), where times and
+    memory mean nothing; False on a GPU and in bench/run.py's CPU showcase (the reference path)."""
+    return device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1"
 
 
 def dtype_name(dtype: torch.dtype) -> str:
@@ -136,6 +145,16 @@ class Case:
         raise ValueError(f"unknown provider {provider!r}; use {self.providers}")
 
 
+@dataclasses.dataclass(frozen=True)
+class Showcase:
+    """What a method buys whatever the device (memory, accuracy), measured when bench/run.py shows the family on a
+    CPU: `measure()` returns a small table, (header, rows of cells), printed under `title`."""
+
+    family: str
+    title: str
+    measure: Callable[[], tuple[list[str], list[list[str]]]]
+
+
 @dataclasses.dataclass
 class Row:
     """The measurement of one case x mode x provider (or why it failed, or why the provider does not apply)."""
@@ -154,6 +173,7 @@ class Row:
     peak: str = "bf16"  # Case.peak: what the FLOPs' % of peak is against
     error: str | None = None
     not_applicable: str | None = None  # the provider's NotApplicable reason
+    peak_mib: float | None = None  # peak extra memory of one call, where measured (the CPU showcase)
 
     @classmethod
     def of(cls, case: Case, provider: str, mode: str, **fields) -> "Row":
@@ -258,20 +278,64 @@ def _inputs(case: Case, device: torch.device) -> tuple:
     return case.make_inputs(device, case.dtype)
 
 
-def peak_extra_mib(case: Case, provider: str, mode: str) -> float | None:
-    """CUDA memory above the inputs at the peak of one call of a provider (outputs, saved tensors, workspace), in
-    MiB; None when the provider does not apply."""
-    args = case.make_inputs(torch.device("cuda"), case.dtype)
-    work = _make_work(case.provider_fn(provider), args, mode)
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    before = torch.cuda.memory_allocated()
+def peak_extra_mib(case: Case, provider: str, mode: str, device: torch.device | None = None) -> float | None:
+    """Memory above the inputs at the peak of one call of a provider, after a warm-up call (see `_peak_mib`); None
+    when the provider does not apply."""
+    device = device or bench_device()
+    work = _make_work(case.provider_fn(provider), _inputs(case, device), mode)
     try:
         work()
     except NotApplicable:
         return None
+    return _peak_mib(work, device)
+
+
+def _peak_mib(work: Callable[[], Any], device: torch.device) -> float:
+    """MiB above what is allocated at the peak of one call of `work` (outputs, saved tensors, workspace); call it
+    on a warm `work`, so state a provider builds once (a model, its optimizer) is not counted. CUDA: the caching
+    allocator's peak. CPU: the allocations and frees the CPU allocator reports to torch's profiler, summed in time
+    order (inside torchext's custom ops too, which a dispatch-mode tracker would see as one op)."""
+    if device.type != "cuda":
+        return _cpu_peak_bytes(work) / 2**20
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    work()
     torch.cuda.synchronize()
     return (torch.cuda.max_memory_allocated() - before) / 2**20
+
+
+def _cpu_peak_bytes(work: Callable[[], Any]) -> int:
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    with _stderr_silenced(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as profiler:
+        work()
+    changes = sorted((event.start_ns(), event.nbytes()) for event in profiler.profiler.kineto_results.events()
+                     if event.name() == "[memory]" and event.device_type() == DeviceType.CPU)
+    return max(itertools.accumulate((nbytes for _, nbytes in changes), initial=0))
+
+
+@contextlib.contextmanager
+def _stderr_silenced():
+    """File descriptor 2 to /dev/null: the profiler's C++ side logs a line at every start and stop (torch 2.13)."""
+    saved, devnull = os.dup(2), os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, 2)
+    try:
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)
+
+
+def memory_line(case: Case, mode: str, providers: tuple[str, ...]) -> str:
+    """"peak extra memory torchext a MiB, eager b MiB (b/a x torchext), ..." for the providers that apply."""
+    memory = {p: peak_extra_mib(case, p, mode) for p in providers}
+    ours = memory.get("torchext")
+    return "peak extra memory " + ", ".join(
+        f"{p} {m:.4g} MiB" + (f" ({m / ours:.3g}x torchext)" if p != "torchext" and ours else "")
+        for p, m in memory.items() if m is not None)
 
 
 def reference_outputs(case: Case, mode: str, device: torch.device) -> tuple | None:
@@ -300,26 +364,29 @@ def min_bytes(args: tuple, results: tuple, mode: str) -> tuple[int, int | None]:
 
 
 def time_ms(work: Callable[[], Any], device: torch.device, rep_ms: int = 100) -> float:
-    """Median milliseconds per call: CUDA-event timed by do_bench on GPU, wall clock on CPU."""
+    """Milliseconds per call: the median of CUDA-event times by do_bench on GPU; on CPU the fastest wall-clock time
+    of at least CPU_TIMED_CALLS calls, more while rep_ms lasts (other processes on a shared machine only ever slow a
+    call down, and more than a median can absorb)."""
     if device.type == "cuda":
         from triton.testing import do_bench  # imported late: triton must load after enable_interpreter_without_cuda
 
         return do_bench(work, warmup=25, rep=rep_ms, return_mode="median")
     times = []
-    for _ in range(CPU_TIMED_CALLS):
+    while len(times) < CPU_TIMED_CALLS or (sum(times) < rep_ms * 1e-3 and len(times) < CPU_MAX_CALLS):
         start = time.perf_counter()
         work()
         times.append(time.perf_counter() - start)
-    return 1e3 * statistics.median(times)
+    return 1e3 * min(times)
 
 
 def measure(case: Case, provider: str, mode: str, device: torch.device, expected: tuple | None = None,
-            timer: Callable[[Callable[[], Any], Case], float | None] | None = None) -> Row:
+            timer: Callable[[Callable[[], Any], Case], float | None] | None = None, memory: bool = False) -> Row:
     """Time one case x mode x provider; errors propagate (run.py records them, pytest reports them).
 
     Args:
         expected: `reference_outputs(case, mode, device)`, or None to skip the error column.
         timer: (work, case) -> median ms; defaults to `time_ms`.
+        memory: also measure the peak extra memory of one more call (`Row.peak_mib`).
     """
     args = _inputs(case, device)
     work = _make_work(case.provider_fn(provider), args, mode)
@@ -331,6 +398,8 @@ def measure(case: Case, provider: str, mode: str, device: torch.device, expected
         row.max_error = max_error(results, expected)
     del results
     row.ms = timer(work, case) if timer else time_ms(work, device, case.rep_ms)
+    if memory:
+        row.peak_mib = _peak_mib(work, device)
     return row
 
 
@@ -468,6 +537,22 @@ def results_stem(device: torch.device, env: dict) -> Path:
     return RESULTS_DIR / device_info(device).slug / f"{env['date']}-{env['git_sha']}"
 
 
+def latest_gpu_results() -> str:
+    """A line saying where the latest committed GPU results are: per GPU folder of bench/results/, the newest
+    <date>-<sha>.json git tracks (every one found, in a copy that is not a git checkout), or that there are none."""
+    tracked = _git("ls-files", "--", str(RESULTS_DIR.relative_to(REPO_ROOT)))
+    files = RESULTS_DIR.glob("*/*.json") if tracked is None else (REPO_ROOT / name for name in tracked.splitlines())
+    newest = {}
+    for path in sorted(files):
+        if path.suffix == ".json" and path.parent.parent == RESULTS_DIR and path.parent.name != "cpu":
+            newest[path.parent.name] = path
+    committed = "found" if tracked is None else "committed"
+    if not newest:
+        return f"GPU timings need a GPU; no GPU results are {committed} under bench/results/ yet."
+    return (f"GPU timings need a GPU; the latest {committed} GPU results: "
+            + ", ".join(str(path.relative_to(REPO_ROOT)) for path in newest.values()))
+
+
 class ResultsFile:
     """bench/results/<device>/<date>-<sha>.json, rewritten after every row and summary line, so that a run stopped at
     any point (a time budget, a killed command) leaves everything it measured on disk."""
@@ -477,20 +562,26 @@ class ResultsFile:
         self.info = device_info(device)
         self.path = results_stem(device, self.env).with_suffix(".json")
         self.rows: list[Row] = []
-        self.summaries: list[str] = []
+        self.summaries: list[tuple[str, str]] = []  # (family, line)
+        self.showcases: list[dict] = []  # the Showcase tables measured (CPU runs)
 
     def add(self, row: Row) -> None:
         self.rows.append(row)
         self.write()
 
-    def add_summary(self, line: str) -> None:
-        self.summaries.append(line)
+    def add_summary(self, family: str, line: str) -> None:
+        self.summaries.append((family, line))
+        self.write()
+
+    def add_showcase(self, showcase: Showcase, header: list[str], rows: list[list[str]]) -> None:
+        self.showcases.append({"family": showcase.family, "title": showcase.title, "header": header, "rows": rows})
         self.write()
 
     def write(self) -> Path:
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        payload = {"environment": self.env, "summaries": self.summaries,
-                   "rows": [row.to_dict(self.info) for row in self.rows]}
+        payload = {"environment": self.env, "summaries": [line for _, line in self.summaries],
+                   "rows": [row.to_dict(self.info) for row in self.rows],
+                   **({"showcase": self.showcases} if self.showcases else {})}
         partial = self.path.with_suffix(".json.partial")
         partial.write_text(json.dumps(payload, indent=1) + "\n")
         partial.replace(self.path)  # a reader never sees half a file
@@ -548,8 +639,9 @@ def _bar_panel(ax, unit: str, groups: dict[str, dict[str, float]], colors: dict[
     ax.margins(x=0.15)
 
 
-def plot_family(path: Path, family: str, rows: list[Row], info: DeviceInfo) -> Path | None:
-    """One PNG per family (a panel per unit, a bar per provider with a number); None when no row has one."""
+def plot_family(path: Path, family: str, rows: list[Row], info: DeviceInfo, note: str = "") -> Path | None:
+    """One PNG per family (a panel per unit, a bar per provider with a number), `note` after the title; None when
+    no row has one."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -570,8 +662,7 @@ def plot_family(path: Path, family: str, rows: list[Row], info: DeviceInfo) -> P
                              figsize=(11, 1.5 + BAR_INCHES * max(len(colors), 3) * sum(heights)))
     for ax, (unit, groups) in zip(axes[:, 0], panels.items()):
         _bar_panel(ax, unit, groups, colors, ceilings.get(unit, []))
-    note = " (CPU smoke run: not performance numbers)" if info.slug == "cpu" else ""
-    fig.suptitle(f"torchext {family} on {info.name}{note}", fontsize=10)
+    fig.suptitle(f"torchext {family} on {info.name}" + (f" ({note})" if note else ""), fontsize=10)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)

@@ -25,19 +25,29 @@ Anchors (forward only; "vs best anchor" is torchext's speed-up over the faster o
 
 GPU targets (issue, H100): threshold 0 >= 1.6x bf16 at M >= 2048 and >= 1.3x at M <= 16; threshold 6 with
 0.1-1% outlier columns costs <= 10% over pure int8; weight memory (int8 codes + fp32 row scales) ~0.5x bf16.
+
+CPU showcase (bench/run.py without a GPU): fp32 activations, torchext's int8 CPU path against the fp32 linear layer
+and the anchors at 256 tokens of a 1024x1024 layer; then what int8 buys on any device, measured: the memory of an
+Int8Linear against the nn.Linear it replaces, and the output error against exact fp32 of int8 without and with the
+outlier decomposition, bitsandbytes and a bf16 layer, on Gaussian activations and with planted outlier columns.
+bitsandbytes' log warnings (its CPU 4-bit kernels not loading, its int8 path casting inputs to fp16) are silenced.
 """
 
+import logging
 from functools import cached_property, partial
 
 import pytest
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from bench import sizes
-from bench._harness import Case, NotApplicable, cases_of, pytest_params, run_benchmark
+from bench._harness import Case, NotApplicable, Showcase, cases_of, pytest_params, run_benchmark
 from torchext import ops
+from torchext.nn import Int8Linear
 from torchext.reference import int8_matmul as ref
 
+logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
 try:
     import bitsandbytes
 except ImportError:  # not installed: the bitsandbytes anchor is left out
@@ -150,11 +160,12 @@ def _summary(m, k, n, threshold):
 PURE_INT8 = "int8 t0"  # the anchor of threshold > 0 cases: torchext at threshold 0 on the same x
 
 
-def _int8_linear(m, k, n, threshold, gpu, mode="fwd", dtype=BF16):
+def _int8_linear(m, k, n, threshold, gpu, mode="fwd", dtype=BF16, summary=True):
     """One mode per case, since a summary hook sees the times of one mode. Threshold > 0 plants outliers in x;
     in "fwd+bwd" x gets the input gradient by the int8 GEMM (int8_backward=True; the default is a bf16 matmul with
     the dequantized weight) and the weight stays frozen. The "fwd" cases also run the ANCHORS (and, with
-    outliers, the pure int8 path); the FLOPs count against the int8 peak."""
+    outliers, the pure int8 path); the FLOPs count against the int8 peak. summary: the line of weight memory and
+    target ratios (the CPU showcase has its own tables instead)."""
     gemms = 2 if mode == "fwd+bwd" else 1
     make_inputs = partial(_linear_inputs, m, k, n, threshold)
     anchors = {}
@@ -163,12 +174,12 @@ def _int8_linear(m, k, n, threshold, gpu, mode="fwd", dtype=BF16):
     return Int8Case(f"int8_linear_t{threshold:g}", f"{m}x{k}x{n}", dtype, make_inputs,
                     partial(_int8_linear_torchext, threshold), _linear_bf16, partial(_int8_linear_reference, threshold),
                     modes=(mode,), count_bytes=False, flops={mode: gemms * 2 * m * n * k}, gpu=gpu,
-                    summary=_summary(m, k, n, threshold), extra_providers=anchors, peak="int8")
+                    summary=_summary(m, k, n, threshold) if summary else None, extra_providers=anchors, peak="int8")
 
 
-def _int8_linear_pair(m, k, n, gpu):
+def _int8_linear_pair(m, k, n, gpu, **options):
     """The forward at threshold 0 (Gaussian x) and at threshold 6 (planted outlier columns) for one shape."""
-    return [_int8_linear(m, k, n, threshold, gpu) for threshold in THRESHOLDS]
+    return [_int8_linear(m, k, n, threshold, gpu, **options) for threshold in THRESHOLDS]
 
 
 def _static_inputs(m, k, n, device, dtype):
@@ -204,6 +215,62 @@ CASES = [
     _int8_linear(32, 64, 32, 0.0, gpu=False),
     _int8_linear(4, 64, 32, 0.0, gpu=False, mode="fwd+bwd"),
     *cases_of(sizes.INT8_MATMUL, KINDS),  # GPU sizes
+]
+
+
+# ---- the CPU showcase -------------------------------------------------------------------------------------------
+
+FP32 = torch.float32
+CPU_CASES = [
+    *_int8_linear_pair(256, 1024, 1024, gpu=False, dtype=FP32, summary=False),
+    _int8_linear(256, 1024, 1024, 0.0, gpu=False, mode="fwd+bwd", dtype=FP32, summary=False),
+]
+
+
+def _module_mib(module: nn.Module) -> float:
+    return sum(t.numel() * t.element_size() for t in module.state_dict().values() if t is not None) / 2**20
+
+
+def _memory_table(shapes=((4096, 4096), (4096, 14336))):
+    """The state_dict bytes of a bias-free nn.Linear of each (in, out) shape in fp32 and bf16, and of the Int8Linear
+    made from the bf16 one."""
+    rows = []
+    for k, n in shapes:
+        linear = nn.Linear(k, n, bias=False)
+        fp32 = _module_mib(linear)
+        bf16 = _module_mib(linear.bfloat16())
+        int8 = _module_mib(Int8Linear.from_float(linear))
+        rows.append([f"{k}x{n}", f"{fp32:.4g}", f"{bf16:.4g}", f"{int8:.4g}", f"{int8 / bf16:.3f}x"])
+    return ["layer (in x out)", "fp32 MiB", "bf16 MiB", "Int8Linear MiB", "Int8Linear / bf16"], rows
+
+
+def _relative(y, exact) -> str:
+    return f"{float((y.float() - exact).norm() / exact.norm()):.2e}"
+
+
+def _error_table(m=256, k=1024, n=1024):
+    """||y - x W^T|| / ||x W^T|| against fp32 for each method, on Gaussian x and on x with planted outlier columns."""
+    methods = {"int8 (threshold 0)": partial(_int8_linear_torchext, 0.0),
+               "LLM.int8() (threshold 6)": partial(_int8_linear_torchext, 6.0),
+               **({"bitsandbytes (threshold 6)": _bitsandbytes_linear} if bitsandbytes else {})}
+    rows = []
+    for threshold, label in ((0.0, "Gaussian"), (6.0, f"1 outlier column per {FEATURES_PER_OUTLIER}")):
+        torch.manual_seed(0)
+        x, weight, w_codes, w_scale, _ = _linear_inputs(m, k, n, threshold, torch.device("cpu"), FP32)
+        x = x.detach()
+        exact = x @ weight.T
+        bnb = _Linear8bitLt(weight, 6.0)
+        with torch.no_grad():
+            cells = [_relative(fn(x, weight, w_codes, w_scale, bnb), exact) for fn in methods.values()]
+            cells.append(_relative(F.linear(x.bfloat16(), weight.bfloat16()), exact))
+        rows.append([f"x {m}x{k}: {label}", *cells])
+    return [f"activations (W {n}x{k})", *methods, "bf16 linear"], rows
+
+
+SHOWCASE = [
+    Showcase("int8_matmul", "Weight memory: an Int8Linear (int8 codes + fp32 row scales) against the nn.Linear it "
+                            "replaces", _memory_table),
+    Showcase("int8_matmul", "Output error against exact fp32 (relative Frobenius)", _error_table),
 ]
 
 

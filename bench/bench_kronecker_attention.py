@@ -13,8 +13,12 @@ Bytes (the GB/s columns): the harness's minimum-traffic convention, per element 
 (triton_kernels/kronecker_attention.py): forward KV 3E (x is read by the pooling and again as queries), QKV 2E;
 backward KV 5E, QKV 2E (x is not read). Each case's summary line gives the GB/s of that actual traffic and
 its share of the HBM peak (the issue's target: >= 70%), the speed-up over flattened SDPA and the extra peak
-memory of each provider (outputs, saved tensors and workspace, measured with torch.cuda.max_memory_allocated;
-CUDA only). The SDPA anchors compute a different operator, so their error in the JSON is not an error.
+memory of each provider (outputs, saved tensors and workspace: torch.cuda.max_memory_allocated on CUDA, the CPU
+allocator's peak from torch's profiler in the CPU showcase). The SDPA anchors compute a different operator, so
+their error in the JSON is not an error.
+
+CPU showcase (bench/run.py without a GPU): fp32, the reference path against the same eager PyTorch and flattened
+SDPA, at a conv-net stage's 32x32 and 64x64.
 
 GPU targets (issue, H100): KAO_QKV >= 50x faster and >= 100x less memory than SDPA over flattened tokens at
 128x128; the kernels >= 70% of HBM bandwidth.
@@ -31,8 +35,8 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from bench import sizes
-from bench._harness import (Case, NotApplicable, bench_device, cases_of, device_info, peak_extra_mib,
-                            pytest_params, run_benchmark)
+from bench._harness import (Case, NotApplicable, bench_device, cases_of, device_info, memory_line, pytest_params,
+                            run_benchmark, smoke_run)
 from torchext.ops import kronecker_attention
 from torchext.reference import kronecker_attention as ref
 
@@ -78,7 +82,7 @@ def _sdpa_flattened(heads, backend, x):
 
 
 def _summary(case, mode, numel, element_size, ms):
-    """Speed-up over flattened SDPA, the kernels' actual GB/s, and (CUDA) the peak memory of each provider."""
+    """Speed-up over flattened SDPA, (CUDA) the kernels' actual GB/s, and the peak memory of each provider."""
     (bench_mode,) = case.modes
     label = f"kronecker_attention {mode} {case.shape} {bench_mode}"
     if "torchext" not in ms:
@@ -94,11 +98,8 @@ def _summary(case, mode, numel, element_size, ms):
         peak = device_info(device).hbm_peak
         parts.append(f"actual traffic {KERNEL_TRAFFIC[mode, bench_mode]}E/element = {rate / 1e9:.4g} GB/s"
                      + (f" ({100 * rate / peak:.0f}% of HBM peak)" if peak else ""))
-        memory = {p: peak_extra_mib(case, p, bench_mode) for p in ("torchext", "eager", *case.extra_providers)}
-        ours = memory["torchext"]
-        parts.append("peak extra memory " + ", ".join(
-            f"{p} {m:.4g} MiB" + (f" ({m / ours:.3g}x torchext)" if p != "torchext" and ours else "")
-            for p, m in memory.items() if m is not None))
+    if not smoke_run(device):
+        parts.append(memory_line(case, bench_mode, ("torchext", "eager", *case.extra_providers)))
     return "; ".join(parts)
 
 
@@ -119,6 +120,7 @@ def _both_modes(mode, shape, heads, gpu):
 
 
 KINDS = {"kao": _kao}
+FP32 = torch.float32
 
 CASES = [
     # CPU smoke sizes: a few Triton-interpreter programs per launch.
@@ -129,6 +131,14 @@ CASES = [
     # the 1024-token limit.
     *cases_of(sizes.KRONECKER_ATTENTION, KINDS),
 ]
+
+CPU_CASES = [
+    _kao("qkv", (4, 64, 32, 32), 2, "fwd", gpu=False, dtype=FP32),
+    _kao("qkv", (4, 64, 32, 32), 2, "fwd+bwd", gpu=False, dtype=FP32),
+    _kao("kv", (4, 64, 32, 32), 2, "fwd", gpu=False, dtype=FP32),
+    _kao("qkv", (1, 64, 64, 64), 2, "fwd", gpu=False, dtype=FP32),
+]
+SHOWCASE = []  # the memory against flattened SDPA is in each case's summary line
 
 
 @pytest.mark.parametrize(("case", "provider", "mode"), pytest_params(CASES))

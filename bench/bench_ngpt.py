@@ -24,13 +24,16 @@ from torchext.nn import NGPT, NGPTConfig, NormalizedEmbedding, NormalizedLinear,
 from torchext.reference import ngpt as ref
 
 NgptCase = partial(Case, "ngpt")
-BF16 = torch.bfloat16
+BF16, FP32 = torch.bfloat16, torch.float32
 
 # The training-step size of the issue (d_model 1024, 16 heads, 8 layers, 4096 tokens as 4 x 1024) and a tiny
 # model for CPU. GPTConfig and NGPTConfig share these field names.
 TRAIN_MODEL = dict(vocab_size=50304, d_model=1024, n_layers=8, n_heads=16, max_seq_len=1024)
 TRAIN_BATCH = 4
 TINY_MODEL = dict(vocab_size=256, d_model=64, n_layers=2, n_heads=2, max_seq_len=64)
+# The CPU showcase: a model the size of examples/ngpt_vs_gpt.py's (byte-level, 2 layers), a batch of its steps.
+CPU_MODEL = dict(vocab_size=256, d_model=128, n_layers=2, n_heads=4, max_seq_len=128)
+CPU_BATCH = 8
 
 
 def _norm(x, dim=-1):
@@ -154,9 +157,10 @@ def _renormalize(config, gpu, dtype=torch.float32):
 
 
 def _step(model, optimizer):
-    """forward (bf16 autocast over fp32 parameters), backward, optimizer step (and its post-step hooks)."""
+    """forward (on CUDA under bf16 autocast over fp32 parameters; fp32 on CPU), backward, optimizer step (and its
+    post-step hooks)."""
     def step(idx, targets):
-        with torch.autocast("cuda", dtype=torch.bfloat16):
+        with torch.autocast(idx.device.type, dtype=torch.bfloat16, enabled=idx.is_cuda):
             _, loss = model(idx, targets)
         loss.backward()
         optimizer.step()
@@ -167,19 +171,19 @@ def _step(model, optimizer):
 class _TrainSteps:
     """The step of each model, built on first use: each provider gets fresh inputs, so only its own model exists."""
 
-    def __init__(self, device):
-        self.device = device
+    def __init__(self, config, device):
+        self.config, self.device = config, device
 
     @cached_property
     def ngpt(self):
-        model = NGPT(NGPTConfig(**TRAIN_MODEL), device=self.device)
+        model = NGPT(NGPTConfig(**self.config), device=self.device)
         optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)  # nGPT: Adam, no weight decay
         renormalize_after_step(optimizer, model)  # torchext.nn.renormalize_model_; no host sync per step
         return _step(model, optimizer)
 
     def _gpt(self, compile_model):
         with self.device:
-            model = GPT(GPTConfig(**TRAIN_MODEL))
+            model = GPT(GPTConfig(**self.config))
         optimizer = torch.optim.AdamW(adamw_param_groups(model), lr=1e-3)
         return _step(torch.compile(model) if compile_model else model, optimizer)
 
@@ -192,38 +196,41 @@ class _TrainSteps:
         return self._gpt(compile_model=True)
 
 
-def _train_inputs(device, dtype):
-    tokens = torch.randint(TRAIN_MODEL["vocab_size"], (TRAIN_BATCH, TRAIN_MODEL["max_seq_len"] + 1), device=device)
-    return _TrainSteps(device), tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous()
+def _train_inputs(config, batch, device, dtype):
+    tokens = torch.randint(config["vocab_size"], (batch, config["max_seq_len"] + 1), device=device)
+    return _TrainSteps(config, device), tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous()
 
 
-def _train_flops():
+def _train_flops(config, batch):
     """Model FLOPs of one step: 6 per matmul weight per token (fwd + bwd) plus causal attention's 6 T d per layer."""
-    c = NGPTConfig(**TRAIN_MODEL)
+    c = NGPTConfig(**config)
     d_mlp = c.d_mlp or 4 * c.d_model
     weights = c.n_layers * (4 * c.d_model**2 + 3 * c.d_model * d_mlp) + c.d_model * c.vocab_size
-    tokens = TRAIN_BATCH * c.max_seq_len
+    tokens = batch * c.max_seq_len
     return 6 * tokens * weights + 6 * tokens * c.n_layers * c.max_seq_len * c.d_model
 
 
-def _train_summary(ms: dict[str, float]) -> str:
+def _train_summary(gpu: bool, ms: dict[str, float]) -> str:
     if "torchext" not in ms or "eager" not in ms:
         return "train_step: no nGPT/GPT ratio (a step failed)"
     compiled = f", {ms['torch.compile']:.1f} ms compiled" if "torch.compile" in ms else ""
+    target = " (target <= 1.15x)" if gpu else ""
     return (f"train_step: nGPT (torchext) {ms['torchext']:.1f} ms, GPT {ms['eager']:.1f} ms eager{compiled}; "
-            f"nGPT / GPT eager = {ms['torchext'] / ms['eager']:.2f}x (target <= 1.15x)")
+            f"nGPT / GPT eager = {ms['torchext'] / ms['eager']:.2f}x{target}")
 
 
-def _train_step():
-    c = TRAIN_MODEL
+def _train_step(config=TRAIN_MODEL, batch=TRAIN_BATCH, gpu=True):
+    """One training step of nGPT (torchext) against the GPT baseline: bf16 autocast on a GPU, fp32 on the CPU."""
+    c = config
     return NgptCase(
-        "train_step", f"d{c['d_model']}-L{c['n_layers']}-{TRAIN_BATCH}x{c['max_seq_len']}", BF16, _train_inputs,
+        "train_step", f"d{c['d_model']}-L{c['n_layers']}-{batch}x{c['max_seq_len']}", BF16 if gpu else FP32,
+        partial(_train_inputs, config, batch),
         torchext=lambda steps, idx, targets: steps.ngpt(idx, targets),
         # The baseline is another model, so its "eager" and "torch.compile" columns are the GPT's steps.
         eager=lambda steps, idx, targets: steps.gpt(idx, targets),
         compiled=lambda steps, idx, targets: steps.gpt_compiled(idx, targets),
-        modes=("step",), count_bytes=False, flops={"step": _train_flops()}, gpu=True, rep_ms=2000,
-        summary=_train_summary)
+        modes=("step",), count_bytes=False, flops={"step": _train_flops(config, batch)}, gpu=gpu,
+        rep_ms=2000 if gpu else 300, summary=partial(_train_summary, gpu))
 
 
 def _renormalize_sized(model, gpu):
@@ -246,6 +253,18 @@ CASES = [
     _renormalize(TINY_MODEL, gpu=False),
     *cases_of(sizes.NGPT, KINDS),  # GPU sizes
 ]
+
+# The CPU showcase (bench/run.py without a GPU): fp32, the reference path against the official code's eager
+# PyTorch, at sizes of a few milliseconds or more; then one training step of nGPT against GPT.
+CPU_CASES = [
+    _l2_normalize(1024, 1024, gpu=False, dtype=FP32),
+    _hypersphere_update(1024, 1024, gpu=False, dtype=FP32),
+    _qk_norm_rope(2, 256, 8, 64, gpu=False, dtype=FP32),
+    _scaled_swiglu(1024, 2048, d_model=512, gpu=False, dtype=FP32),
+    _renormalize(dict(vocab_size=4096, d_model=256, n_layers=2, n_heads=4, max_seq_len=256), gpu=False),
+    _train_step(CPU_MODEL, CPU_BATCH, gpu=False),
+]
+SHOWCASE = []  # nGPT's gain (fewer steps to a loss) takes a training run: examples/ngpt_vs_gpt.py
 
 
 @pytest.mark.parametrize(("case", "provider", "mode"), pytest_params(CASES))

@@ -17,8 +17,14 @@ FLOP time). It computes another function, so the cases have no reference column:
 checks the kernels.
 
 GPU targets (issue): forward >= 300 TFLOP/s and backward >= 150 in bf16 with windows (512, 32) at n = 16K on H100.
+
+CPU showcase (bench/run.py without a GPU): fp32 at n = 128 with windows (64, 16), the reference (chunked, explicit
+backward: it computes all n^3 triples and masks the window, so n stays small) against the windowed gather and SDPA
+at equal FLOPs, each case's summary line giving every provider's peak extra memory (the CPU allocator's peak, from
+torch's profiler).
 """
 
+import dataclasses
 from functools import partial
 
 import pytest
@@ -26,7 +32,7 @@ import torch
 import torch.nn.functional as F
 
 from bench import sizes
-from bench._harness import Case, NotApplicable, cases_of, pytest_params, run_benchmark
+from bench._harness import Case, NotApplicable, cases_of, memory_line, pytest_params, run_benchmark
 from torchext.ops import tensor_attention
 from torchext.reference import tensor_attention as ref
 
@@ -86,16 +92,25 @@ def _sdpa_equal_flops(keys: int):
     return sdpa
 
 
-def _case(B, H, Hkv, n, d, window, gpu, dtype=BF16):
+def _memory_summary(case, ms):
+    """Each provider's peak extra memory, for the case's one mode."""
+    (mode,) = case.modes
+    providers = ("torchext", "eager", *case.extra_providers)
+    return f"tensor_attention {case.shape} {mode}: " + memory_line(case, mode, providers)
+
+
+def _case(B, H, Hkv, n, d, window, gpu, dtype=BF16, modes=("fwd", "fwd+bwd"), memory=False):
+    """memory: one case per mode with a summary line of the peak extra memory of torchext, eager and SDPA."""
     t = triples(n, window)
     fwd = 4 * d * t * B * H
     eager = partial(_windowed_eager, window=window) if window else _full_eager
     label = f"B{B}-H{H}/{Hkv}-n{n}-d{d}-" + (f"w{window[0]}x{window[1]}" if window else "full")
-    return TensorCase(
+    case = TensorCase(
         "tensor_attention", label, dtype, partial(_inputs, B, H, Hkv, n, d),
-        torchext=partial(tensor_attention, window=window, return_lse=True), eager=eager,
+        torchext=partial(tensor_attention, window=window, return_lse=True), eager=eager, modes=modes,
         count_bytes=False, flops={"fwd": fwd, "fwd+bwd": fwd * 14 // 4}, gpu=gpu, rep_ms=500 if gpu else 100,
         extra_providers={"sdpa (equal FLOPs)": _sdpa_equal_flops(max(1, round(t / n)))})
+    return dataclasses.replace(case, summary=partial(_memory_summary, case)) if memory else case
 
 
 KINDS = {"tensor": _case}
@@ -107,6 +122,10 @@ CASES = [
     # GPU sizes: the paper's windows (512, 32), head_dim 128 and 64, GQA 8, n up to 32K; the exact operator.
     *cases_of(sizes.TENSOR_ATTENTION, KINDS),
 ]
+
+CPU_CASES = [_case(1, 4, 2, 128, 64, (64, 16), gpu=False, dtype=torch.float32, modes=(mode,), memory=True)
+             for mode in ("fwd", "fwd+bwd")]
+SHOWCASE = []  # the memory against the windowed gather and SDPA is in each case's summary line
 
 
 @pytest.mark.parametrize(("case", "provider", "mode"), pytest_params(CASES))

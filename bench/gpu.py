@@ -242,7 +242,8 @@ def main(argv: list[str] | None = None) -> int:
     gpu = device.type == "cuda"
     info = device_info(device)
     say(device_header(info).replace("\n", "; "))
-    families, import_errors = discover(None)
+    modules, import_errors = discover(None)
+    families = {family: module.CASES for family, module in modules.items()}
     cases = selection(families, gpu)
     say(f"{len(cases)} benchmark cases selected" + (f"; import errors: {import_errors}" if import_errors else ""))
 
@@ -261,7 +262,7 @@ def main(argv: list[str] | None = None) -> int:
 
     case_rows = run_until(cases, device, providers, results, deadline - 5, say)
 
-    print_tables(results.rows, results.summaries, info)
+    print_tables(results, info)
     targets = target_lines(case_rows, info, gpu)
     report = write_report(results.path.with_suffix(".md"), results, tests, targets, len(case_rows), len(cases),
                           args.budget)

@@ -1,58 +1,74 @@
-"""The benchmark showcase: every case of every bench/bench_<family>.py, for each mode and provider, a table per family.
+"""The benchmark showcase, `./dev bench`: what torchext does on this machine, family by family.
 
     .venv/bin/python bench/run.py [--quick] [--family ngpt] [--budget SECONDS]
 
-Columns: max error against the fp32 reference, median time of torchext / eager PyTorch / torch.compile of
-it / each anchor the family's cases name (Case.extra_providers), torchext's speed-up over the better of
-eager and torch.compile and, with anchors, over the best anchor, and on a GPU torchext's achieved GB/s (or
-TFLOP/s) and its share of the datasheet peak (HBM, or the case's bf16 or int8 compute peak). Each row is
-printed and written to bench/results/<device>/<date>-<sha>.json as soon as it is measured (a run cut short keeps
-what it measured); the tables and a PNG per family come at the end. A failing case or provider is
-recorded in its cell (FAIL[n], the error in footnote n) and the run goes on; an anchor that cannot run a
-shape shows n/a[n], its reason in footnote n. Without CUDA the same tables run at smoke sizes on the
-CPU; those times are not performance numbers.
+On a GPU: every GPU-sized case of every bench/bench_<family>.py (its CASES), for each mode and provider. Columns:
+max error against the fp32 reference, median time of torchext / eager PyTorch / torch.compile of it / each anchor
+the family's cases name (Case.extra_providers), torchext's speed-up over the better of eager and torch.compile
+and, with anchors, over the best anchor, and torchext's achieved GB/s (or TFLOP/s) and its share of the datasheet
+peak (HBM, or the case's bf16 or int8 compute peak); the cases' summary lines under each table.
+
+Without a GPU: what a CPU user gets. On CPU tensors torchext's ops run their CPU path, the PyTorch reference (int8:
+torch._int_mm), never the Triton interpreter here (TRITON_INTERPRET is ignored); each family's CPU_CASES time it
+against the plain PyTorch way and the anchors that run on a CPU, at sizes where the time means something, with
+the peak extra memory of torchext and eager; its SHOWCASE tables then measure what the method buys whatever the
+device (weight and cache memory, accuracy against exact attention, bound against the exact norm). No GPU target
+appears, and torch.compile is left out (its C++ compiles would take minutes); the header says where the latest
+committed GPU results are.
+
+A progress bar counts the measurements, with an ETA; each family's table is printed as soon as the family is done.
+Every row is written to bench/results/<device>/<date>-<sha>.json as soon as it is measured (a run cut short keeps
+what it measured), and a PNG per family at the end. A failing case or provider is recorded in its cell (FAIL[n],
+the error in footnote n) and the run goes on; an anchor that cannot run a shape shows n/a[n], its reason in
+footnote n.
 """
 
 import argparse
 import importlib
 import importlib.util
+import os
 import signal
 import sys
 import time
 from collections.abc import Callable
 from contextlib import contextmanager
 from pathlib import Path
+from types import ModuleType
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script: `bench` and `examples` import
 
 from bench._harness import (BENCH_DIR, PROVIDERS, Case, DeviceInfo, NotApplicable, ResultsFile, Row,  # noqa: E402
-                            anchors, bench_device, describe, device_info, enable_interpreter_without_cuda, measure,
+                            Showcase, anchors, bench_device, describe, device_info, latest_gpu_results, measure,
                             plot_family, reference_outputs)  # imports torch only
 
-enable_interpreter_without_cuda()  # before discover() imports the families, which import triton and torchext
+CPU_PROVIDERS = ("torchext", "eager")  # the CPU showcase leaves torch.compile out
+SMOKE = ("No CUDA device: small shapes on CPU (reference path / Triton interpreter); times are not performance "
+         "numbers, GPU numbers need a GPU.")
+CPU_PATH = ("No CUDA device: torchext's ops run their CPU path on CPU tensors (the PyTorch reference; int8: "
+            "torch._int_mm), what you get here. "
+            "ms: the fastest of several calls; \"speed-up\": torchext's over eager PyTorch; \"err\": the max "
+            "|difference| from the fp32 reference (0 where the CPU path is that reference); MiB: the peak memory a "
+            "call adds.")
 
-NO_CUDA = ("No CUDA device: small shapes on CPU (reference path / Triton interpreter); times are not performance "
-           "numbers, GPU numbers need a GPU.")
 
-
-def discover(only: str | None) -> tuple[dict[str, list[Case]], list[str]]:
-    """{family: CASES} of every bench/bench_<family>.py, and the import errors of those that failed."""
+def discover(only: str | None) -> tuple[dict[str, ModuleType], list[str]]:
+    """{family: module} of every bench/bench_<family>.py, and the import errors of those that failed."""
     families, errors = {}, []
     for path in sorted(BENCH_DIR.glob("bench_*.py")):
         family = path.stem.removeprefix("bench_")
         if only and family != only:
             continue
         try:
-            families[family] = importlib.import_module(f"bench.{path.stem}").CASES
+            families[family] = importlib.import_module(f"bench.{path.stem}")
         except Exception as e:  # one broken family must not hide the others
             errors.append(f"family {family}: {describe(e)}")
     return families, errors
 
 
 def row_line(row: Row) -> str:
-    """One measured row as a line, printed as soon as it is measured."""
+    """One measured row as a line (bench/gpu.py logs each as it is measured)."""
     where = f"{row.family} {row.op} {row.shape} {row.dtype} {row.mode} {row.provider}"
     if row.error:
         return f"  {where}: FAIL {row.error.splitlines()[0][:200]}"
@@ -62,16 +78,22 @@ def row_line(row: Row) -> str:
     return f"  {where}: {row.ms:.4g} ms{error}"
 
 
-def run_case(case: Case, device, providers: tuple[str, ...], results: ResultsFile) -> None:
+def print_row(row: Row) -> None:
+    print(row_line(row), file=sys.stderr, flush=True)
+
+
+def run_case(case: Case, device, providers: tuple[str, ...], results: ResultsFile,
+             on_row: Callable[[Row], None] = print_row, memory: tuple[str, ...] = ()) -> None:
     """Every mode x provider (the given ones, then the case's anchors) of one case. A failure becomes a row with
-    its error ("reference" if the check failed), a NotApplicable one with its reason. Each row is printed, and
-    added to `results`, as soon as it is measured; so is the case's summary line."""
+    its error ("reference" if the check failed), a NotApplicable one with its reason; the providers in `memory`
+    also get their peak extra memory. Each row goes to `on_row`, and to `results`, as soon as it is measured; so
+    does the case's summary line."""
     rows = []
 
     def add(row: Row) -> None:
         rows.append(row)
-        print(row_line(row), file=sys.stderr, flush=True)
         results.add(row)
+        on_row(row)
 
     for mode in case.modes:
         try:
@@ -81,13 +103,13 @@ def run_case(case: Case, device, providers: tuple[str, ...], results: ResultsFil
             add(Row.of(case, "reference", mode, error=describe(e)))
         for provider in (*providers, *case.extra_providers):
             try:
-                add(measure(case, provider, mode, device, expected))
+                add(measure(case, provider, mode, device, expected, memory=provider in memory))
             except NotApplicable as e:
                 add(Row.of(case, provider, mode, not_applicable=str(e)))
             except Exception as e:
                 add(Row.of(case, provider, mode, error=describe(e)))
     if case.summary:
-        results.add_summary(case.summary({r.provider: r.ms for r in rows if r.ms is not None}))
+        results.add_summary(case.family, case.summary({r.provider: r.ms for r in rows if r.ms is not None}))
 
 
 class BudgetSpent(BaseException):
@@ -96,7 +118,11 @@ class BudgetSpent(BaseException):
 
 @contextmanager
 def deadline_alarm(deadline: float):
-    """Interrupt the block with BudgetSpent at the deadline (time.time() seconds)."""
+    """Interrupt the block with BudgetSpent at the deadline (time.time() seconds; inf: never)."""
+    if deadline == float("inf"):  # setitimer cannot take it
+        yield
+        return
+
     def stop(signum, frame):
         raise BudgetSpent()
 
@@ -110,7 +136,8 @@ def deadline_alarm(deadline: float):
 
 
 def run_until(cases: list[Case], device, providers: Callable[[Case], tuple[str, ...]], results: ResultsFile,
-              deadline: float, say: Callable[[str], None] = print) -> list[tuple[Case, list[Row]]]:
+              deadline: float, say: Callable[[str], None] = print, **run_case_options
+              ) -> list[tuple[Case, list[Row]]]:
     """Run cases in order until the deadline; a case still running then is cut off and keeps the rows it measured
     (they are in `results`, on disk, already). Returns (case, its rows) of each case run."""
     done = []
@@ -121,7 +148,7 @@ def run_until(cases: list[Case], device, providers: Callable[[Case], tuple[str, 
         start = len(results.rows)
         try:
             with deadline_alarm(deadline):
-                run_case(case, device, providers(case), results)
+                run_case(case, device, providers(case), results, **run_case_options)
         except BudgetSpent:
             say(f"budget spent inside {case.family} {case.id}: its rows so far are kept")
             done.append((case, results.rows[start:]))
@@ -130,17 +157,43 @@ def run_until(cases: list[Case], device, providers: Callable[[Case], tuple[str, 
     return done
 
 
-def print_tables(rows: list[Row], summaries: list[str], info: DeviceInfo) -> None:
-    """A table per family, then its summary lines and footnotes."""
-    families = list(dict.fromkeys(row.family for row in rows))
-    for family in families:
-        notes = Footnotes()  # numbered per table
-        print()
-        print(table([row for row in rows if row.family == family], info, notes))
-        for line in notes.lines():
-            print(line)
-    for line in summaries:
-        print(line)
+def run_showcases(showcases: list[Showcase], results: ResultsFile, deadline: float,
+                  done: Callable[[], None]) -> int:
+    """Measure each showcase table into `results` until the deadline (a failure is recorded as its table); returns
+    the number that failed."""
+    failed = 0
+    for showcase in showcases:
+        if time.time() > deadline:
+            break
+        try:
+            with deadline_alarm(deadline):
+                header, rows = showcase.measure()
+        except BudgetSpent:
+            break
+        except Exception as e:
+            header, rows = ["FAILED"], [[describe(e).splitlines()[0][:300]]]
+            failed += 1
+        results.add_showcase(showcase, header, rows)
+        done()
+    return failed
+
+
+def family_block(family: str, results: ResultsFile, info: DeviceInfo) -> str:
+    """A family's table, its footnotes, its summary lines and (CPU) its showcase tables."""
+    notes = Footnotes()  # numbered per table
+    rows = [row for row in results.rows if row.family == family]
+    lines = ["", f"== {family} ==", table(rows, info, notes) if rows else "(no rows measured)", *notes.lines()]
+    lines += [line for name, line in results.summaries if name == family]
+    for showcase in results.showcases:
+        if showcase["family"] == family:
+            lines += ["", showcase["title"], format_table(showcase["header"], showcase["rows"])]
+    return "\n".join(lines)
+
+
+def print_tables(results: ResultsFile, info: DeviceInfo) -> None:
+    """The block of every family in `results`, in the order they were measured."""
+    for family in dict.fromkeys(row.family for row in results.rows):
+        print(family_block(family, results, info))
 
 
 class Footnotes:
@@ -177,6 +230,10 @@ def _error_cell(row: Row | None, reference_cell: str | None) -> str:
     return "-" if row is None or row.max_error is None else f"{row.max_error:.1e}"
 
 
+def _memory_cell(row: Row | None) -> str:
+    return "-" if row is None or row.peak_mib is None else f"{row.peak_mib:.4g}"
+
+
 def _speedup_cell(by_provider: dict[str, Row], baselines: list[str]) -> str:
     """torchext's speed-up over the fastest of `baselines` that ran."""
     ours = by_provider.get("torchext")
@@ -195,34 +252,54 @@ def _rate_cells(row: Row | None, info: DeviceInfo) -> list[str]:
 
 
 def table(rows: list[Row], info: DeviceInfo, notes: Footnotes) -> str:
-    """One line per family x op x shape x dtype x mode, the providers side by side: the standard ones, then a
-    column for each anchor that occurs in `rows` (one family's, since families have different anchors)."""
+    """One line per op x shape x dtype x mode, the providers side by side: the standard ones, then a column for each
+    anchor that occurs in `rows` (one family's, since families have different anchors). On a GPU: errors, times,
+    speed-ups and torchext's rate against the peak; on the CPU: the times and speed-ups, errors and the memory of
+    torchext and eager (no compile column, no rates)."""
     groups: dict[tuple, dict[str, Row]] = {}
     for row in rows:
         groups.setdefault((row.family, row.op, row.shape, row.dtype, row.mode), {})[row.provider] = row
     extra = anchors(rows)
     gpu = info.slug != "cpu"
-    header = ["family", "op", "shape", "dtype", "mode", "err torchext", "err eager", "torchext ms", "eager ms",
-              "compile ms", *(f"{name} ms" for name in extra), "speed-up", *(["vs best anchor"] if extra else []),
-              *(["torchext rate", "% peak"] if gpu else [])]
-    lines = [header]
+    timed = PROVIDERS if gpu else CPU_PROVIDERS
+    errors = ["err torchext", "err eager"]
+    speedups = ["speed-up", *(["vs best anchor"] if extra else [])]
+    times = [*(f"{'compile' if p == 'torch.compile' else p} ms" for p in timed), *(f"{name} ms" for name in extra)]
+    if gpu:
+        header = ["family", "op", "shape", "dtype", "mode", *errors, *times, *speedups, "torchext rate", "% peak"]
+    else:
+        header = ["op", "shape", "dtype", "mode", *times, *speedups, *errors, "torchext MiB", "eager MiB"]
+    lines = []
     for key, by_provider in groups.items():
         reference_cell = notes.cell(by_provider["reference"]) if "reference" in by_provider else None
-        cells = [*key, _error_cell(by_provider.get("torchext"), reference_cell),
-                 _error_cell(by_provider.get("eager"), reference_cell),
-                 *(_time_cell(by_provider.get(p), notes) for p in (*PROVIDERS, *extra)),
-                 _speedup_cell(by_provider, ["eager", "torch.compile"])]
+        error_cells = [_error_cell(by_provider.get(p), reference_cell) for p in ("torchext", "eager")]
+        time_cells = [_time_cell(by_provider.get(p), notes) for p in (*timed, *extra)]
+        speedup_cells = [_speedup_cell(by_provider, ["eager", "torch.compile"])]
         if extra:
-            cells.append(_speedup_cell(by_provider, extra))
-        lines.append(cells + (_rate_cells(by_provider.get("torchext"), info) if gpu else []))
-    widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
-    text = ["  ".join(cell.ljust(w) for cell, w in zip(line, widths)).rstrip() for line in lines]
+            speedup_cells.append(_speedup_cell(by_provider, extra))
+        if gpu:
+            lines.append([*key, *error_cells, *time_cells, *speedup_cells,
+                          *_rate_cells(by_provider.get("torchext"), info)])
+        else:
+            lines.append([*key[1:], *time_cells, *speedup_cells, *error_cells,
+                          *(_memory_cell(by_provider.get(p)) for p in ("torchext", "eager"))])
+    return format_table(header, lines)
+
+
+def format_table(header: list[str], lines: list[list[str]]) -> str:
+    """Columns padded to their widest cell, a rule under the header."""
+    widths = [max(len(line[i]) for line in [header, *lines]) for i in range(len(header))]
+    text = ["  ".join(cell.ljust(w) for cell, w in zip(line, widths)).rstrip() for line in [header, *lines]]
     return "\n".join([text[0], "  ".join("-" * w for w in widths), *text[1:]])
 
 
 def device_header(info: DeviceInfo) -> str:
     if info.slug == "cpu":
-        return f"Device: {info.name}\n{NO_CUDA}"
+        if os.environ.get("TRITON_INTERPRET") == "1":  # bench/gpu.py --rehearse: smoke sizes on the interpreter
+            return f"Device: {info.name}\n{SMOKE}"
+        threads = torch.get_num_threads()
+        return (f"Device: {info.name}; torch {torch.__version__}, {threads} thread{'s' * (threads > 1)}\n"
+                f"{CPU_PATH}\n{latest_gpu_results()}")
     peak = f"{info.hbm_peak / 1e12:.2f} TB/s" if info.hbm_peak else "unknown (using the copy bandwidth for % peak)"
     copy = f"{info.copy_bandwidth / 1e12:.2f} TB/s"
     if info.hbm_peak:
@@ -233,10 +310,17 @@ def device_header(info: DeviceInfo) -> str:
             f"int8 dense peak {int8}")
 
 
+def plan(families: dict[str, ModuleType], gpu: bool) -> dict[str, tuple[list[Case], list[Showcase]]]:
+    """{family: (cases, showcases)} to run: the GPU-sized CASES on a GPU, CPU_CASES and SHOWCASE on the CPU."""
+    if gpu:
+        return {name: ([case for case in module.CASES if case.gpu], []) for name, module in families.items()}
+    return {name: (module.CPU_CASES, module.SHOWCASE) for name, module in families.items()}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="skip the torch.compile provider (its compiles "
-                                                             "dominate the run time)")
+    parser.add_argument("--quick", action="store_true", help="skip the torch.compile provider on a GPU (its "
+                                                             "compiles dominate the run time)")
     parser.add_argument("--family", help="only bench/bench_<FAMILY>.py, e.g. ngpt")
     parser.add_argument("--budget", type=float, default=float("inf"),
                         help="stop after this many seconds, keeping every row measured so far (default: no limit)")
@@ -246,25 +330,50 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"no bench/bench_{args.family}.py")
 
     device = bench_device()
-    if device.type == "cpu":
-        # Smoke numbers only: one thread keeps a shared machine usable, and spares the compiled kernels'
-        # OpenMP barriers, which stall for milliseconds when another process holds the second core.
+    gpu = device.type == "cuda"
+    if not gpu:
+        # One thread: on a machine others share, OpenMP's barriers stall for milliseconds whenever another process
+        # holds a core (a 2-thread SVD ran 40x slower under load), and torchext and eager share the same thread.
         torch.set_num_threads(1)
+        if os.environ.pop("TRITON_INTERPRET", None):  # before the families import torchext
+            print("bench: TRITON_INTERPRET is ignored: the CPU showcase times the path CPU users get", flush=True)
+    print("bench: measuring the device" if gpu else "bench: reading the device", flush=True)
     info = device_info(device)
-    print(device_header(info), flush=True)
+    print("bench: importing the benchmark families (torchext, the anchors' libraries)", flush=True)
     families, import_errors = discover(args.family)
-    providers = tuple(p for p in PROVIDERS if not (args.quick and p == "torch.compile"))
+    print(device_header(info), flush=True)
+    providers = PROVIDERS if gpu else CPU_PROVIDERS
+    providers = tuple(p for p in providers if not (args.quick and p == "torch.compile"))
+    work = plan(families, gpu)
+    steps = sum(len(case.modes) * len((*providers, *case.extra_providers)) + bool(case.summary)
+                for cases, _ in work.values() for case in cases)
+    steps += sum(len(showcases) for _, showcases in work.values())
+
+    from tqdm import tqdm  # imported here: bench/gpu.py, which imports this module, logs rows instead
 
     results = ResultsFile(device)
-    fitting = [case for cases in families.values() for case in cases if case.gpu == (device.type == "cuda")]
-    run_until(fitting, device, lambda case: providers, results, deadline)
-    rows = results.rows
-    print_tables(rows, results.summaries, info)
+    failed_showcases = 0
+    # smoothing 0: the ETA from the mean time per step so far (steps differ by 100x; a moving average jumps).
+    with tqdm(total=steps, unit="step", dynamic_ncols=True, file=sys.stderr, smoothing=0) as bar:
+        def on_row(row: Row) -> None:
+            if row.provider != "reference":  # a failed reference is a row of its own, not a step
+                bar.update()
+            if row.error:
+                bar.write(row_line(row), file=sys.stderr)
+
+        for family, (cases, showcases) in work.items():
+            bar.set_description(family)
+            summaries = len(results.summaries)
+            run_until(cases, device, lambda case: providers, results, deadline, say=bar.write, on_row=on_row,
+                      memory=() if gpu else CPU_PROVIDERS)
+            bar.update(len(results.summaries) - summaries)
+            failed_showcases += run_showcases(showcases, results, deadline, done=bar.update)
+            bar.write(family_block(family, results, info))
     for line in import_errors:
         print(line)
     print(f"\nresults: {results.path}")
     write_plots(results)
-    return 1 if import_errors or any(row.error for row in rows) else 0
+    return 1 if import_errors or failed_showcases or any(row.error for row in results.rows) else 0
 
 
 def write_plots(results: ResultsFile) -> None:
@@ -272,10 +381,14 @@ def write_plots(results: ResultsFile) -> None:
     if importlib.util.find_spec("matplotlib") is None:
         print("plots:   skipped (matplotlib is not installed)")
         return
+    if results.env["triton_interpret"]:
+        note = "Triton interpreter smoke run: not performance numbers"
+    else:
+        note = "" if results.info.slug != "cpu" else "CPU: torchext's PyTorch reference path"
     stem = results.path.with_suffix("")
     for family in dict.fromkeys(row.family for row in results.rows):
         rows = [row for row in results.rows if row.family == family]
-        if png := plot_family(stem.with_name(f"{stem.name}-{family}.png"), family, rows, results.info):
+        if png := plot_family(stem.with_name(f"{stem.name}-{family}.png"), family, rows, results.info, note):
             print(f"plot:    {png}")
 
 

@@ -9,7 +9,7 @@ reference is the fp32 model. Both int8 models quantize every Linear at threshold
 bitsandbytes' Linear8bitLt then runs LLM.int8() (torch._int_mm on CPU); in training mode it switches to
 dequantize-and-matmul, weight-only int8, which is listed too. The gradient is that of the first FFN layer's input
 for a random upstream gradient of its output, against the fp32 layer's. Results go to
-examples/results/int8_minilm.json.
+examples/results/int8_minilm.json. Measured on 2 CPU cores: about 4 minutes (242 s, with other jobs on the machine).
 """
 
 import argparse

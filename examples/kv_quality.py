@@ -2,7 +2,8 @@
 
     HF_HUB_OFFLINE=1 .venv/bin/python examples/kv_quality.py [--train-seconds 180]
 
-Measured on 2 CPU cores: about 7 minutes the first time (4 of them training), 3 after (the model is cached).
+Measured on 2 CPU cores: about 7 minutes (418 s, with other jobs on the machine) once the Llama is cached, plus
+--train-seconds (4 minutes) to train it the first time.
 
 Real K/V from two models:
 - a byte-level Llama with RoPE (4 layers, 4 query and 2 kv heads, head_dim 64) trained here for --train-seconds on

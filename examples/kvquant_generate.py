@@ -5,8 +5,8 @@
 With --model it loads a local checkpoint (nothing is downloaded); without, it builds a small random-init Llama
 (GQA, head_dim 64) and calibrates on random tokens, so only the mechanics and the memory are meaningful there.
 Per bit width it prints where greedy decoding first departs from the 16-bit cache, the largest logit difference
-on the first decode step, the true bits per cached element (codes, scales, outliers, sink, tables), and on a GPU
-the time per generated token.
+on the first decode step, the true bits per cached element (codes, scales, outliers, sink, tables), and the time
+per generated token. Measured on 2 CPU cores without --model: 37 s.
 """
 
 import argparse

@@ -22,7 +22,7 @@ n = 10, p = 83 both models stopped at the same shortcut in our runs (held-out to
 The tensor model runs torchext's CPU path (the chunked reference with explicit backward formulas) on CPU tensors,
 so this runs without a GPU. Results go to <out>/match3.json.
 
-Run (one thread: about 4 minutes; --quick is a smoke run of ~20 s):
+Run (measured on 2 CPU cores, one thread: 100 s; --quick, a smoke run, 15-22 s):
     .venv/bin/python examples/match3.py
     .venv/bin/python examples/match3.py --quick
 """
